@@ -1,0 +1,31 @@
+"""Backends are op tables. `get_backend(name)` returns one; models call its methods."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import BadInputError
+from .numpy_ops import NumpyOps
+
+BACKENDS = ("cpu", "numpy")
+
+
+def get_backend(name: str = "cpu", threads: int | None = None):
+    if name == "numpy":
+        ops = NumpyOps()
+    elif name == "cpu":
+        from . import cpu
+
+        if cpu.available():
+            ops = cpu.CpuOps()
+        else:
+            print(f"edgelm: native kernels unavailable ({cpu.unavailable_reason()}); using the numpy backend",
+                  file=sys.stderr)
+            ops = NumpyOps()
+    else:
+        raise BadInputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise BadInputError(f"threads must be a positive integer, got {threads!r}")
+        ops.set_threads(threads)
+    return ops

@@ -1,0 +1,93 @@
+"""The numpy reference op table. Obviously-correct fp32 math; every other backend is
+tested against it. Model files call only these ops and never branch on the device."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..quant.schemes import QTensor
+
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+
+
+class NumpyOps:
+    name = "numpy"
+
+    def __init__(self):
+        # Dequantized copies of quantized weights, made on first use. Only the reference
+        # backend does this; fp32 weights are used straight from the mmap.
+        self._deq: dict[int, np.ndarray] = {}
+
+    def set_threads(self, n: int) -> None:  # numpy/BLAS manage their own threads
+        pass
+
+    def _weight(self, t: QTensor) -> np.ndarray:
+        if t.scheme.name == "fp32":
+            return t.parts["w"].reshape(t.rows, t.cols)
+        key = id(t.parts.get("q", t.parts.get("w")))
+        w = self._deq.get(key)
+        if w is None:
+            w = self._deq[key] = t.dequantize().reshape(t.rows, t.cols)
+        return w
+
+    # x [n, cols] -> [n, rows]
+    def matmul(self, x: np.ndarray, t: QTensor) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32) @ self._weight(t).T
+
+    # ids [n] -> [n, cols]
+    def embed(self, ids: np.ndarray, t: QTensor) -> np.ndarray:
+        return t.dequantize_rows(ids).astype(np.float32, copy=False)
+
+    # x [..., d], w [d] (already 1+w) -> [..., d]
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        x = x.astype(np.float32, copy=False)
+        ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+        return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+
+    # x [n, heads, hd], positions [n]; rotate-half (NeoX) pairing, as in Gemma.
+    def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, scale: float = 1.0) -> np.ndarray:
+        hd = x.shape[-1]
+        inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
+        inv = (inv / np.float32(scale)).astype(np.float32)
+        ang = positions.astype(np.float32)[:, None] * inv[None, :]  # [n, hd/2]
+        cos = np.cos(ang)[:, None, :]
+        sin = np.sin(ang)[:, None, :]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
+
+    # GeGLU with tanh GELU: gelu(g) * u
+    def gelu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return (0.5 * g * (1.0 + np.tanh(_SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))) * u
+
+    def attention(
+        self,
+        q: np.ndarray,  # [n, H, hd]
+        k: np.ndarray,  # [T, KV, hd]
+        v: np.ndarray,  # [T, KV, hd]
+        q_pos: np.ndarray,  # [n]
+        k_pos: np.ndarray,  # [T]; -1 marks an empty slot
+        window: int,  # 0 = global; else key visible iff q_pos - k_pos < window
+        scale: float,
+        softcap: float | None = None,
+    ) -> np.ndarray:  # [n, H*hd]
+        n, H, hd = q.shape
+        T, KV, _ = k.shape
+        G = H // KV
+        qg = q.reshape(n, KV, G, hd).transpose(1, 2, 0, 3)  # [KV, G, n, hd]
+        kt = k.transpose(1, 2, 0)  # [KV, hd, T]
+        s = np.matmul(qg, kt[:, None]) * np.float32(scale)  # [KV, G, n, T]
+        if softcap:
+            s = np.tanh(s / np.float32(softcap)) * np.float32(softcap)
+        d = q_pos[:, None] - k_pos[None, :]
+        visible = (k_pos[None, :] >= 0) & (d >= 0)
+        if window:
+            visible &= d < window
+        s = np.where(visible[None, None], s, np.float32(-np.inf))
+        s = s - s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        o = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [KV, G, n, hd]
+        return np.ascontiguousarray(o.transpose(2, 0, 1, 3).reshape(n, H * hd), dtype=np.float32)
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)

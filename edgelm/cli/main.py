@@ -1,0 +1,213 @@
+"""The `edgelm` command. Errors reach the user as one line and an exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from ..errors import BadInputError, EdgelmError
+
+EXIT_INTERNAL = 70
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgelm")
+def cli():
+    """edgelm: run Gemma 3 models on-device. Convert, inspect and generate."""
+
+
+# ----------------------------------------------------------------------------- run
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+              help="A .edgelm bundle (default: Gemma 3 270M, prepared on first use).")
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's).")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
+@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
+@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="Do not print stats to stderr.")
+def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads, max_tokens, backend, quiet):
+    """Generate a continuation of PROMPT, streamed to stdout."""
+    from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
+    from ..runtime.sampler import SamplerConfig
+    from ..runtime.session import GenerationStats
+
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+    d = eng.default_sampler
+    sampler = SamplerConfig(
+        temperature=d.temperature if temperature is None else temperature,
+        top_k=d.top_k if top_k is None else top_k,
+        top_p=d.top_p if top_p is None else top_p,
+        seed=seed,
+    )
+    session = eng.create_session(sampler)
+    out = sys.stdout
+    stats = None
+    for piece in session.generate(prompt, max_new_tokens=max_new_tokens):
+        if isinstance(piece, GenerationStats):
+            stats = piece
+            break
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    if stats and not quiet:
+        click.echo(
+            f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
+            f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
+            f"TTFT {stats.ttft_seconds:.3f} s, init {eng.init_seconds:.3f} s, {eng.backend}/{getattr(eng.ops, 'isa', '-')}]",
+            err=True,
+        )
+
+
+# ----------------------------------------------------------------------------- convert
+
+@cli.command()
+@click.argument("src", type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .edgelm file to write.")
+@click.option("--scheme", "-s", default="int8", show_default=True,
+              help="Scheme for linear layers: fp32, fp16, int8, int8-b32, int4-b32, int4-b128.")
+@click.option("--embed-scheme", default=None, help="Scheme for the embedding / tied output head (default: --scheme).")
+@click.option("--requantize", is_flag=True, help="Requantize GGUF Q4_0/Q8_0 blocks even where they map losslessly.")
+@click.option("--quiet", "-q", is_flag=True)
+def convert(src, output, scheme, embed_scheme, requantize, quiet):
+    """Convert a GGUF file or Hugging Face checkpoint dir SRC into a bundle."""
+    from pathlib import Path
+
+    from ..convert import convert as do_convert
+    from ..convert import load_source
+
+    if Path(output).exists() and Path(src).exists() and Path(output).resolve() == Path(src).resolve():
+        raise BadInputError(f"{output}: the output would overwrite the source")
+    source = load_source(src)
+    summary = do_convert(source, output, scheme=scheme, embed_scheme=embed_scheme, requantize=requantize,
+                         progress=not quiet)
+    if quiet:
+        return
+    click.echo(f"{'scheme':<10} {'tensors':>7} {'weights':>14} {'bytes':>12}")
+    for name, count, weights, nbytes in summary["by_scheme"]:
+        click.echo(f"{name:<10} {count:>7} {weights:>14,} {_fmt_bytes(nbytes):>12}")
+    for note in source.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {summary['path']}: {_fmt_bytes(summary['size'])}, {summary['bits_per_weight']:.2f} bits/weight, "
+               f"{summary['seconds']:.1f} s")
+
+
+# ----------------------------------------------------------------------------- inspect
+
+@cli.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the header and tensor table as JSON.")
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="Print the tensor table.")
+def inspect(file, as_json, tensors):
+    """Print a bundle's header, tensor table, schemes, size and bits per weight."""
+    from ..format.bundle import Bundle
+    from ..quant.schemes import SCHEMES
+
+    with Bundle(file) as b:
+        rows = []
+        for name in b.tensor_names():
+            t = b.tensor_info(name)
+            n = 1
+            for d in t["shape"]:
+                n *= d
+            nbytes = sum(p["size"] for p in t["parts"].values())
+            rows.append((name, t["scheme"], t["shape"], n, nbytes))
+        by_scheme: dict[str, list[int]] = {}
+        for _, s, _, n, nb in rows:
+            a = by_scheme.setdefault(s, [0, 0, 0])
+            a[0] += 1
+            a[1] += n
+            a[2] += nb
+        total_w = sum(r[3] for r in rows)
+        total_b = sum(r[4] for r in rows)
+        if as_json:
+            click.echo(json.dumps({
+                "path": str(b.path), "format_version": b.version, "file_size": b.file_size,
+                "header": b.meta, "tensors": [{"name": r[0], "scheme": r[1], "shape": r[2], "bytes": r[4]} for r in rows],
+                "schemes": {k: {"tensors": v[0], "weights": v[1], "bytes": v[2]} for k, v in by_scheme.items()},
+                "weights": total_w, "bits_per_weight": 8 * total_b / max(total_w, 1),
+            }, indent=2))
+            return
+        meta = b.meta
+        click.echo(f"file        {b.path} ({_fmt_bytes(b.file_size)}, format v{b.version})")
+        click.echo(f"arch        {b.arch}")
+        click.echo("config      " + ", ".join(f"{k}={v}" for k, v in b.config.items() if k != "layer_types"))
+        lt = b.config.get("layer_types")
+        if lt:
+            click.echo("layers      " + "".join("G" if x == "global" else "L" for x in lt) + "  (L local, G global)")
+        tok = meta.get("tokenizer", {})
+        click.echo(f"tokenizer   {tok.get('kind')} ({_fmt_bytes(b.blobs_meta.get(tok.get('blob', 'tokenizer'), {}).get('size', 0))})")
+        click.echo(f"special     {json.dumps(meta.get('special_tokens'))}")
+        tmpl = meta.get("chat_template") or ""
+        click.echo(f"template    {meta.get('chat_template_origin', 'source')}, {len(tmpl)} chars")
+        click.echo(f"sampler     {json.dumps(meta.get('sampler'))}")
+        click.echo(f"quantized   {json.dumps(meta.get('quantization'))}")
+        click.echo(f"source      {json.dumps(meta.get('source'))}")
+        if tensors:
+            click.echo("")
+            w = max(len(r[0]) for r in rows) if rows else 4
+            click.echo(f"{'tensor':<{w}}  {'scheme':<9} {'shape':<16} {'bytes':>10}")
+            for name, s, shape, n, nb in rows:
+                click.echo(f"{name:<{w}}  {s:<9} {'x'.join(map(str, shape)):<16} {_fmt_bytes(nb):>10}")
+        click.echo("")
+        click.echo(f"{'scheme':<10} {'tensors':>7} {'weights':>14} {'bytes':>12} {'bits/w':>7}")
+        for s, (c, n, nb) in sorted(by_scheme.items(), key=lambda kv: -kv[1][2]):
+            click.echo(f"{s:<10} {c:>7} {n:>14,} {_fmt_bytes(nb):>12} {8 * nb / n:>7.2f}")
+        click.echo(f"total: {total_w:,} weights, {_fmt_bytes(total_b)} of tensors, "
+                   f"{8 * total_b / max(total_w, 1):.2f} bits/weight; file {_fmt_bytes(b.file_size)}")
+        assert set(by_scheme) <= set(SCHEMES)
+
+
+# ----------------------------------------------------------------------------- entry
+
+def entry(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="edgelm", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("edgelm: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except EdgelmError as e:
+        click.echo(f"edgelm: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("\nedgelm: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except MemoryError:
+        click.echo("edgelm: error: out of memory", err=True)
+        return EXIT_INTERNAL
+    except Exception as e:  # never a raw traceback for users
+        if os.environ.get("EDGELM_DEBUG"):
+            raise
+        click.echo(f"edgelm: internal error: {type(e).__name__}: {e} (set EDGELM_DEBUG=1 for a traceback)", err=True)
+        return EXIT_INTERNAL
+
+
+def main() -> None:
+    sys.exit(entry())

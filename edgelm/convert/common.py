@@ -1,0 +1,154 @@
+"""The conversion pipeline shared by every importer.
+
+An importer produces a `Source`: the architecture, its config dict, tokenizer blob and
+special tokens, and a list of `SourceTensor`s under edgelm's canonical (GGUF-style) names,
+with conversion-time transforms (such as folding Gemma's 1+w into norms) already applied
+by their loaders. `convert()` then picks a scheme per tensor, quantizes one tensor at a
+time, and writes the bundle atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BadInputError
+from ..format.bundle import TensorPlan, write_bundle
+from ..quant.schemes import SCHEMES, QTensor, Scheme, get_scheme, quantize
+
+LINEAR_SCHEMES = ("fp32", "fp16", "int8", "int8-b32", "int4-b32", "int4-b128")
+
+
+@dataclass
+class SourceTensor:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "linear", "embed", "norm" (1-D, always fp32), or "other" (kept fp32)
+    load: Callable[[], np.ndarray]  # -> float32 array of `shape`, transforms applied
+    # Raw quantized data that maps onto an edgelm scheme without requantizing,
+    # e.g. GGUF Q4_0 -> int4-b32: (scheme name, loader of the parts).
+    passthrough: tuple[str, Callable[[], dict[str, np.ndarray]]] | None = None
+    source_type: str = "F32"
+
+
+@dataclass
+class Source:
+    arch: str
+    config: dict
+    tensors: list[SourceTensor]
+    tokenizer_kind: str
+    tokenizer_data: bytes
+    special_tokens: dict
+    chat_template: str | None
+    description: dict = field(default_factory=dict)  # provenance: path, format, name
+    add_bos: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def default_chat_template() -> str:
+    from importlib.resources import files
+
+    return files("edgelm").joinpath("templates/gemma.jinja").read_text(encoding="utf-8")
+
+
+def _pick(st: SourceTensor, scheme: str, embed_scheme: str) -> Scheme:
+    if st.kind in ("norm", "other") or len(st.shape) == 1:
+        return SCHEMES["fp32"]
+    s = get_scheme(embed_scheme if st.kind == "embed" else scheme)
+    cols = int(np.prod(st.shape[1:]))
+    if s.block > 0 and cols % s.block:
+        # Rows that do not split into blocks fall back to per-channel int8 (or fp16),
+        # the way GGUF k-quants fall back; the inspect table shows it.
+        return SCHEMES["int8"] if s.weight_bits <= 8 else SCHEMES["fp16"]
+    return s
+
+
+def plan_tensors(src: Source, scheme: str, embed_scheme: str) -> list[TensorPlan]:
+    for s in (scheme, embed_scheme):
+        if s not in LINEAR_SCHEMES:
+            raise BadInputError(f"unknown scheme {s!r}; choose one of {', '.join(LINEAR_SCHEMES)}")
+    return [TensorPlan(st.name, _pick(st, scheme, embed_scheme), tuple(st.shape)) for st in src.tensors]
+
+
+def make_producer(src: Source, requantize: bool = False) -> Callable[[TensorPlan], QTensor]:
+    by_name = {st.name: st for st in src.tensors}
+
+    def produce(plan: TensorPlan) -> QTensor:
+        st = by_name[plan.name]
+        if st.passthrough is not None and not requantize and st.passthrough[0] == plan.scheme.name:
+            return QTensor(plan.scheme, plan.shape, st.passthrough[1]())
+        w = st.load()
+        if tuple(w.shape) != tuple(plan.shape):
+            raise BadInputError(f"tensor {plan.name}: loaded shape {w.shape}, expected {plan.shape}")
+        return quantize(w, plan.scheme)
+
+    return produce
+
+
+def summarize(plans: list[TensorPlan]) -> list[tuple[str, int, int, int]]:
+    """Rows of (scheme, tensor count, weights, bytes)."""
+    agg: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for p in plans:
+        n = int(np.prod(p.shape))
+        rows, cols = (p.shape[0], n // p.shape[0]) if len(p.shape) > 1 else (1, n)
+        nbytes = p.scheme.nbytes(rows, cols) if len(p.shape) > 1 else 4 * n
+        a = agg[p.scheme.name]
+        a[0] += 1
+        a[1] += n
+        a[2] += nbytes
+    return [(k, v[0], v[1], v[2]) for k, v in sorted(agg.items(), key=lambda kv: -kv[1][2])]
+
+
+def convert(
+    src: Source,
+    out: str | os.PathLike,
+    scheme: str = "int8",
+    embed_scheme: str | None = None,
+    requantize: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Quantize `src` and write a bundle at `out`. Returns a summary dict."""
+    embed_scheme = embed_scheme or scheme
+    out = Path(out)
+    t0 = time.perf_counter()
+    plans = plan_tensors(src, scheme, embed_scheme)
+    meta = {
+        "arch": src.arch,
+        "config": src.config,
+        "tokenizer": {"kind": src.tokenizer_kind, "blob": "tokenizer"},
+        "chat_template": src.chat_template or default_chat_template(),
+        "chat_template_origin": "source" if src.chat_template else "edgelm default (Gemma)",
+        "special_tokens": src.special_tokens,
+        "add_bos": src.add_bos,
+        "sampler": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
+        "quantization": {"scheme": scheme, "embed_scheme": embed_scheme, "requantize": requantize},
+        "source": src.description,
+        "notes": src.notes,
+        "created_by": "edgelm",
+    }
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        def bar(items):
+            return tqdm(items, desc=f"converting to {out.name}", unit="tensor", leave=False)
+
+    size = write_bundle(out, meta, plans, make_producer(src, requantize), {"tokenizer": src.tokenizer_data}, bar)
+    n_weights = sum(int(np.prod(p.shape)) for p in plans)
+    weight_bytes = sum(r[3] for r in summarize(plans))
+    return {
+        "path": str(out),
+        "size": size,
+        "tensors": len(plans),
+        "weights": n_weights,
+        "bits_per_weight": 8.0 * weight_bytes / max(n_weights, 1),
+        "by_scheme": summarize(plans),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,198 @@
+"""Import a GGUF file (llama.cpp's format) as a conversion Source.
+
+Any tensor type the `gguf` package can dequantize is accepted. Q4_0 and Q8_0 blocks map
+onto edgelm's int4-b32 and int8-b32 layouts byte for byte, so they pass through without
+requantizing when the target scheme is that one (this is how QAT int4 checkpoints arrive).
+llama.cpp's converter already folds Gemma's 1+w into norm weights, so norms load as-is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FormatError
+from ..models.gemma3 import ARCH as GEMMA3, default_layer_types
+from .common import Source, SourceTensor
+
+SUPPORTED_ARCHS = (GEMMA3,)
+_GEMMA3_LAYER = (
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
+    "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm",
+)
+
+
+def _open(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - gguf is a hard dependency
+        raise FormatError("the 'gguf' package is required to read GGUF files") from None
+    if not path.exists():
+        raise FormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, not a GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise FormatError(f"{path}: not a GGUF file (magic {magic!r})")
+    try:
+        return GGUFReader(str(path), "r")
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damage
+        raise FormatError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:
+        raise FormatError(f"GGUF field {key!r} is unreadable") from None
+
+
+def _gemma3_config(reader, path: Path) -> dict:
+    a = GEMMA3
+
+    def req(key):
+        v = _field(reader, f"{a}.{key}")
+        if v is None:
+            raise FormatError(f"{path}: GGUF field {a}.{key} is missing")
+        return v
+
+    layers = int(req("block_count"))
+    hidden = int(req("embedding_length"))
+    heads = int(req("attention.head_count"))
+    head_dim = int(_field(reader, f"{a}.attention.key_length", hidden // heads))
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise FormatError(f"{path}: tensor token_embd.weight is missing")
+    vocab = int(emb.shape[1])
+    pattern = int(_field(reader, f"{a}.attention.sliding_window_pattern", 6) or 6)
+    scaling_type = _field(reader, f"{a}.rope.scaling.type")
+    factor = float(_field(reader, f"{a}.rope.scaling.factor", 1.0) or 1.0)
+    if scaling_type not in (None, "none", "linear"):
+        raise FormatError(f"{path}: GGUF field {a}.rope.scaling.type={scaling_type!r} is not supported (linear only)")
+    if scaling_type in (None, "none"):
+        factor = 1.0
+    # llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B geometry.
+    qscale = hidden / heads if layers == 62 else head_dim
+    softcap = _field(reader, f"{a}.final_logit_softcapping")
+    attn_softcap = _field(reader, f"{a}.attn_logit_softcapping")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(req("feed_forward_length")),
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": int(_field(reader, f"{a}.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 1_000_000.0)),
+        "rope_local_theta": 10_000.0,
+        "rope_scaling_factor": factor,
+        "sliding_window": int(_field(reader, f"{a}.attention.sliding_window", 512)),
+        "layer_types": list(default_layer_types(layers, pattern)),
+        "query_pre_attn_scalar": float(qscale),
+        "final_logit_softcap": float(softcap) if softcap else None,
+        "attn_logit_softcap": float(attn_softcap) if attn_softcap else None,
+        "max_position_embeddings": int(_field(reader, f"{a}.context_length", 32768)),
+    }
+
+
+def _tensor_loaders(t):
+    """(load fp32, passthrough) for a GGUF tensor. Numpy shape is [rows, cols]."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    qtype = t.tensor_type
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists ne0 (cols) first
+
+    def load():
+        if qtype == Q.F32:
+            a = np.asarray(t.data, dtype=np.float32)
+        elif qtype == Q.F16:
+            a = np.asarray(t.data).astype(np.float32)
+        elif qtype == Q.BF16:
+            a = (np.asarray(t.data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            a = dequantize(t.data, qtype)
+        return np.ascontiguousarray(a, dtype=np.float32).reshape(shape)
+
+    passthrough = None
+    if len(shape) == 2 and qtype in (Q.Q4_0, Q.Q8_0):
+        rows, cols = shape
+        nb = cols // 32
+
+        if qtype == Q.Q4_0:
+            def parts():
+                raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, nb, 18)
+                return {"q": np.ascontiguousarray(raw[:, :, 2:]).reshape(rows, cols // 2),
+                        "scale": np.ascontiguousarray(raw[:, :, :2]).view(np.float16).reshape(rows, nb)}
+            passthrough = ("int4-b32", parts)
+        else:
+            def parts():
+                raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, nb, 34)
+                return {"q": np.ascontiguousarray(raw[:, :, 2:]).view(np.int8).reshape(rows, cols),
+                        "scale": np.ascontiguousarray(raw[:, :, :2]).view(np.float16).reshape(rows, nb)}
+            passthrough = ("int8-b32", parts)
+    return shape, load, passthrough
+
+
+def load_gguf_source(path: str | os.PathLike) -> Source:
+    path = Path(path)
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (edgelm converts: {', '.join(SUPPORTED_ARCHS)})")
+    config = _gemma3_config(reader, path)
+
+    from ..runtime.tokenizer import tokenizer_from_gguf
+
+    tok_kind, tok_data, special = tokenizer_from_gguf(reader)
+
+    by_name = {t.name: t for t in reader.tensors}
+    wanted = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{n}.weight" for i in range(config["num_layers"]) for n in _GEMMA3_LAYER
+    ]
+    tensors = []
+    for name in wanted:
+        t = by_name.get(name)
+        if t is None:
+            raise FormatError(f"{path}: tensor {name} is missing")
+        shape, load, passthrough = _tensor_loaders(t)
+        kind = "embed" if name.startswith("token_embd") else ("norm" if len(shape) == 1 else "linear")
+        tensors.append(SourceTensor(name, shape, kind, load, passthrough, t.tensor_type.name))
+    _check_shapes(tensors, config, path)
+    extra = sorted(set(by_name) - set(wanted))
+    notes = [f"ignored GGUF tensors: {', '.join(extra)}"] if extra else []
+    return Source(
+        arch=GEMMA3,
+        config=config,
+        tensors=tensors,
+        tokenizer_kind=tok_kind,
+        tokenizer_data=tok_data,
+        special_tokens=special,
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        description={"format": "gguf", "path": str(path), "name": _field(reader, "general.name"),
+                     "file_type": _field(reader, "general.file_type")},
+        add_bos=bool(special.get("add_bos", True)),
+        notes=notes,
+    )
+
+
+def _check_shapes(tensors: list[SourceTensor], c: dict, path: Path) -> None:
+    h, hd, inter = c["hidden_size"], c["head_dim"], c["intermediate_size"]
+    q, kv = c["num_heads"] * hd, c["num_kv_heads"] * hd
+    expect = {
+        "token_embd": (c["vocab_size"], h), "output_norm": (h,), "attn_norm": (h,), "attn_q": (q, h),
+        "attn_k": (kv, h), "attn_v": (kv, h), "attn_q_norm": (hd,), "attn_k_norm": (hd,),
+        "attn_output": (h, q), "post_attention_norm": (h,), "ffn_norm": (h,), "ffn_gate": (inter, h),
+        "ffn_up": (inter, h), "ffn_down": (h, inter), "post_ffw_norm": (h,),
+    }
+    for t in tensors:
+        key = t.name.split(".")[-2]
+        if tuple(t.shape) != expect[key]:
+            raise FormatError(f"{path}: tensor {t.name} has shape {list(t.shape)}, config implies {list(expect[key])}")

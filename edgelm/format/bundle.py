@@ -1,0 +1,290 @@
+"""The .edgelm bundle: one self-contained, mmap-able file. Layout in docs/bundle-format.md.
+
+    0   8  magic  b"\\x89EDGELM\\n"
+    8   4  u32    format version
+   12   4  u32    alignment of every data part (bytes, power of two)
+   16   8  u64    header length H
+   24   8  u64    data offset D (multiple of 4096, >= 32 + H)
+   32   H  header (UTF-8 JSON)
+    D      data: every tensor part and blob at D + its offset, zero padded between
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import FormatError
+from ..quant.schemes import SCHEMES, QTensor, Scheme
+
+MAGIC = b"\x89EDGELM\n"
+VERSION = 1
+ALIGN = 64
+PAGE = 4096
+_PREFIX = struct.Struct("<8sIIQQ")  # magic, version, align, header_len, data_offset
+_DTYPES = {"float32", "float16", "int8", "uint8", "int32", "uint32"}
+_MAX_HEADER = 1 << 30
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What the writer needs to know about a tensor before its data exists."""
+
+    name: str
+    scheme: Scheme
+    shape: tuple[int, ...]
+
+    def part_specs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        if len(self.shape) == 1:
+            return {"w": (np.dtype(np.float32), tuple(self.shape))}
+        rows, cols = self.shape[0], int(np.prod(self.shape[1:]))
+        return self.scheme.part_specs(rows, cols)
+
+
+def write_bundle(
+    path: str | os.PathLike,
+    meta: dict,
+    plans: list[TensorPlan],
+    produce: Callable[[TensorPlan], QTensor],
+    blobs: dict[str, bytes] | None = None,
+    progress: Callable[[Iterable], Iterator] | None = None,
+) -> int:
+    """Write a bundle atomically (temp file + rename). Tensors are produced one at a time,
+    so memory stays at one tensor. Returns the file size."""
+    blobs = blobs or {}
+    off = 0
+    tensors_hdr = []
+    for p in plans:
+        parts = {}
+        for pname, (dt, shape) in p.part_specs().items():
+            size = int(dt.itemsize * int(np.prod(shape)))
+            parts[pname] = {"dtype": dt.name, "shape": list(shape), "offset": off, "size": size}
+            off = _align(off + size, ALIGN)
+        tensors_hdr.append({"name": p.name, "scheme": p.scheme.name, "shape": list(p.shape), "parts": parts})
+    blobs_hdr = {}
+    for bname, data in blobs.items():
+        blobs_hdr[bname] = {"offset": off, "size": len(data)}
+        off = _align(off + len(data), ALIGN)
+    data_size = off
+    header = dict(meta)
+    header["tensors"] = tensors_hdr
+    header["blobs"] = blobs_hdr
+    header["data_size"] = data_size
+    hjson = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    data_off = _align(_PREFIX.size + len(hjson), PAGE)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, VERSION, ALIGN, len(hjson), data_off))
+            f.write(hjson)
+            f.write(b"\0" * (data_off - f.tell()))
+            it = progress(list(zip(plans, tensors_hdr))) if progress else zip(plans, tensors_hdr)
+            for plan, th in it:
+                qt = produce(plan)
+                if qt.scheme.name != plan.scheme.name or tuple(qt.shape) != tuple(plan.shape):
+                    raise RuntimeError(f"tensor {plan.name}: produced {qt.scheme.name}{qt.shape}, planned {plan.scheme.name}{plan.shape}")
+                for pname, ph in th["parts"].items():
+                    arr = np.ascontiguousarray(qt.parts[pname])
+                    if arr.dtype.name != ph["dtype"] or list(arr.shape) != ph["shape"]:
+                        raise RuntimeError(f"tensor {plan.name} part {pname}: got {arr.dtype}{arr.shape}, planned {ph['dtype']}{ph['shape']}")
+                    f.seek(data_off + ph["offset"])
+                    f.write(arr.tobytes())
+            for bname, data in blobs.items():
+                f.seek(data_off + blobs_hdr[bname]["offset"])
+                f.write(data)
+            f.truncate(data_off + data_size)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return data_off + data_size
+
+
+class Bundle:
+    """A read-only view of a bundle file. Tensors are numpy views into the mmap."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise FormatError(f"{self.path}: is a directory, not a bundle file") from None
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            self.file_size = os.fstat(fd).st_size
+            if self.file_size < _PREFIX.size:
+                raise FormatError(f"{self.path}: too small to be an edgelm bundle ({self.file_size} bytes)")
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, msg: str):
+        raise FormatError(f"{self.path}: {msg}")
+
+    def _parse(self) -> None:
+        magic, version, align, hlen, data_off = _PREFIX.unpack_from(self._mm, 0)
+        if magic != MAGIC:
+            self._fail(f"not an edgelm bundle (magic {magic!r}, expected {MAGIC!r})")
+        if version != VERSION:
+            self._fail(f"bundle format version {version} is not supported (this edgelm reads version {VERSION})")
+        if align == 0 or align & (align - 1) or align > PAGE:
+            self._fail(f"invalid alignment {align}")
+        if hlen > _MAX_HEADER or _PREFIX.size + hlen > self.file_size:
+            self._fail(f"truncated: header of {hlen} bytes does not fit in {self.file_size} bytes")
+        if data_off < _PREFIX.size + hlen or data_off % PAGE:
+            self._fail(f"invalid data offset {data_off}")
+        try:
+            header = json.loads(bytes(self._mm[_PREFIX.size:_PREFIX.size + hlen]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._fail(f"corrupt header ({e})")
+        if not isinstance(header, dict):
+            self._fail("corrupt header (not an object)")
+        self.version = version
+        self.header = header
+        self.data_offset = data_off
+        data_size = header.get("data_size")
+        if not isinstance(data_size, int) or data_size < 0:
+            self._fail("header field 'data_size' is missing or invalid")
+        if data_off + data_size > self.file_size:
+            self._fail(f"truncated: data needs {data_off + data_size} bytes, file has {self.file_size}")
+        for field in ("arch", "config", "tensors"):
+            if field not in header:
+                self._fail(f"header field {field!r} is missing")
+        self._tensors: dict[str, dict] = {}
+        if not isinstance(header["tensors"], list):
+            self._fail("header field 'tensors' is not a list")
+        for t in header["tensors"]:
+            self._check_tensor(t, align, data_size)
+            self._tensors[t["name"]] = t
+        blobs = header.get("blobs", {})
+        if not isinstance(blobs, dict):
+            self._fail("header field 'blobs' is not an object")
+        for bname, b in blobs.items():
+            self._check_extent(f"blob {bname}", b, data_size)
+        self.blobs_meta = blobs
+
+    def _check_extent(self, what: str, e, data_size: int) -> None:
+        if not isinstance(e, dict):
+            self._fail(f"{what}: invalid entry")
+        off, size = e.get("offset"), e.get("size")
+        if not (isinstance(off, int) and isinstance(size, int)) or off < 0 or size < 0 or off + size > data_size:
+            self._fail(f"{what}: offset {off} + size {size} lies outside the data section ({data_size} bytes)")
+
+    def _check_tensor(self, t, align: int, data_size: int) -> None:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            self._fail("tensor entry without a name")
+        name = t["name"]
+        if t.get("scheme") not in SCHEMES:
+            self._fail(f"tensor {name}: unknown scheme {t.get('scheme')!r}")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+            self._fail(f"tensor {name}: invalid shape {shape!r}")
+        parts = t.get("parts")
+        if not isinstance(parts, dict) or not parts:
+            self._fail(f"tensor {name}: no parts")
+        if len(shape) == 1:
+            expected = {"w": (np.dtype(np.float32), tuple(shape))}
+        else:
+            scheme = SCHEMES[t["scheme"]]
+            rows, cols = shape[0], int(np.prod(shape[1:]))
+            if scheme.block > 0 and cols % scheme.block:
+                self._fail(f"tensor {name}: row length {cols} is not a multiple of block {scheme.block}")
+            expected = scheme.part_specs(rows, cols)
+        if set(parts) != set(expected):
+            self._fail(f"tensor {name}: parts {sorted(parts)} do not match scheme {t['scheme']} ({sorted(expected)})")
+        for pname, p in parts.items():
+            what = f"tensor {name} part {pname}"
+            self._check_extent(what, p, data_size)
+            dt, shp = expected[pname]
+            if p.get("dtype") != dt.name or tuple(p.get("shape", ())) != tuple(shp):
+                self._fail(f"{what}: {p.get('dtype')}{p.get('shape')} does not match scheme ({dt.name}{list(shp)})")
+            if p["size"] != dt.itemsize * int(np.prod(shp)):
+                self._fail(f"{what}: size {p['size']} does not match its shape")
+            if p["offset"] % align:
+                self._fail(f"{what}: offset {p['offset']} is not aligned to {align}")
+
+    # ------------------------------------------------------------------ access
+
+    @property
+    def arch(self) -> str:
+        return self.header["arch"]
+
+    @property
+    def config(self) -> dict:
+        return self.header["config"]
+
+    @property
+    def meta(self) -> dict:
+        return {k: v for k, v in self.header.items() if k not in ("tensors", "blobs")}
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_info(self, name: str) -> dict:
+        return self._tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _view(self, dtype: str, shape, offset: int, size: int) -> np.ndarray:
+        count = size // np.dtype(dtype).itemsize
+        arr = np.frombuffer(self._mm, dtype=dtype, count=count, offset=self.data_offset + offset)
+        return arr.reshape(shape)
+
+    def tensor(self, name: str) -> QTensor:
+        try:
+            t = self._tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: tensor {name!r} is missing") from None
+        parts = {p: self._view(d["dtype"], d["shape"], d["offset"], d["size"]) for p, d in t["parts"].items()}
+        return QTensor(SCHEMES[t["scheme"]], tuple(t["shape"]), parts)
+
+    def blob(self, name: str) -> bytes:
+        if name not in self.blobs_meta:
+            raise FormatError(f"{self.path}: blob {name!r} is missing")
+        b = self.blobs_meta[name]
+        start = self.data_offset + b["offset"]
+        return bytes(self._mm[start:start + b["size"]])
+
+    def close(self) -> None:
+        mm = getattr(self, "_mm", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # numpy views still alive; the mapping goes when they do
+            self._mm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,185 @@
+"""Gemma 3 text decoder (270M, 1B, 4B, ... text geometries).
+
+Canonical tensor names (GGUF style; norms hold 1+w, folded at conversion):
+  token_embd.weight [vocab, hidden]       output_norm.weight [hidden]
+  blk.N.attn_norm.weight [hidden]         blk.N.attn_q.weight [heads*hd, hidden]
+  blk.N.attn_k.weight [kv*hd, hidden]     blk.N.attn_v.weight [kv*hd, hidden]
+  blk.N.attn_q_norm.weight [hd]           blk.N.attn_k_norm.weight [hd]
+  blk.N.attn_output.weight [hidden, heads*hd]
+  blk.N.post_attention_norm.weight        blk.N.ffn_norm.weight (pre-FFW)
+  blk.N.ffn_gate.weight [inter, hidden]   blk.N.ffn_up.weight [inter, hidden]
+  blk.N.ffn_down.weight [hidden, inter]   blk.N.post_ffw_norm.weight
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import FormatError
+
+ARCH = "gemma3"
+LOCAL, GLOBAL = "local", "global"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gemma3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_theta: float = 10_000.0  # sliding-window layers
+    rope_scaling_factor: float = 1.0  # linear scaling, global layers only
+    sliding_window: int = 512
+    layer_types: tuple[str, ...] = ()
+    query_pre_attn_scalar: float = 256.0
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", default_layer_types(self.num_layers, 6))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_layers:
+            raise FormatError(f"config: layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        bad = set(self.layer_types) - {LOCAL, GLOBAL}
+        if bad:
+            raise FormatError(f"config: unknown layer types {sorted(bad)}")
+        if self.num_heads % self.num_kv_heads:
+            raise FormatError(f"config: {self.num_heads} heads do not group over {self.num_kv_heads} kv heads")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, f) <= 0:
+                raise FormatError(f"config: {f} must be positive, got {getattr(self, f)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Gemma3Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise FormatError(f"config: unknown fields {sorted(unknown)} for {ARCH}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise FormatError(f"config: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+
+def default_layer_types(n_layers: int, pattern: int) -> tuple[str, ...]:
+    """Every `pattern`-th layer is global, the rest sliding-window (5:1 for Gemma 3)."""
+    return tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n_layers))
+
+
+# ----------------------------------------------------------------------------- weights
+
+_LAYER_TENSORS = {
+    "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "q_norm": "attn_q_norm",
+    "k_norm": "attn_k_norm", "o": "attn_output", "post_attn_norm": "post_attention_norm",
+    "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
+    "post_ffw_norm": "post_ffw_norm",
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: object
+    q: object
+    k: object
+    v: object
+    q_norm: object
+    k_norm: object
+    o: object
+    post_attn_norm: object
+    ffn_norm: object
+    gate: object
+    up: object
+    down: object
+    post_ffw_norm: object
+
+
+@dataclass(frozen=True)
+class Weights:
+    embed: object  # QTensor [vocab, hidden]; also the tied output head
+    output_norm: object  # float32 [hidden]
+    layers: tuple
+
+
+def load_weights(cfg: Gemma3Config, bundle) -> Weights:
+    """Views into the bundle's mmap: nothing is copied. Norms become plain fp32 arrays."""
+
+    def norm(name):
+        return bundle.tensor(name).parts["w"]
+
+    layers = []
+    for i in range(cfg.num_layers):
+        kw = {}
+        for field_name, short in _LAYER_TENSORS.items():
+            name = f"blk.{i}.{short}.weight"
+            kw[field_name] = norm(name) if field_name.endswith("norm") else bundle.tensor(name)
+        layers.append(Layer(**kw))
+    return Weights(bundle.tensor("token_embd.weight"), norm("output_norm.weight"), tuple(layers))
+
+
+# ----------------------------------------------------------------------------- forward
+
+def make_caches(cfg: Gemma3Config, capacity: int, max_chunk: int):
+    from ..runtime.kvcache import KVCache
+
+    local_slots = min(capacity, cfg.sliding_window - 1 + max_chunk)
+    return [
+        KVCache(local_slots if t == LOCAL else capacity, cfg.num_kv_heads, cfg.head_dim)
+        for t in cfg.layer_types
+    ]
+
+
+def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last"):
+    """Run `tokens` (positions pos0...) through the model, updating `caches`.
+
+    logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None.
+    """
+    import numpy as np
+
+    tokens = np.asarray(tokens, dtype=np.int32)
+    n = tokens.shape[0]
+    H, KV, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    positions = np.arange(pos0, pos0 + n, dtype=np.int64)
+    scale = cfg.query_pre_attn_scalar ** -0.5
+
+    x = ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5)  # [n, hidden]
+    for L, kind, cache in zip(w.layers, cfg.layer_types, caches):
+        local = kind == LOCAL
+        theta = cfg.rope_local_theta if local else cfg.rope_theta
+        rscale = 1.0 if local else cfg.rope_scaling_factor
+
+        h = ops.rmsnorm(x, L.attn_norm, eps)
+        q = ops.rmsnorm(ops.matmul(h, L.q).reshape(n, H, hd), L.q_norm, eps)
+        k = ops.rmsnorm(ops.matmul(h, L.k).reshape(n, KV, hd), L.k_norm, eps)
+        v = ops.matmul(h, L.v).reshape(n, KV, hd)
+        q = ops.rope(q, positions, theta, rscale)
+        k = ops.rope(k, positions, theta, rscale)
+        K, V, kpos = cache.update(k, v, positions)
+        a = ops.attention(q, K, V, positions, kpos, cfg.sliding_window if local else 0, scale, cfg.attn_logit_softcap)
+        x = x + ops.rmsnorm(ops.matmul(a, L.o), L.post_attn_norm, eps)
+
+        h = ops.rmsnorm(x, L.ffn_norm, eps)
+        h = ops.matmul(ops.gelu_mul(ops.matmul(h, L.gate), ops.matmul(h, L.up)), L.down)
+        x = x + ops.rmsnorm(h, L.post_ffw_norm, eps)
+
+    if logits == "none":
+        return None
+    if logits == "last":
+        x = x[-1:]
+    out = ops.matmul(ops.rmsnorm(x, w.output_norm, eps), w.embed)
+    if cfg.final_logit_softcap:
+        out = ops.softcap(out, cfg.final_logit_softcap)
+    return out[0] if logits == "last" else out
+Config = Gemma3Config

@@ -1,0 +1,1 @@
+"""Runtime: engine, session, sampler, KV cache, tokenizer."""

