@@ -125,6 +125,8 @@ class Bundle:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise FormatError(f"{self.path}: is a directory, not a bundle file")
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -138,6 +140,8 @@ class Bundle:
             if self.file_size < _PREFIX.size:
                 raise FormatError(f"{self.path}: too small to be an edgelm bundle ({self.file_size} bytes)")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot map the file ({e.strerror})") from None
         finally:
             os.close(fd)
         try:

@@ -170,8 +170,9 @@ SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in [
         Scheme("fp32", 0, 0, 32, _float_specs(np.float32), _float_quant(np.float32), _float_dequant, _rel(0.0)),
-        # fp16 rounding: half an ulp, 2**-11 relative (plus subnormal flush, covered by amax).
-        Scheme("fp16", 1, 0, 16, _float_specs(np.float16), _float_quant(np.float16), _float_dequant, _rel(2.0**-11)),
+        # fp16 rounding: half an ulp (2**-11 relative), or half the subnormal step (2**-25).
+        Scheme("fp16", 1, 0, 16, _float_specs(np.float16), _float_quant(np.float16), _float_dequant,
+               lambda amax: np.asarray(amax, dtype=np.float64) * 2.0**-11 + 2.0**-25),
         Scheme("int8", 2, -1, 8, _int8_specs, _int8_quant, _int8_dequant, _rel(0.5 / 127 * 1.0001)),
         # fp16 scale rounding can push the largest weight to the clip edge: allow 1/127 + ulp.
         Scheme("int8-b32", 3, 32, 8, _int8b_specs, _int8b_quant, _int8b_dequant, _rel(1.0 / 127 * 1.01)),

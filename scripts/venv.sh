@@ -1,0 +1,26 @@
+# Shared by edgelm.sh and test.sh: make (or refresh) .venv with edgelm installed.
+# edgelm_venv EXTRAS   e.g. "" or "[test]"
+edgelm_venv() {
+  local extras="$1"
+  local root venv stamp py
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  venv="${EDGELM_VENV:-$root/.venv}"
+  stamp="$venv/.edgelm-installed${extras//[^a-z]/-}"
+  py="${PYTHON:-python3}"
+  if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "edgelm needs Python >= 3.10 (found: $("$py" --version 2>&1))" >&2
+    exit 1
+  fi
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setting up $venv (first run)..." >&2
+    "$py" -m venv "$venv"
+  fi
+  # Reinstall when the package definition or native sources are newer than the last install.
+  if [ ! -f "$stamp" ] || [ -n "$(find "$root/pyproject.toml" "$root/setup.py" "$root/edgelm/_native" -newer "$stamp" 2>/dev/null | head -1)" ]; then
+    echo "installing edgelm$extras into $venv..." >&2
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q -e "$root$extras" >&2
+    touch "$stamp"
+  fi
+  EDGELM_VENV="$venv"
+}
