@@ -175,6 +175,11 @@ def inspect(file, as_json, tensors):
         assert set(by_scheme) <= set(SCHEMES)
 
 
+from .eval import eval_group  # noqa: E402
+
+cli.add_command(eval_group)
+
+
 # ----------------------------------------------------------------------------- entry
 
 def entry(argv=None) -> int:

@@ -144,7 +144,8 @@ def make_caches(cfg: Gemma3Config, capacity: int, max_chunk: int):
 def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last"):
     """Run `tokens` (positions pos0...) through the model, updating `caches`.
 
-    logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None.
+    logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None,
+    or an int k -> [n - k, vocab] for positions k.. of the chunk (skips the head for the rest).
     """
     import numpy as np
 
@@ -178,6 +179,8 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
         return None
     if logits == "last":
         x = x[-1:]
+    elif not isinstance(logits, str):
+        x = x[int(logits):]
     out = ops.matmul(ops.rmsnorm(x, w.output_norm, eps), w.embed)
     if cfg.final_logit_softcap:
         out = ops.softcap(out, cfg.final_logit_softcap)

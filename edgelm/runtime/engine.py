@@ -87,12 +87,30 @@ class Engine:
         cfg = self.default_sampler if sampler is None else SamplerConfig.coerce(sampler)
         return Session(self, cfg)
 
-    def score(self, token_ids) -> np.ndarray:
-        """Teacher-forced logits [n_tokens, vocab] (float32) for a token sequence."""
+    def create_conversation(self, system: str | None = None, sampler: SamplerConfig | dict | None = None,
+                            max_new_tokens: int = 512, overflow: str = "error"):
+        """A multi-turn chat (see edgelm.runtime.conversation.Conversation)."""
+        from .conversation import Conversation
+
+        return Conversation(self, system=system, sampler=sampler, max_new_tokens=max_new_tokens, overflow=overflow)
+
+    def score(self, token_ids, start: int = 0) -> np.ndarray:
+        """Teacher-forced logits (float32) for a token sequence: [n_tokens - start, vocab],
+        for positions start.. (the output head is skipped for earlier positions)."""
         ids = self.check_ids(token_ids)
         if len(ids) > self.max_tokens:
             raise CapacityError(f"{len(ids)} tokens exceed the KV-cache capacity of {self.max_tokens} (raise max_tokens)")
-        return self.create_session().prefill(ids, return_logits=True)
+        if not isinstance(start, int) or not 0 <= start < max(len(ids), 1):
+            raise BadInputError(f"start must be in [0, {len(ids)}), got {start!r}")
+        s = self.create_session()
+        outs = []
+        for c in range(0, len(ids), self.prefill_chunk):
+            part = ids[c:c + self.prefill_chunk]
+            mode = "none" if c + len(part) <= start else max(start - c, 0)
+            out = s._forward(part, mode)
+            if out is not None:
+                outs.append(out)
+        return np.concatenate(outs, axis=0)
 
     def check_ids(self, token_ids) -> list[int]:
         ids = [int(i) for i in token_ids]

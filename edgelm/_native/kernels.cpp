@@ -1,0 +1,301 @@
+// edgelm native kernels: the Python module.
+//
+// This one source is compiled several times with different instruction-set flags
+// (setup.py), each time as a differently named module (EDGELM_MODNAME): _kern_scalar,
+// _kern_avx2, _kern_avx512, _kern_neon. Python (edgelm/backends/native.py) checks the CPU
+// with cpu_features() from _kern_scalar before it imports any of the others.
+//
+// Every argument is validated here, with the GIL held, before any kernel runs: a bad
+// dtype is a TypeError, a bad shape / layout / id a ValueError. Compute runs without the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
+#ifndef EDGELM_MODNAME
+#error "EDGELM_MODNAME must name the module (set by setup.py)"
+#endif
+#ifndef EDGELM_BUILD_ISA
+#define EDGELM_BUILD_ISA "unknown"
+#endif
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+constexpr int kNpyAligned = 0x0100;  // NPY_ARRAY_ALIGNED
+
+struct DT {
+    char kind;
+    int size;
+    const char* name;
+};
+constexpr DT kF32{'f', 4, "float32"};
+constexpr DT kF16{'f', 2, "float16"};
+constexpr DT kI8{'i', 1, "int8"};
+constexpr DT kU8{'u', 1, "uint8"};
+
+std::string shape_str(const py::array& a) {
+    std::ostringstream os;
+    os << "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+    if (a.ndim() == 1) os << ",";
+    os << ")";
+    return os.str();
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::ostringstream os;
+    os << "(";
+    for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+    if (s.size() == 1) os << ",";
+    os << ")";
+    return os.str();
+}
+
+bool dtype_is(const py::array& a, const DT& d) {
+    const py::dtype dt = a.dtype();
+    return dt.kind() == d.kind && dt.itemsize() == d.size && dt.byteorder() != '>';
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// The object must be a numpy array (no implicit conversion: a converted copy of `out` would
+// silently swallow the result).
+py::array as_array(const char* fn, const char* name, py::handle h) {
+    if (!py::isinstance<py::array>(h)) {
+        throw py::type_error(std::string(fn) + ": " + name + " must be a numpy array, got " +
+                             py::str(py::type::handle_of(h).attr("__name__")).cast<std::string>());
+    }
+    return py::reinterpret_borrow<py::array>(h);
+}
+
+void check_layout(const char* fn, const char* name, const py::array& a, bool writable) {
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(fn) + ": " + name + " must be C-contiguous");
+    if (!(a.flags() & kNpyAligned)) throw py::value_error(std::string(fn) + ": " + name + " must be aligned");
+    if (writable && !a.writeable()) throw py::value_error(std::string(fn) + ": " + name + " must be writable");
+}
+
+// Checks dtype, exact shape and layout; returns the array.
+py::array check_array(const char* fn, const char* name, py::handle h, const DT& d, const std::vector<int64_t>& shape,
+                      bool writable = false) {
+    py::array a = as_array(fn, name, h);
+    if (!dtype_is(a, d))
+        throw py::type_error(std::string(fn) + ": " + name + " must be " + d.name + ", got " + dtype_str(a));
+    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+    for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
+    if (!ok)
+        throw py::value_error(std::string(fn) + ": " + name + " must have shape " + shape_str(shape) + ", got " +
+                              shape_str(a));
+    check_layout(fn, name, a, writable);
+    return a;
+}
+
+struct Range {
+    uintptr_t lo, hi;
+};
+Range byte_range(const py::array& a) {
+    auto p = reinterpret_cast<uintptr_t>(a.data());
+    return {p, p + static_cast<uintptr_t>(a.nbytes())};
+}
+void check_no_overlap(const char* fn, const char* name, const py::array& out, const char* other_name,
+                      const py::array& other) {
+    if (out.nbytes() == 0 || other.nbytes() == 0) return;
+    const Range a = byte_range(out), b = byte_range(other);
+    if (a.lo < b.hi && b.lo < a.hi)
+        throw py::value_error(std::string(fn) + ": " + name + " must not overlap " + other_name);
+}
+
+struct Weights {
+    edgelm::WView view;
+    py::array w;
+    py::array scale;  // empty handle when the scheme has none
+    bool has_scale = false;
+};
+
+// Validates scheme id, sizes and the weight parts against the layout table in kernels.h.
+Weights check_weights(const char* fn, int scheme, py::handle w, py::handle scale, int64_t rows, int64_t cols) {
+    if (scheme < 0 || scheme >= edgelm::kNumSchemes)
+        throw py::value_error(std::string(fn) + ": unknown scheme id " + std::to_string(scheme));
+    const char* sname = edgelm::scheme_kernels(scheme).name;
+    if (rows < 1 || cols < 1)
+        throw py::value_error(std::string(fn) + ": rows and cols must be >= 1, got rows=" + std::to_string(rows) +
+                              ", cols=" + std::to_string(cols));
+    if (rows > (std::numeric_limits<int64_t>::max() / 8) / cols)
+        throw py::value_error(std::string(fn) + ": rows*cols is too large");
+    int block = 0;
+    if (scheme == edgelm::kINT8B32 || scheme == edgelm::kINT4B32) block = 32;
+    if (scheme == edgelm::kINT4B128) block = 128;
+    if (block && cols % block)
+        throw py::value_error(std::string(fn) + ": scheme " + sname + " needs cols to be a multiple of " +
+                              std::to_string(block) + ", got " + std::to_string(cols));
+
+    Weights r;
+    const bool wants_scale = scheme >= edgelm::kINT8;
+    const char* wname = wants_scale ? "q" : "w";
+    switch (scheme) {
+        case edgelm::kFP32: r.w = check_array(fn, wname, w, kF32, {rows, cols}); break;
+        case edgelm::kFP16: r.w = check_array(fn, wname, w, kF16, {rows, cols}); break;
+        case edgelm::kINT8:
+            r.w = check_array(fn, wname, w, kI8, {rows, cols});
+            r.scale = check_array(fn, "scale", scale, kF32, {rows});
+            break;
+        case edgelm::kINT8B32:
+            r.w = check_array(fn, wname, w, kI8, {rows, cols});
+            r.scale = check_array(fn, "scale", scale, kF16, {rows, cols / 32});
+            break;
+        case edgelm::kINT4B32:
+        case edgelm::kINT4B128:
+            r.w = check_array(fn, wname, w, kU8, {rows, cols / 2});
+            r.scale = check_array(fn, "scale", scale, kF16, {rows, cols / block});
+            break;
+    }
+    if (!wants_scale && !scale.is_none())
+        throw py::value_error(std::string(fn) + ": scheme " + sname + " takes no scale (pass None)");
+    r.has_scale = wants_scale;
+    r.view.scheme = scheme;
+    r.view.rows = rows;
+    r.view.cols = cols;
+    r.view.w = r.w.data();
+    r.view.scale = wants_scale ? r.scale.data() : nullptr;
+    return r;
+}
+
+void py_matmul(py::handle x_h, int scheme, py::handle w_h, py::handle scale_h, int64_t rows, int64_t cols,
+               py::handle out_h) {
+    const char* fn = "matmul";
+    Weights W = check_weights(fn, scheme, w_h, scale_h, rows, cols);
+    py::array x = as_array(fn, "x", x_h);
+    if (!dtype_is(x, kF32)) throw py::type_error(std::string(fn) + ": x must be float32, got " + dtype_str(x));
+    if (x.ndim() != 2 || x.shape(1) != cols)
+        throw py::value_error(std::string(fn) + ": x must have shape (n, " + std::to_string(cols) + "), got " +
+                              shape_str(x));
+    check_layout(fn, "x", x, false);
+    const int64_t n = x.shape(0);
+    py::array out = check_array(fn, "out", out_h, kF32, {n, rows}, true);
+    check_no_overlap(fn, "out", out, "x", x);
+    check_no_overlap(fn, "out", out, "the weights", W.w);
+    if (W.has_scale) check_no_overlap(fn, "out", out, "the scales", W.scale);
+
+    const float* xp = static_cast<const float*>(x.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    edgelm::matmul(W.view, xp, n, op);
+}
+
+template <class I>
+void check_ids(const I* ids, int64_t n, int64_t rows) {
+    for (int64_t i = 0; i < n; ++i) {
+        const long long v = static_cast<long long>(ids[i]);
+        if (v < 0 || v >= rows)
+            throw py::value_error("embed: id " + std::to_string(v) + " at position " + std::to_string(i) +
+                                  " is out of range for " + std::to_string(rows) + " rows");
+    }
+}
+
+void py_embed(py::handle ids_h, int scheme, py::handle w_h, py::handle scale_h, int64_t rows, int64_t cols,
+              py::handle out_h) {
+    const char* fn = "embed";
+    Weights W = check_weights(fn, scheme, w_h, scale_h, rows, cols);
+    py::array ids = as_array(fn, "ids", ids_h);
+    const bool i32 = dtype_is(ids, DT{'i', 4, "int32"});
+    const bool i64 = dtype_is(ids, DT{'i', 8, "int64"});
+    if (!i32 && !i64) throw py::type_error(std::string(fn) + ": ids must be int32 or int64, got " + dtype_str(ids));
+    if (ids.ndim() != 1) throw py::value_error(std::string(fn) + ": ids must be 1-D, got shape " + shape_str(ids));
+    check_layout(fn, "ids", ids, false);
+    const int64_t n = ids.shape(0);
+    py::array out = check_array(fn, "out", out_h, kF32, {n, cols}, true);
+    check_no_overlap(fn, "out", out, "ids", ids);
+    check_no_overlap(fn, "out", out, "the weights", W.w);
+    if (W.has_scale) check_no_overlap(fn, "out", out, "the scales", W.scale);
+
+    float* op = static_cast<float*>(out.mutable_data());
+    if (i32) {
+        const auto* p = static_cast<const int32_t*>(ids.data());
+        check_ids(p, n, rows);
+        py::gil_scoped_release nogil;
+        edgelm::embed(W.view, p, n, op);
+    } else {
+        const auto* p = static_cast<const int64_t*>(ids.data());
+        check_ids(p, n, rows);
+        py::gil_scoped_release nogil;
+        edgelm::embed(W.view, p, n, op);
+    }
+}
+
+py::dict cpu_features() {
+    py::dict d;
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    d["x86"] = true;
+    d["sse4_2"] = static_cast<bool>(__builtin_cpu_supports("sse4.2"));
+    d["avx"] = static_cast<bool>(__builtin_cpu_supports("avx"));
+    d["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+    d["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
+    // F16C has no __builtin_cpu_supports name in every compiler: read CPUID.1:ECX directly
+    // (AVX must also be usable, which implies the OS saves the ymm state).
+    {
+        unsigned int a = 0, b = 0, c = 0, dd = 0;
+        const bool ok = __get_cpuid(1, &a, &b, &c, &dd) != 0;
+        d["f16c"] = ok && ((c >> 29) & 1u) && static_cast<bool>(__builtin_cpu_supports("avx"));
+    }
+    d["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+    d["avx512bw"] = static_cast<bool>(__builtin_cpu_supports("avx512bw"));
+    d["avx512vl"] = static_cast<bool>(__builtin_cpu_supports("avx512vl"));
+    d["avx512dq"] = static_cast<bool>(__builtin_cpu_supports("avx512dq"));
+    d["avx512vnni"] = static_cast<bool>(__builtin_cpu_supports("avx512vnni"));
+    d["neon"] = false;
+#elif defined(__aarch64__)
+    d["x86"] = false;
+    d["neon"] = true;  // Advanced SIMD is mandatory on AArch64
+#else
+    d["x86"] = false;
+    d["neon"] = false;
+#endif
+    return d;
+}
+
+}  // namespace
+
+#define EDGELM_DEFINE_MODULE(name, m) PYBIND11_MODULE(name, m)
+
+EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
+    m.doc() = "edgelm native CPU kernels (one instruction-set build; see edgelm/backends/native.py)";
+    m.attr("BUILD_ISA") = EDGELM_BUILD_ISA;       // which build this is: scalar / avx2 / avx512 / neon
+    m.attr("CODE_PATH") = edgelm::kCodePath;      // which SIMD code path it compiled to
+    m.attr("SCHEMES") = py::make_tuple("fp32", "fp16", "int8", "int8-b32", "int4-b32", "int4-b128");
+
+    m.def("cpu_features", &cpu_features, "Instruction-set support of this CPU (and OS), as a dict of bools.");
+
+    m.def(
+        "set_threads",
+        [](int n) {
+            if (n < 1 || n > edgelm::ThreadPool::kMaxThreads)
+                throw py::value_error("set_threads: n must be in [1, " +
+                                      std::to_string(edgelm::ThreadPool::kMaxThreads) + "], got " +
+                                      std::to_string(n));
+            py::gil_scoped_release nogil;  // may wait for a job in another thread
+            edgelm::ThreadPool::instance().set_threads(n);
+        },
+        "n"_a, "Number of threads (the caller included) kernels of this module use.");
+    m.def("get_threads", [] { return edgelm::ThreadPool::instance().threads(); });
+
+    m.def("matmul", &py_matmul, "x"_a, "scheme_id"_a, "w"_a, "scale"_a, "rows"_a, "cols"_a, "out"_a,
+          "out[n, rows] = x[n, cols] @ W.T for a weight W[rows, cols] stored in scheme `scheme_id`.\n"
+          "w: the 'w' part (fp32/fp16) or 'q' part; scale: the 'scale' part or None. All arrays\n"
+          "C-contiguous, aligned, exact dtypes; out float32 [n, rows], writable, not overlapping.");
+    m.def("embed", &py_embed, "ids"_a, "scheme_id"_a, "w"_a, "scale"_a, "rows"_a, "cols"_a, "out"_a,
+          "out[i, :] = dequantized W[ids[i], :]; ids int32 or int64 [n], out float32 [n, cols].");
+}

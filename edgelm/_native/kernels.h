@@ -1,0 +1,266 @@
+// edgelm native kernels: per-scheme row access, the matmul micro-kernel, embedding rows,
+// the per-scheme function table and the threaded drivers. No Python here; inputs are
+// validated by kernels.cpp before anything in this file runs.
+//
+// Layouts (see edgelm/quant/schemes.py, the reference these kernels are tested against):
+//
+//   id scheme     parts
+//   0  fp32       w float32 [rows, cols]
+//   1  fp16       w float16 [rows, cols]
+//   2  int8       q int8  [rows, cols]     scale float32 [rows]
+//   3  int8-b32   q int8  [rows, cols]     scale float16 [rows, cols/32]
+//   4  int4-b32   q uint8 [rows, cols/2]   scale float16 [rows, cols/32]   (Q4_0 nibble order)
+//   5  int4-b128  q uint8 [rows, cols/2]   scale float16 [rows, cols/128]
+//
+// Every scheme is read in blocks of 32 weights: `S::load(row, b, w)` produces weights
+// 32b..32b+31 of a row as 4 VF, already multiplied by their block scale. A per-row scale
+// (int8) is applied once to the finished dot product. Columns past the last full block
+// (only fp32/fp16/int8 allow them) go through a scalar tail.
+//
+// To add a weight format (repacked layouts, ...) write one S struct and one table row; to
+// add an activation format (int8 "qd8" dot products with VNNI, ...) add a second tile-function
+// family next to `tile` in SchemeKernels and pick it in the driver.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "simd.h"
+#include "threadpool.h"
+
+namespace edgelm {
+
+enum SchemeId : int { kFP32 = 0, kFP16 = 1, kINT8 = 2, kINT8B32 = 3, kINT4B32 = 4, kINT4B128 = 5, kNumSchemes = 6 };
+
+// A validated weight: `w` is the data part (w or q), `scale` the scale part or null.
+struct WView {
+    int scheme = -1;
+    int64_t rows = 0, cols = 0;
+    const void* w = nullptr;
+    const void* scale = nullptr;
+};
+
+// Bytes of weight data plus scales per row (for cache blocking).
+inline int64_t row_bytes(int scheme, int64_t cols) {
+    switch (scheme) {
+        case kFP32: return 4 * cols;
+        case kFP16: return 2 * cols;
+        case kINT8: return cols + 4;
+        case kINT8B32: return cols + 2 * (cols / 32);
+        case kINT4B32: return cols / 2 + 2 * (cols / 32);
+        case kINT4B128: return cols / 2 + 2 * (cols / 128);
+        default: return 4 * cols;
+    }
+}
+
+// ----------------------------------------------------------------------------- row access
+
+struct SchFP32 {
+    static constexpr bool kRowScale = false;
+    struct Row { const float* p; };
+    const float* w; int64_t cols;
+    explicit SchFP32(const WView& v) : w(static_cast<const float*>(v.w)), cols(v.cols) {}
+    EDGELM_INLINE Row row(int64_t r) const { return {w + r * cols}; }
+    static EDGELM_INLINE void load(const Row& R, int64_t b, VF* o) { load32_f32(R.p + 32 * b, o); }
+    static EDGELM_INLINE float at(const Row& R, int64_t k) { return R.p[k]; }
+    static EDGELM_INLINE float rscale(const Row&) { return 1.f; }
+};
+
+struct SchFP16 {
+    static constexpr bool kRowScale = false;
+    struct Row { const uint16_t* p; };
+    const uint16_t* w; int64_t cols;
+    explicit SchFP16(const WView& v) : w(static_cast<const uint16_t*>(v.w)), cols(v.cols) {}
+    EDGELM_INLINE Row row(int64_t r) const { return {w + r * cols}; }
+    static EDGELM_INLINE void load(const Row& R, int64_t b, VF* o) { load32_f16(R.p + 32 * b, o); }
+    static EDGELM_INLINE float at(const Row& R, int64_t k) { return half_to_float(R.p[k]); }
+    static EDGELM_INLINE float rscale(const Row&) { return 1.f; }
+};
+
+// int8, one float32 scale per row, applied to the finished dot product.
+struct SchINT8 {
+    static constexpr bool kRowScale = true;
+    struct Row { const int8_t* p; float s; };
+    const int8_t* q; const float* s; int64_t cols;
+    explicit SchINT8(const WView& v)
+        : q(static_cast<const int8_t*>(v.w)), s(static_cast<const float*>(v.scale)), cols(v.cols) {}
+    EDGELM_INLINE Row row(int64_t r) const { return {q + r * cols, s[r]}; }
+    static EDGELM_INLINE void load(const Row& R, int64_t b, VF* o) { load32_i8(R.p + 32 * b, o); }
+    static EDGELM_INLINE float at(const Row& R, int64_t k) { return static_cast<float>(R.p[k]); }
+    static EDGELM_INLINE float rscale(const Row& R) { return R.s; }
+};
+
+// int8 with one float16 scale per 32 weights (GGUF Q8_0).
+struct SchINT8B32 {
+    static constexpr bool kRowScale = false;
+    struct Row { const int8_t* p; const uint16_t* s; };
+    const int8_t* q; const uint16_t* s; int64_t cols;
+    explicit SchINT8B32(const WView& v)
+        : q(static_cast<const int8_t*>(v.w)), s(static_cast<const uint16_t*>(v.scale)), cols(v.cols) {}
+    EDGELM_INLINE Row row(int64_t r) const { return {q + r * cols, s + r * (cols / 32)}; }
+    static EDGELM_INLINE void load(const Row& R, int64_t b, VF* o) {
+        load32_i8(R.p + 32 * b, o);
+        const VF d = vset1(half_to_float(R.s[b]));
+        for (int j = 0; j < 4; ++j) o[j] = vmul(o[j], d);
+    }
+    static EDGELM_INLINE float at(const Row& R, int64_t k) {
+        return static_cast<float>(R.p[k]) * half_to_float(R.s[k / 32]);
+    }
+    static EDGELM_INLINE float rscale(const Row&) { return 1.f; }
+};
+
+// int4 (Q4_0 nibble order within each 32), one float16 scale per BS weights.
+template <int BS>
+struct SchINT4 {
+    static_assert(BS % 32 == 0, "int4 block must be a multiple of 32");
+    static constexpr bool kRowScale = false;
+    struct Row { const uint8_t* p; const uint16_t* s; };
+    const uint8_t* q; const uint16_t* s; int64_t cols;
+    explicit SchINT4(const WView& v)
+        : q(static_cast<const uint8_t*>(v.w)), s(static_cast<const uint16_t*>(v.scale)), cols(v.cols) {}
+    EDGELM_INLINE Row row(int64_t r) const { return {q + r * (cols / 2), s + r * (cols / BS)}; }
+    static EDGELM_INLINE void load(const Row& R, int64_t b, VF* o) {
+        load32_i4(R.p + 16 * b, o);
+        const VF d = vset1(half_to_float(R.s[(32 * b) / BS]));
+        for (int j = 0; j < 4; ++j) o[j] = vmul(o[j], d);
+    }
+    static EDGELM_INLINE float at(const Row& R, int64_t k) {
+        const uint8_t byte = R.p[(k / 32) * 16 + (k % 16)];
+        const int nib = (k % 32) < 16 ? (byte & 0x0f) : (byte >> 4);
+        return static_cast<float>(nib - 8) * half_to_float(R.s[k / BS]);
+    }
+    static EDGELM_INLINE float rscale(const Row&) { return 1.f; }
+};
+
+// ----------------------------------------------------------------------------- micro-kernels
+
+constexpr int kMaxNX = 8;  // activation rows per tile
+
+// out[i*ldo + r] = dot(x[i*ldx : +cols], W[r]) for r in [r0, r1), i in [0, NX).
+// Each 32-weight block is loaded (and dequantized) once and used for all NX activation rows.
+// NACC independent accumulators per activation row hide the FMA latency.
+template <class S, int NX>
+void tile_rows(const WView& v, int64_t r0, int64_t r1, const float* x, int64_t ldx, float* out, int64_t ldo) {
+    constexpr int NACC = NX <= 2 ? 4 : (NX <= 4 ? 2 : 1);
+    const S s(v);
+    const int64_t cols = v.cols;
+    const int64_t nb = cols / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const auto R = s.row(r);
+        VF acc[NX][NACC];
+        for (int i = 0; i < NX; ++i)
+            for (int a = 0; a < NACC; ++a) acc[i][a] = vzero();
+        for (int64_t b = 0; b < nb; ++b) {
+            VF w[4];
+            S::load(R, b, w);
+            const float* xb = x + 32 * b;
+            for (int i = 0; i < NX; ++i)
+                for (int j = 0; j < 4; ++j)
+                    acc[i][j % NACC] = vfma(w[j], vloadu(xb + i * ldx + 8 * j), acc[i][j % NACC]);
+        }
+        const float rs = S::rscale(R);
+        for (int i = 0; i < NX; ++i) {
+            VF a = acc[i][0];
+            for (int k = 1; k < NACC; ++k) a = vadd(a, acc[i][k]);
+            float sum = vhsum(a);
+            const float* xi = x + i * ldx;
+            for (int64_t k = 32 * nb; k < cols; ++k) sum += S::at(R, k) * xi[k];
+            out[i * ldo + r] = sum * rs;
+        }
+    }
+}
+
+// dst[0:cols] = dequantized row r.
+template <class S>
+void embed_row(const WView& v, int64_t r, float* dst) {
+    const S s(v);
+    const auto R = s.row(r);
+    const int64_t nb = v.cols / 32;
+    const float rs = S::rscale(R);
+    const VF vrs = vset1(rs);
+    for (int64_t b = 0; b < nb; ++b) {
+        VF w[4];
+        S::load(R, b, w);
+        for (int j = 0; j < 4; ++j) vstoreu(dst + 32 * b + 8 * j, S::kRowScale ? vmul(w[j], vrs) : w[j]);
+    }
+    for (int64_t k = 32 * nb; k < v.cols; ++k) dst[k] = S::kRowScale ? S::at(R, k) * rs : S::at(R, k);
+}
+
+// ----------------------------------------------------------------------------- the table
+
+using TileFn = void (*)(const WView&, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+using EmbedFn = void (*)(const WView&, int64_t, float*);
+
+struct SchemeKernels {
+    const char* name;
+    TileFn tile[kMaxNX + 1];  // tile[nx] handles nx activation rows; tile[0] unused
+    EmbedFn embed;
+};
+
+template <class S>
+constexpr SchemeKernels make_kernels(const char* name) {
+    return {name,
+            {nullptr, &tile_rows<S, 1>, &tile_rows<S, 2>, &tile_rows<S, 3>, &tile_rows<S, 4>, &tile_rows<S, 5>,
+             &tile_rows<S, 6>, &tile_rows<S, 7>, &tile_rows<S, 8>},
+            &embed_row<S>};
+}
+
+inline const SchemeKernels& scheme_kernels(int id) {
+    static const SchemeKernels table[kNumSchemes] = {
+        make_kernels<SchFP32>("fp32"),        make_kernels<SchFP16>("fp16"),
+        make_kernels<SchINT8>("int8"),        make_kernels<SchINT8B32>("int8-b32"),
+        make_kernels<SchINT4<32>>("int4-b32"), make_kernels<SchINT4<128>>("int4-b128"),
+    };
+    return table[id];
+}
+
+// ----------------------------------------------------------------------------- drivers
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// out[n, rows] = x[n, cols] @ W^T. Work is split over output rows. For n > 1, each task
+// owns a band of weight rows small enough to stay in L2 and sweeps all activation tiles
+// over it, so weights come from memory once per call.
+inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
+    if (n <= 0) return;
+    const SchemeKernels& K = scheme_kernels(W.scheme);
+    ThreadPool& pool = ThreadPool::instance();
+    const int64_t T = pool.threads();
+    const int64_t rows = W.rows, cols = W.cols;
+    int64_t chunk;
+    if (n == 1) {
+        chunk = std::max<int64_t>(16, ceil_div(rows, 8 * T));
+    } else {
+        constexpr int64_t kL2Band = 160 * 1024;
+        chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, cols)));
+        chunk = std::min(chunk, std::max<int64_t>(1, ceil_div(rows, 4 * T)));
+    }
+    const int64_t ntasks = ceil_div(rows, chunk);
+    auto task = [&](int64_t t) {
+        const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
+        for (int64_t i0 = 0; i0 < n; i0 += kMaxNX) {
+            const int nx = static_cast<int>(std::min<int64_t>(kMaxNX, n - i0));
+            K.tile[nx](W, r0, r1, x + i0 * cols, cols, out + i0 * rows, rows);
+        }
+    };
+    // Tiny problems are not worth waking the workers.
+    const bool parallel = static_cast<double>(n) * rows * cols >= 65536.0;
+    pool.run(ntasks, task, parallel);
+}
+
+// out[i, :] = dequantized W[ids[i]]; ids are already range-checked.
+template <class I>
+void embed(const WView& W, const I* ids, int64_t n, float* out) {
+    if (n <= 0) return;
+    const SchemeKernels& K = scheme_kernels(W.scheme);
+    const int64_t cols = W.cols;
+    const int64_t chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols));
+    auto task = [&](int64_t t) {
+        const int64_t i0 = t * chunk, i1 = std::min(n, i0 + chunk);
+        for (int64_t i = i0; i < i1; ++i) K.embed(W, static_cast<int64_t>(ids[i]), out + i * cols);
+    };
+    const bool parallel = static_cast<double>(n) * cols >= 65536.0;
+    ThreadPool::instance().run(ceil_div(n, chunk), task, parallel);
+}
+
+}  // namespace edgelm

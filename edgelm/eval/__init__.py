@@ -1,0 +1,1 @@
+"""Quality evaluation: perplexity, KL divergence, top-1 agreement."""

@@ -1,0 +1,115 @@
+"""Perplexity and KL divergence over a text, the way llama.cpp's llama-perplexity does it,
+so the numbers are comparable side by side:
+
+1. Tokenize the whole text once, with BOS in front.
+2. Cut it into consecutive chunks of `ctx` tokens and drop the ragged tail. Each chunk
+   is scored independently, from an empty cache, with its first token replaced by BOS.
+3. Score only the second half of each chunk: the logits at position j (ctx/2 <= j < ctx-1)
+   predict token j+1. Every scored token therefore has at least ctx/2 tokens of context.
+4. PPL = exp(mean NLL) over all scored tokens. Its standard error comes from the NLL
+   spread (delta method).
+
+With a base model (`kl_base`), the same positions also give the mean KL(base || model)
+and the percentage of positions where the two models' top-1 tokens agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import BadInputError
+
+
+@dataclass
+class PplResult:
+    ppl: float
+    ppl_stderr: float
+    nll_mean: float
+    tokens_scored: int
+    chunks: int
+    ctx: int
+    seconds: float
+    kl_mean: float | None = None
+    kl_stderr: float | None = None
+    top1_agree: float | None = None  # fraction, 0..1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def make_chunks(ids: list[int], ctx: int, bos: int, max_chunks: int | None = None) -> list[list[int]]:
+    if ctx < 4:
+        raise BadInputError(f"--ctx must be at least 4, got {ctx}")
+    n = len(ids) // ctx
+    if max_chunks is not None:
+        if max_chunks < 1:
+            raise BadInputError(f"--max-chunks must be positive, got {max_chunks}")
+        n = min(n, max_chunks)
+    if n == 0:
+        raise BadInputError(f"the text has {len(ids)} tokens, fewer than one chunk of --ctx {ctx}")
+    chunks = []
+    for i in range(n):
+        c = list(ids[i * ctx:(i + 1) * ctx])
+        c[0] = bos
+        chunks.append(c)
+    return chunks
+
+
+def perplexity(engine, text: str, ctx: int = 512, max_chunks: int | None = None, kl_base=None,
+               progress: bool = True) -> PplResult:
+    """`engine` and the optional `kl_base` engine need max_tokens >= ctx."""
+    for e in (engine, kl_base):
+        if e is not None and e.max_tokens < ctx:
+            raise BadInputError(f"the engine's capacity {e.max_tokens} is below --ctx {ctx}")
+    if kl_base is not None and kl_base.config.vocab_size != engine.config.vocab_size:
+        raise BadInputError("--kl-base must have the same vocabulary as --model")
+    ids = engine.tokenize(text, add_bos=True)
+    chunks = make_chunks(ids, ctx, engine.tokenizer.bos_id, max_chunks)
+    first = ctx // 2
+    nlls, kls, agree = [], [], []
+    t0 = time.perf_counter()
+    it = chunks
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(chunks, desc="perplexity", unit="chunk", leave=False)
+    for c in it:
+        targets = np.asarray(c[first + 1:], dtype=np.int64)  # predicted by positions first..ctx-2
+        lp = _log_softmax(engine.score(c, start=first)[:-1])  # [ctx - first - 1, vocab]
+        nlls.append(-lp[np.arange(len(targets)), targets])
+        if kl_base is not None:
+            lb = _log_softmax(kl_base.score(c, start=first)[:-1])
+            kls.append((np.exp(lb) * (lb - lp)).sum(axis=1))
+            agree.append(lb.argmax(axis=1) == lp.argmax(axis=1))
+        if progress:
+            run = np.concatenate(nlls)
+            it.set_postfix(ppl=f"{math.exp(run.mean()):.3f}")
+    nll = np.concatenate(nlls)
+    n = nll.size
+    mean = float(nll.mean())
+    ppl = math.exp(mean)
+    res = PplResult(
+        ppl=ppl,
+        ppl_stderr=ppl * float(nll.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0,
+        nll_mean=mean,
+        tokens_scored=n,
+        chunks=len(chunks),
+        ctx=ctx,
+        seconds=time.perf_counter() - t0,
+    )
+    if kl_base is not None:
+        kl = np.concatenate(kls)
+        res.kl_mean = float(kl.mean())
+        res.kl_stderr = float(kl.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+        res.top1_agree = float(np.concatenate(agree).mean())
+    return res

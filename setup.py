@@ -1,0 +1,107 @@
+"""Build the native kernels: one C++ source compiled once per instruction set.
+
+    edgelm/_native/kernels.cpp (+ simd.h, kernels.h, threadpool.h)
+        -> edgelm._native._kern_scalar   portable, every CPU (also provides cpu_features())
+        -> edgelm._native._kern_avx2     x86-64: AVX2 + FMA + F16C
+        -> edgelm._native._kern_avx512   x86-64: AVX-512 F/BW/VL/DQ/VNNI (AVX2 code, wider flags)
+        -> edgelm._native._kern_neon     aarch64
+
+edgelm/backends/native.py picks one at import from what the CPU supports, so wheels never
+use -march=native. Only the scalar module is required; the others are optional, so an old
+compiler that lacks a flag costs speed, not the install.
+
+The metadata lives in pyproject.toml; this file only declares the extensions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from concurrent.futures import ThreadPoolExecutor
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+SRC = "edgelm/_native/kernels.cpp"
+DEPENDS = [f"edgelm/_native/{h}" for h in ("simd.h", "kernels.h", "threadpool.h")]
+
+# ISA-specific flags, GCC/Clang spelling, then MSVC spelling.
+ISA_FLAGS = {
+    "scalar": ([], []),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ["/arch:AVX2"]),
+    "avx512": (
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
+        ["/arch:AVX512"],
+    ),
+    "neon": ([], []),  # Advanced SIMD is baseline on aarch64
+}
+
+
+def _target_isas() -> list[str]:
+    forced = os.environ.get("EDGELM_BUILD_ISAS")  # e.g. "scalar,avx2" to build fewer
+    if forced:
+        return [s.strip() for s in forced.split(",") if s.strip()]
+    m = platform.machine().lower()
+    if m in ("x86_64", "amd64", "x64"):
+        return ["scalar", "avx2", "avx512"]
+    if m in ("aarch64", "arm64", "armv8l"):
+        return ["scalar", "neon"]
+    return ["scalar"]
+
+
+def _extension(isa: str) -> Pybind11Extension:
+    macros = [("EDGELM_MODNAME", f"_kern_{isa}"), ("EDGELM_BUILD_ISA", f'"{isa}"')]
+    if isa == "scalar":
+        macros.append(("EDGELM_FORCE_SCALAR", "1"))
+    ext = Pybind11Extension(
+        f"edgelm._native._kern_{isa}",
+        [SRC],
+        depends=DEPENDS,
+        define_macros=macros,
+        cxx_std=17,
+        optional=(isa != "scalar"),
+    )
+    ext._edgelm_isa = isa
+    return ext
+
+
+class BuildExt(build_ext):
+    """Adds the optimisation / ISA flags for the compiler in use, gives each ISA build its own
+    temporary directory (they share one source file, so their object files would collide),
+    and builds the variants in parallel."""
+
+    def _flags(self, isa: str) -> tuple[list[str], list[str]]:
+        gnu, msvc = ISA_FLAGS[isa]
+        if self.compiler.compiler_type == "msvc":
+            return ["/O2", "/EHsc", *msvc], []
+        # -O3, no -ffast-math (kernels must stay IEEE), no -march (wheels run on other CPUs).
+        return ["-O3", "-pthread", *gnu], ["-pthread"]
+
+    def _build_one(self, ext) -> None:
+        isa = getattr(ext, "_edgelm_isa", "scalar")
+        cflags, lflags = self._flags(isa)
+        ext.extra_compile_args = list(ext.extra_compile_args or []) + cflags
+        ext.extra_link_args = list(ext.extra_link_args or []) + lflags
+        cmd = copy.copy(self)  # a private build_temp; everything else shared
+        cmd.build_temp = os.path.join(self.build_temp, isa)
+        with self._filter_build_errors(ext):
+            build_ext.build_extension(cmd, ext)
+
+    def build_extensions(self) -> None:
+        self.check_extensions_list(self.extensions)
+        jobs = max(1, min(len(self.extensions), os.cpu_count() or 1))
+        if jobs == 1:
+            for ext in self.extensions:
+                self._build_one(ext)
+            return
+        with ThreadPoolExecutor(jobs) as pool:
+            for f in [pool.submit(self._build_one, ext) for ext in self.extensions]:
+                f.result()
+
+
+setup(
+    ext_modules=[_extension(isa) for isa in _target_isas()],
+    cmdclass={"build_ext": BuildExt},
+    zip_safe=False,
+)

@@ -1,0 +1,378 @@
+"""Native CPU kernels (edgelm/_native via edgelm.backends.native) against the numpy reference
+in edgelm.quant.schemes, for every scheme and every ISA build this CPU can run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelm.backends import native
+from edgelm.quant.schemes import SCHEMES, QTensor, quantize
+
+if not native.available():
+    pytest.fail(f"native kernels are not built/importable: {native.unavailable_reason()}", pytrace=False)
+
+ISAS = list(native.ALL_ISAS)
+
+
+@pytest.fixture(params=ISAS)
+def kern(request):
+    """One ISA build. Skipped only when this CPU can't run it; a build the CPU supports but
+    that failed to build or import is a failure, not a skip."""
+    isa = request.param
+    if not native.cpu_supports(isa):
+        pytest.skip(f"{isa}: {native.isa_unavailable_reason(isa)}")
+    k = native.kernels(isa)
+    before = k.get_threads()
+    yield k
+    k.set_threads(before)
+
+
+# Column counts per scheme: multiples of the block for blocked schemes, odd sizes elsewhere.
+COLS = {
+    "fp32": [1, 7, 33, 100, 640],
+    "fp16": [1, 7, 33, 100, 640],
+    "int8": [1, 7, 33, 100, 640],
+    "int8-b32": [32, 96, 640],
+    "int4-b32": [32, 96, 640],
+    "int4-b128": [128, 384],
+}
+ROWS = [1, 3, 17, 257]
+NS = [1, 2, 5, 9, 33]
+
+_cache: dict = {}
+
+
+def qtensor(scheme: str, rows: int, cols: int, seed: int = 0) -> QTensor:
+    key = (scheme, rows, cols, seed)
+    if key not in _cache:
+        rng = np.random.default_rng([seed, rows, cols, len(scheme)])
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        _cache[key] = quantize(w, scheme)
+    return _cache[key]
+
+
+def check_matmul(k, t: QTensor, x: np.ndarray, y: np.ndarray) -> None:
+    """Elementwise error bound for an fp32 dot product of length K, whatever the summation order
+    (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1): |fl(x.w) - x.w| <=
+    gamma_m * sum_i |x_i||w_i|, gamma_m = m*u / (1 - m*u), u = 2**-24, where m bounds the number
+    of roundings any single term goes through. Every kernel (scalar, AVX2, NEON) accumulates in
+    8 float lanes, each lane adding at most ceil(K/8) terms in sequence, then a 3-level
+    horizontal tree, a scalar tail of < 32 terms and at most 3 rounded multiplies (weight*scale,
+    x*w, row scale); so m = K//8 + 48 covers it. The reference is float64 on the float32
+    dequantized weights (exact products), so its own error is negligible. Unlike a bound on
+    max|x|*max|W|*sqrt(K) this one scales with the actual terms, and it is tight enough that
+    the realistic bugs (a swapped nibble half, a wrong block scale, a dropped 8-lane group,
+    even a single weight off by one int4 step) exceed it at every K tested."""
+    W = t.dequantize().astype(np.float64)
+    x64 = x.astype(np.float64)
+    ref = x64 @ W.T
+    mag = np.abs(x64) @ np.abs(W).T
+    cols = t.cols
+    m = cols // 8 + 48
+    u = 2.0**-24
+    gamma = m * u / (1 - m * u)
+    err = np.abs(y.astype(np.float64) - ref)
+    bound = gamma * mag + 1e-30
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), (
+        f"{k.isa} {t.scheme.name} rows={t.rows} cols={cols} n={x.shape[0]}: "
+        f"err {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    )
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_matmul_matches_reference(kern, scheme):
+    rng = np.random.default_rng(1)
+    for cols in COLS[scheme]:
+        for rows in ROWS:
+            t = qtensor(scheme, rows, cols)
+            for n in NS:
+                x = rng.standard_normal((n, cols)).astype(np.float32)
+                y = kern.matmul(x, t)
+                assert y.shape == (n, rows) and y.dtype == np.float32
+                check_matmul(kern, t, x, y)
+            # 1-D x gives a 1-D result equal to the n=1 row
+            x1 = rng.standard_normal(cols).astype(np.float32)
+            y1 = kern.matmul(x1, t)
+            assert y1.shape == (rows,)
+            np.testing.assert_array_equal(y1, kern.matmul(x1[None, :], t)[0])
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_matmul_long_rows(kern, scheme):
+    # a longer reduction (and a prime-ish row count) to exercise accumulation error
+    cols = 4096 + (0 if SCHEMES[scheme].block > 0 else 13)
+    t = qtensor(scheme, 19, cols)
+    x = (np.random.default_rng(2).standard_normal((6, cols)) * 3).astype(np.float32)
+    check_matmul(kern, t, x, kern.matmul(x, t))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_embed_matches_reference(kern, scheme):
+    rng = np.random.default_rng(3)
+    for cols in COLS[scheme]:
+        t = qtensor(scheme, 257, cols)
+        for dtype in (np.int32, np.int64):
+            ids = rng.integers(0, 257, size=11).astype(dtype)
+            ids[0], ids[-1] = 0, 256
+            got = kern.embed(ids, t)
+            assert got.shape == (11, cols) and got.dtype == np.float32
+            # same single fp32 rounding (q * scale) as the reference: exact
+            np.testing.assert_array_equal(got, t.dequantize_rows(ids))
+    assert kern.embed(np.zeros(0, np.int64), t).shape == (0, cols)
+
+
+def test_embed_many_ids_threads(kern):
+    # enough work to take the threaded path
+    t = qtensor("int4-b32", 300, 640)
+    ids = np.random.default_rng(4).integers(0, 300, size=500)
+    kern.set_threads(2)
+    np.testing.assert_array_equal(kern.embed(ids, t), t.dequantize_rows(ids))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_threads_give_identical_results(kern, scheme):
+    # large enough to be split over several tasks; results must be bitwise identical since
+    # each output is computed by exactly one (thread-independent) micro-kernel call
+    cols = 640 if SCHEMES[scheme].block != 128 else 768
+    t = qtensor(scheme, 1031, cols)
+    rng = np.random.default_rng(5)
+    for n in (1, 9):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        kern.set_threads(1)
+        assert kern.get_threads() == 1
+        y1 = kern.matmul(x, t)
+        kern.set_threads(2)
+        assert kern.get_threads() == 2
+        y2 = kern.matmul(x, t)
+        np.testing.assert_array_equal(y1, y2)
+
+
+def test_out_parameter(kern):
+    t = qtensor("int8", 17, 100)
+    x = np.random.default_rng(6).standard_normal((5, 100)).astype(np.float32)
+    out = np.full((5, 17), np.nan, np.float32)
+    assert kern.matmul(x, t, out=out) is out
+    np.testing.assert_array_equal(out, kern.matmul(x, t))
+    # leading dims are flattened
+    x3 = x.reshape(5, 1, 100)
+    np.testing.assert_array_equal(kern.matmul(x3, t).reshape(5, 17), out)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def raw_args(t: QTensor):
+    p = t.parts
+    return (p["w"], None) if "w" in p else (p["q"], p["scale"])
+
+
+def test_bad_inputs_raise(kern):
+    t = qtensor("int4-b32", 17, 64)
+    x = np.ones((3, 64), np.float32)
+    with pytest.raises(TypeError, match="float32"):
+        kern.matmul(x.astype(np.float64), t)
+    with pytest.raises(TypeError, match="float32"):
+        kern.matmul(x.astype(np.float16), t)
+    with pytest.raises(ValueError, match="shape"):
+        kern.matmul(np.ones((3, 63), np.float32), t)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kern.matmul(np.ones((64, 3), np.float32).T, t)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kern.matmul(np.ones((3, 128), np.float32)[:, ::2], t)
+    with pytest.raises(TypeError):
+        kern.matmul([[1.0] * 64], t)
+    with pytest.raises(ValueError, match="shape"):
+        kern.matmul(x, t, out=np.empty((3, 16), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        kern.matmul(x, t, out=np.empty((3, 17), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kern.matmul(x, t, out=np.empty((17, 3), np.float32).T)
+    ro = np.empty((3, 17), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        kern.matmul(x, t, out=ro)
+    with pytest.raises(ValueError, match="1-D|2-D"):
+        kern.matmul(np.ones(4, np.float32), QTensor(SCHEMES["fp32"], (4,), {"w": np.ones(4, np.float32)}))
+
+
+def test_bad_ids_raise(kern):
+    t = qtensor("int8", 17, 33)
+    with pytest.raises(ValueError, match=r"id 17 at position 1"):
+        kern.embed(np.array([0, 17, 3], np.int32), t)
+    with pytest.raises(ValueError, match=r"id -1 at position 0"):
+        kern.embed(np.array([-1], np.int64), t)
+    with pytest.raises(ValueError, match=r"id 4294967295"):
+        kern.embed(np.array([0, 2**32 - 1], np.uint32), t)
+    with pytest.raises(ValueError, match=r"id 99"):
+        kern.embed(99, t)
+    with pytest.raises(TypeError, match="integers"):
+        kern.embed(np.array([1.0, 2.0]), t)
+    with pytest.raises(ValueError, match="1-D"):
+        kern.embed(np.zeros((2, 2), np.int64), t)
+    # other integer dtypes and non-contiguous ids are converted
+    np.testing.assert_array_equal(kern.embed(np.array([1, 2], np.uint8), t), t.dequantize_rows([1, 2]))
+    np.testing.assert_array_equal(kern.embed(np.arange(6)[::2], t), t.dequantize_rows([0, 2, 4]))
+
+
+def test_raw_module_validates_everything(kern):
+    """The C++ entry points check every argument themselves (nothing may reach a kernel unchecked)."""
+    m = kern.module
+    t = qtensor("int4-b128", 5, 256)
+    q, s = raw_args(t)
+    x = np.ones((2, 256), np.float32)
+    out = np.empty((2, 5), np.float32)
+    m.matmul(x, 5, q, s, 5, 256, out)  # the good call
+    np.testing.assert_allclose(out, kern.matmul(x, t), rtol=0, atol=0)
+
+    bad = [
+        ((x, 6, q, s, 5, 256, out), ValueError, "unknown scheme"),
+        ((x, -1, q, s, 5, 256, out), ValueError, "unknown scheme"),
+        ((x, 5, q, s, 0, 256, out), ValueError, "rows and cols"),
+        ((x, 5, q, s, 5, 200, out), ValueError, "multiple of 128"),
+        ((x, 5, q, s, 6, 256, out), ValueError, "shape"),
+        ((x, 5, q, s, 5, 512, np.empty((2, 5), np.float32)), ValueError, "shape"),
+        ((x, 5, q.view(np.int8), s, 5, 256, out), TypeError, "uint8"),
+        ((x, 5, q, s.astype(np.float32), 5, 256, out), TypeError, "float16"),
+        ((x, 5, q, None, 5, 256, out), TypeError, "numpy array"),
+        ((x, 5, q[:, ::2], s, 5, 256, out), ValueError, "shape|C-contiguous"),
+        ((x, 5, q.tolist(), s, 5, 256, out), TypeError, "numpy array"),
+        ((x, 4, q, s, 5, 256, out), ValueError, "shape"),  # int4-b32 wants 8 scales per row
+        ((x, 0, q, s, 5, 256, out), TypeError, "float32"),
+        ((x.astype(">f4"), 5, q, s, 5, 256, out), TypeError, "float32"),
+        ((x, 5, q, s, 5, 256, x), ValueError, "shape"),
+        ((x, 5, q, s, 5, 256, out.tolist()), TypeError, "numpy array"),
+    ]
+    for args, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            m.matmul(*args)
+
+    # fp32 takes no scale; out must not alias the input
+    w = np.ones((4, 8), np.float32)
+    xx = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="no scale"):
+        m.matmul(xx, 0, w, np.ones(4, np.float32), 4, 8, np.empty((4, 4), np.float32))
+    buf = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        m.matmul(buf, 0, w, None, 4, 8, buf.reshape(-1)[:16].reshape(4, 4))
+    # misaligned float32 data
+    raw = np.zeros(4 * 8 * 4 + 1, np.uint8)[1:].view(np.float32).reshape(4, 8)
+    with pytest.raises(ValueError, match="aligned"):
+        m.matmul(raw, 0, w, None, 4, 8, np.empty((4, 4), np.float32))
+
+    # embed
+    e_out = np.empty((2, 256), np.float32)
+    with pytest.raises(ValueError, match="id 5 at position 1"):
+        m.embed(np.array([0, 5], np.int64), 5, q, s, 5, 256, e_out)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        m.embed(np.array([0, 1], np.int16), 5, q, s, 5, 256, e_out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        m.embed(np.arange(4, dtype=np.int64)[::2], 5, q, s, 5, 256, e_out)
+    with pytest.raises(ValueError, match="shape"):
+        m.embed(np.array([0, 1, 2], np.int64), 5, q, s, 5, 256, e_out)
+    with pytest.raises(ValueError):
+        m.set_threads(0)
+
+
+def test_set_threads_validates(kern):
+    with pytest.raises(ValueError):
+        kern.set_threads(0)
+    with pytest.raises(TypeError):
+        kern.set_threads(1.5)
+
+
+def test_module_api():
+    assert native.ISA in native.available_isas()
+    assert native.default_threads() >= 1
+    assert native.get_threads() >= 1
+    t = qtensor("int8-b32", 3, 64)
+    x = np.ones(64, np.float32)
+    np.testing.assert_allclose(native.matmul(x, t), t.dequantize() @ x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(native.embed([2, 0], t), t.dequantize_rows([2, 0]))
+    with pytest.raises(RuntimeError, match="unknown ISA"):
+        native.kernels("sse9")
+    for isa in native.ALL_ISAS:
+        if not native.cpu_supports(isa):
+            with pytest.raises(RuntimeError, match="lacks|does not exist"):
+                native.kernels(isa)
+
+
+def test_fp16_every_bit_pattern(kern):
+    # all 65536 halves (subnormals, +-0, +-inf, nans) through the weight path of embed
+    bits = np.arange(65536, dtype=np.uint16).reshape(64, 1024)
+    t = QTensor(SCHEMES["fp16"], (64, 1024), {"w": bits.view(np.float16)})
+    got = kern.embed(np.arange(64), t)
+    np.testing.assert_array_equal(got, bits.view(np.float16).astype(np.float32))  # nan == nan here
+    assert np.array_equal(np.signbit(got), np.signbit(bits.view(np.float16).astype(np.float32)))
+
+
+def test_concurrent_callers(kern):
+    # several Python threads calling at once (the GIL is released; jobs queue on the pool)
+    import threading
+
+    t = qtensor("int8-b32", 1031, 640)
+    x = np.random.default_rng(7).standard_normal((3, 640)).astype(np.float32)
+    kern.set_threads(2)
+    want = kern.matmul(x, t)
+    errors = []
+
+    def worker():
+        for _ in range(20):
+            if not np.array_equal(kern.matmul(x, t), want):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_pool_survives_fork(kern):
+    import os
+    import warnings
+
+    t = qtensor("int4-b32", 1031, 640)
+    x = np.random.default_rng(8).standard_normal((2, 640)).astype(np.float32)
+    kern.set_threads(2)
+    want = kern.matmul(x, t)  # workers exist now
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child: the parent's workers are gone; the pool must start fresh ones
+        ok = False
+        try:
+            ok = np.array_equal(kern.matmul(x, t), want) and kern.get_threads() == 2
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    np.testing.assert_array_equal(kern.matmul(x, t), want)
+
+
+def test_import_without_extension_does_not_raise():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.startswith('edgelm._native._kern'):\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from edgelm.backends import native\n"
+        "assert not native.available() and native.ISA == 'none'\n"
+        "assert 'blocked for the test' in native.unavailable_reason()\n"
+        "try:\n"
+        "    native.set_threads(1)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'unavailable' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('set_threads should raise')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
