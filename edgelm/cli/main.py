@@ -85,8 +85,12 @@ def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads,
               help="Scheme for linear layers: fp32, fp16, int8, int8-b32, int4-b32, int4-b128.")
 @click.option("--embed-scheme", default=None, help="Scheme for the embedding / tied output head (default: --scheme).")
 @click.option("--requantize", is_flag=True, help="Requantize GGUF Q4_0/Q8_0 blocks even where they map losslessly.")
+@click.option("--ple-scheme", default=None,
+              help="Scheme for Gemma 3n's per-layer embedding table (default: --embed-scheme).")
+@click.option("--matformer", default=None, metavar="SPEC",
+              help="Gemma 3n: extract a MatFormer slice: e2b, or LAYERS:FFN_WIDTHS (see docs/gemma3n.md).")
 @click.option("--quiet", "-q", is_flag=True)
-def convert(src, output, scheme, embed_scheme, requantize, quiet):
+def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer, quiet):
     """Convert a GGUF file or Hugging Face checkpoint dir SRC into a bundle."""
     from pathlib import Path
 
@@ -96,8 +100,12 @@ def convert(src, output, scheme, embed_scheme, requantize, quiet):
     if Path(output).exists() and Path(src).exists() and Path(output).resolve() == Path(src).resolve():
         raise BadInputError(f"{output}: the output would overwrite the source")
     source = load_source(src)
+    if matformer is not None:
+        from ..convert.matformer import slice_source
+
+        source = slice_source(source, matformer)
     summary = do_convert(source, output, scheme=scheme, embed_scheme=embed_scheme, requantize=requantize,
-                         progress=not quiet)
+                         progress=not quiet, ple_scheme=ple_scheme)
     if quiet:
         return
     click.echo(f"{'scheme':<10} {'tensors':>7} {'weights':>14} {'bytes':>12}")
@@ -175,9 +183,11 @@ def inspect(file, as_json, tensors):
         assert set(by_scheme) <= set(SCHEMES)
 
 
+from .bench import bench  # noqa: E402
 from .eval import eval_group  # noqa: E402
 
 cli.add_command(eval_group)
+cli.add_command(bench)
 
 
 # ----------------------------------------------------------------------------- entry
@@ -216,3 +226,4 @@ def entry(argv=None) -> int:
 
 def main() -> None:
     sys.exit(entry())
+

@@ -29,11 +29,13 @@ LINEAR_SCHEMES = ("fp32", "fp16", "int8", "int8-b32", "int4-b32", "int4-b128")
 class SourceTensor:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "linear", "embed", "norm" (1-D, always fp32), or "other" (kept fp32)
+    kind: str  # "linear", "embed", "ple" (per-layer embeddings), "norm" (1-D, always fp32), or "other" (kept fp32)
     load: Callable[[], np.ndarray]  # -> float32 array of `shape`, transforms applied
     # Raw quantized data that maps onto an edgelm scheme without requantizing,
-    # e.g. GGUF Q4_0 -> int4-b32: (scheme name, loader of the parts).
-    passthrough: tuple[str, Callable[[], dict[str, np.ndarray]]] | None = None
+    # e.g. GGUF Q4_0 -> int4-b32: (scheme name, loader of the parts). The name "*" means the
+    # loader makes parts for whatever scheme is planned: it is called with that Scheme
+    # (synthetic weights, edgelm.models.synthetic).
+    passthrough: tuple[str, Callable[..., dict[str, np.ndarray]]] | None = None
     source_type: str = "F32"
 
 
@@ -57,10 +59,13 @@ def default_chat_template() -> str:
     return files("edgelm").joinpath("templates/gemma.jinja").read_text(encoding="utf-8")
 
 
-def _pick(st: SourceTensor, scheme: str, embed_scheme: str) -> Scheme:
+def _pick(st: SourceTensor, scheme: str, embed_scheme: str, ple_scheme: str | None = None) -> Scheme:
     if st.kind in ("norm", "other") or len(st.shape) == 1:
         return SCHEMES["fp32"]
-    s = get_scheme(embed_scheme if st.kind == "embed" else scheme)
+    if st.kind == "ple":
+        s = get_scheme(ple_scheme or embed_scheme)
+    else:
+        s = get_scheme(embed_scheme if st.kind == "embed" else scheme)
     cols = int(np.prod(st.shape[1:]))
     if s.block > 0 and cols % s.block:
         # Rows that do not split into blocks fall back to per-channel int8 (or fp16),
@@ -69,11 +74,12 @@ def _pick(st: SourceTensor, scheme: str, embed_scheme: str) -> Scheme:
     return s
 
 
-def plan_tensors(src: Source, scheme: str, embed_scheme: str) -> list[TensorPlan]:
-    for s in (scheme, embed_scheme):
+def plan_tensors(src: Source, scheme: str, embed_scheme: str, ple_scheme: str | None = None) -> list[TensorPlan]:
+    """ple_scheme: the scheme of the per-layer embedding table (kind "ple"; default: embed_scheme)."""
+    for s in (scheme, embed_scheme, ple_scheme or embed_scheme):
         if s not in LINEAR_SCHEMES:
             raise BadInputError(f"unknown scheme {s!r}; choose one of {', '.join(LINEAR_SCHEMES)}")
-    return [TensorPlan(st.name, _pick(st, scheme, embed_scheme), tuple(st.shape)) for st in src.tensors]
+    return [TensorPlan(st.name, _pick(st, scheme, embed_scheme, ple_scheme), tuple(st.shape)) for st in src.tensors]
 
 
 def make_producer(src: Source, requantize: bool = False) -> Callable[[TensorPlan], QTensor]:
@@ -83,6 +89,8 @@ def make_producer(src: Source, requantize: bool = False) -> Callable[[TensorPlan
         st = by_name[plan.name]
         if st.passthrough is not None and not requantize and st.passthrough[0] == plan.scheme.name:
             return QTensor(plan.scheme, plan.shape, st.passthrough[1]())
+        if st.passthrough is not None and st.passthrough[0] == "*":
+            return QTensor(plan.scheme, plan.shape, st.passthrough[1](plan.scheme))
         w = st.load()
         if tuple(w.shape) != tuple(plan.shape):
             raise BadInputError(f"tensor {plan.name}: loaded shape {w.shape}, expected {plan.shape}")
@@ -113,12 +121,14 @@ def convert(
     requantize: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    ple_scheme: str | None = None,
 ) -> dict:
-    """Quantize `src` and write a bundle at `out`. Returns a summary dict."""
+    """Quantize `src` and write a bundle at `out`. Returns a summary dict.
+    ple_scheme: scheme of a per-layer embedding table (Gemma 3n; default: embed_scheme)."""
     embed_scheme = embed_scheme or scheme
     out = Path(out)
     t0 = time.perf_counter()
-    plans = plan_tensors(src, scheme, embed_scheme)
+    plans = plan_tensors(src, scheme, embed_scheme, ple_scheme)
     meta = {
         "arch": src.arch,
         "config": src.config,
@@ -128,7 +138,8 @@ def convert(
         "special_tokens": src.special_tokens,
         "add_bos": src.add_bos,
         "sampler": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
-        "quantization": {"scheme": scheme, "embed_scheme": embed_scheme, "requantize": requantize},
+        "quantization": {"scheme": scheme, "embed_scheme": embed_scheme, "requantize": requantize,
+                         **({"ple_scheme": ple_scheme or embed_scheme} if any(st.kind == "ple" for st in src.tensors) else {})},
         "source": src.description,
         "notes": src.notes,
         "created_by": "edgelm",

@@ -1,4 +1,7 @@
-"""Import a Hugging Face Gemma 3 text checkpoint directory as a conversion `Source`.
+"""Import a Hugging Face Gemma 3 or Gemma 3n text checkpoint directory as a conversion `Source`.
+
+(Gemma 3n, model types gemma3n_text / gemma3n, is handled in the section at the end of
+this file; the rest of this docstring describes Gemma 3.)
 
 A checkpoint directory holds config.json, one or more *.safetensors files (optionally
 with model.safetensors.index.json) and the tokenizer files. Two model types are read:
@@ -507,19 +510,8 @@ def _make_loader(e: _STEntry, kind: str) -> Callable[[], np.ndarray]:
     return load
 
 
-def load_hf_source(path: str | os.PathLike) -> Source:
-    """Read a Hugging Face Gemma 3 checkpoint directory (never modified)."""
-    d = Path(path)
-    if not d.exists():
-        raise FormatError(f"{d}: no such directory")
-    if not d.is_dir():
-        raise FormatError(f"{d}: not a directory; pass the Hugging Face checkpoint directory")
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise FormatError(f"{d}: no config.json — not a Hugging Face checkpoint directory")
-    raw_cfg = _read_json(cfg_path, "config")
-    config, tc, notes = text_config_from_hf(raw_cfg, str(cfg_path))
-
+def _read_entries(d: Path) -> tuple[list[Path], dict[str, str] | None, dict[str, _STEntry]]:
+    """The directory's safetensors files, index and every tensor's header entry."""
     files, weight_map = _weight_files(d)
     entries: dict[str, _STEntry] = {}
     for f in files:
@@ -531,6 +523,25 @@ def load_hf_source(path: str | os.PathLike) -> Source:
         for name, fname in weight_map.items():
             if name not in entries or entries[name].file.name != fname:
                 raise FormatError(f"{d / 'model.safetensors.index.json'}: tensor {name} is not in its shard {fname}")
+    return files, weight_map, entries
+
+
+def load_hf_source(path: str | os.PathLike) -> Source:
+    """Read a Hugging Face Gemma 3 or Gemma 3n checkpoint directory (never modified)."""
+    d = Path(path)
+    if not d.exists():
+        raise FormatError(f"{d}: no such directory")
+    if not d.is_dir():
+        raise FormatError(f"{d}: not a directory; pass the Hugging Face checkpoint directory")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError(f"{d}: no config.json — not a Hugging Face checkpoint directory")
+    raw_cfg = _read_json(cfg_path, "config")
+    if raw_cfg.get("model_type") in GEMMA3N_MODEL_TYPES:
+        return load_gemma3n_source(d, raw_cfg)
+    config, tc, notes = text_config_from_hf(raw_cfg, str(cfg_path))
+
+    files, weight_map, entries = _read_entries(d)
 
     expected = expected_shapes(config)
     found: dict[str, _STEntry] = {}
@@ -599,6 +610,330 @@ def load_hf_source(path: str | os.PathLike) -> Source:
         tokenizer_data=tok_data,
         special_tokens=special,
         chat_template=chat_template,
+        description=description,
+        add_bos=bool(special.get("add_bos", True)),
+        notes=notes,
+    )
+
+
+# ============================================================================= Gemma 3n
+#
+# model_type gemma3n_text (Gemma3nForCausalLM: weights under `model.`) or gemma3n
+# (Gemma3nForConditionalGeneration: the decoder from `text_config`, weights under
+# `model.language_model.`; the vision and audio towers and their embedders are skipped
+# with a note). Gemma 3n's RMSNorm multiplies by w itself, so norms are copied unchanged.
+# Names and numerics: edgelm/models/gemma3n.py.
+
+GEMMA3N_MODEL_TYPES = ("gemma3n", "gemma3n_text")
+GEMMA3N_ARCHITECTURES = {
+    "gemma3n_text": {"Gemma3nForCausalLM", "Gemma3nTextModel"},
+    "gemma3n": {"Gemma3nForConditionalGeneration", "Gemma3nModel", "Gemma3nForCausalLM"},
+}
+# Gemma3nTextConfig's defaults (the E4B geometry): a field a config omits has this value.
+GEMMA3N_TEXT_DEFAULTS = {
+    "vocab_size": 262_400,
+    "hidden_size": 2048,
+    "intermediate_size": 16_384,
+    "num_hidden_layers": 35,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 32_768,
+    "rms_norm_eps": 1e-6,
+    "sliding_window": 512,
+    "final_logit_softcapping": 30.0,
+    "vocab_size_per_layer_input": 262_144,
+    "hidden_size_per_layer_input": 256,
+    "altup_active_idx": 0,
+    "altup_correct_scale": True,
+    "altup_num_inputs": 4,
+    "num_kv_shared_layers": 15,
+    "laurel_rank": 64,
+}
+_GEMMA3N_SKIP_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+                          "vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.")
+_GEMMA3N_GLOBALS = {
+    "embed_tokens.weight": "token_embd.weight",
+    "embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+    "norm.weight": "output_norm.weight",
+}
+_GEMMA3N_STACKED = {"altup_projections": "altup_proj.weight", "altup_unembed_projections": "altup_unembd_proj.weight"}
+_GEMMA3N_STACKED_RE = re.compile(r"^(altup_projections|altup_unembed_projections)\.(\d+)\.weight$")
+_GEMMA3N_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "attn_q",
+    "self_attn.k_proj.weight": "attn_k",
+    "self_attn.v_proj.weight": "attn_v",
+    "self_attn.q_norm.weight": "attn_q_norm",
+    "self_attn.k_norm.weight": "attn_k_norm",
+    "self_attn.o_proj.weight": "attn_output",
+    "post_attention_layernorm.weight": "post_attention_norm",
+    "pre_feedforward_layernorm.weight": "ffn_norm",
+    "mlp.gate_proj.weight": "ffn_gate",
+    "mlp.up_proj.weight": "ffn_up",
+    "mlp.down_proj.weight": "ffn_down",
+    "post_feedforward_layernorm.weight": "post_ffw_norm",
+    "altup.prediction_coefs.weight": "altup_predict_coef",
+    "altup.correction_coefs.weight": "altup_correct_coef",
+    "altup.modality_router.weight": "altup_router",
+    "altup.router_norm.weight": "altup_router_norm",
+    "altup.correct_output_scale": "altup_correct_scale",
+    "laurel.linear_left.weight": "laurel_l",
+    "laurel.linear_right.weight": "laurel_r",
+    "laurel.post_laurel_norm.weight": "laurel_post_norm",
+    "per_layer_input_gate.weight": "inp_gate",
+    "per_layer_projection.weight": "proj",
+    "post_per_layer_input_norm.weight": "post_norm",
+}
+_GEMMA3N_KV_ONLY = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight",
+                    "self_attn.v_norm.weight")
+
+
+def gemma3n_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[dict, dict, list[str]]:
+    """HF Gemma 3n config.json dict -> (edgelm Gemma3nConfig dict, the HF text config, notes)."""
+    from ..models.gemma3n import Gemma3nConfig
+
+    notes: list[str] = []
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures")
+    if archs is not None:
+        if not isinstance(archs, list) or not archs:
+            raise FormatError(f"{where}: field 'architectures' must be a non-empty list")
+        ok = GEMMA3N_ARCHITECTURES[model_type]
+        bad = [a for a in archs if a not in ok]
+        if bad:
+            raise FormatError(f"{where}: architecture {bad[0]!r} does not match model_type {model_type!r} "
+                              f"(expected one of {', '.join(sorted(ok))})")
+    if model_type == "gemma3n":
+        tc = cfg.get("text_config")
+        if tc is None:
+            tc = {}
+            notes.append("config: no text_config; using transformers' Gemma3nTextConfig defaults (E4B)")
+        if not isinstance(tc, dict):
+            raise FormatError(f"{where}: field 'text_config' must be an object")
+        where = f"{where} text_config"
+        if tc.get("model_type", "gemma3n_text") != "gemma3n_text":
+            raise FormatError(f"{where}: model_type {tc.get('model_type')!r} is not supported (expected gemma3n_text)")
+    else:
+        tc = cfg
+
+    def get(key, kind=int, allow_none=False):
+        return _check_num(tc.get(key, GEMMA3N_TEXT_DEFAULTS.get(key)), key, where, kind, allow_none)
+
+    act = tc.get("hidden_activation", tc.get("hidden_act", "gelu_pytorch_tanh"))
+    if act != "gelu_pytorch_tanh":
+        raise FormatError(f"{where}: field 'hidden_activation' is {act!r}; Gemma 3n uses 'gelu_pytorch_tanh'")
+    if tc.get("attention_bias", False):
+        raise FormatError(f"{where}: field 'attention_bias' is true; edgelm's Gemma 3n has no attention biases")
+    if tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True)) is False:
+        raise FormatError(f"{where}: field 'tie_word_embeddings' is false; Gemma 3n ties the output head to the embedding")
+    n_layers = get("num_hidden_layers")
+    if n_layers <= 0:
+        raise FormatError(f"{where}: field 'num_hidden_layers' must be positive, got {n_layers}")
+    hidden = get("hidden_size")
+    heads = get("num_attention_heads")
+    head_dim = tc.get("head_dim", GEMMA3N_TEXT_DEFAULTS["head_dim"])
+    if head_dim is None:
+        head_dim = hidden // heads if heads > 0 else 0
+    head_dim = _check_num(head_dim, "head_dim", where)
+
+    inter = tc.get("intermediate_size", GEMMA3N_TEXT_DEFAULTS["intermediate_size"])
+    if isinstance(inter, list):
+        if len(inter) != n_layers:
+            raise FormatError(f"{where}: field 'intermediate_size' has {len(inter)} entries for {n_layers} layers")
+        inter = [_check_num(v, "intermediate_size", where) for v in inter]
+    else:
+        inter = [_check_num(inter, "intermediate_size", where)] * n_layers
+
+    sparsity = tc.get("activation_sparsity_pattern")
+    if sparsity is None:  # transformers: 0.95 on the first 10 layers of a model deeper than 10
+        n_sparse = 10 if n_layers > 10 else 0
+        sparsity = [0.95] * n_sparse + [0.0] * (n_layers - n_sparse)
+    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+        sparsity = [float(sparsity)] * n_layers
+    if not isinstance(sparsity, list) or len(sparsity) != n_layers:
+        raise FormatError(f"{where}: field 'activation_sparsity_pattern' must list one value for each of {n_layers} layers")
+    sparsity = [_check_num(v, "activation_sparsity_pattern", where, float) for v in sparsity]
+
+    lt = tc.get("layer_types")
+    layer_types = _layer_types(tc, n_layers, where) if lt is not None else tuple(
+        GLOBAL if (i + 1) % 5 == 0 else LOCAL for i in range(n_layers))
+    sw = _check_num(tc.get("sliding_window", GEMMA3N_TEXT_DEFAULTS["sliding_window"]), "sliding_window", where)
+    theta_g, theta_l, factor = _rope(tc, where)
+    correct_scale = tc.get("altup_correct_scale", True)
+    if not isinstance(correct_scale, bool):
+        raise FormatError(f"{where}: field 'altup_correct_scale' must be true or false, got {correct_scale!r}")
+    out = {
+        "vocab_size": get("vocab_size"),
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_layers": n_layers,
+        "num_heads": heads,
+        "num_kv_heads": get("num_key_value_heads"),
+        "head_dim": head_dim,
+        "rms_norm_eps": get("rms_norm_eps", float),
+        "rope_theta": theta_g,
+        "rope_local_theta": theta_l,
+        "rope_scaling_factor": factor,
+        "sliding_window": sw,
+        "layer_types": list(layer_types),
+        "final_logit_softcap": get("final_logit_softcapping", float, allow_none=True),
+        "max_position_embeddings": get("max_position_embeddings"),
+        "vocab_size_per_layer_input": get("vocab_size_per_layer_input"),
+        "hidden_size_per_layer_input": get("hidden_size_per_layer_input"),
+        "altup_num_inputs": get("altup_num_inputs"),
+        "altup_active_idx": get("altup_active_idx"),
+        "altup_correct_scale": correct_scale,
+        "num_kv_shared_layers": get("num_kv_shared_layers"),
+        "laurel_rank": get("laurel_rank"),
+        "activation_sparsity": sparsity,
+    }
+    try:
+        out = Gemma3nConfig.from_dict(out).to_dict()
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    return out, tc, notes
+
+
+def gemma3n_canonical_name(hf_name: str) -> tuple[str, str | None]:
+    """Classify an HF Gemma 3n tensor name: ("text", canonical) / ("stacked", "altup_proj.weight:J") /
+    ("lm_head", None) / ("skip", None) (vision/audio) / ("layer_kv", "N:canonical") / ("unknown", None)."""
+    if hf_name in _LM_HEAD:
+        return "lm_head", None
+    if hf_name.startswith(_GEMMA3N_SKIP_PREFIXES):
+        return "skip", None
+    rest = hf_name
+    for p in _TEXT_PREFIXES:
+        if hf_name.startswith(p):
+            rest = hf_name[len(p):]
+            break
+    if rest in _GEMMA3N_GLOBALS:
+        return "text", _GEMMA3N_GLOBALS[rest]
+    m = _GEMMA3N_STACKED_RE.match(rest)
+    if m:
+        return "stacked", f"{_GEMMA3N_STACKED[m.group(1)]}:{int(m.group(2))}"
+    m = _LAYER_RE.match(rest)
+    if m:
+        n, tail = int(m.group(1)), m.group(2)
+        if tail in _GEMMA3N_KV_ONLY:  # K/V weights: only layers before the KV-shared range use them
+            canon = f"blk.{n}.{_GEMMA3N_LAYER_MAP[tail]}.weight" if tail in _GEMMA3N_LAYER_MAP else ""
+            return "layer_kv", f"{n}:{canon}"
+        if tail in _GEMMA3N_LAYER_MAP:
+            return "text", f"blk.{n}.{_GEMMA3N_LAYER_MAP[tail]}.weight"
+    return "unknown", None
+
+
+def _stacked_loader(parts: list[_STEntry]) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        return np.concatenate([e.read() for e in parts], axis=0)
+    return load
+
+
+def load_gemma3n_source(d: Path, raw_cfg: dict) -> Source:
+    """A Gemma 3n checkpoint directory (text decoder only) as a conversion Source."""
+    from ..models.gemma3n import ARCH as ARCH3N
+    from ..models.gemma3n import Gemma3nConfig, tensor_shapes
+
+    cfg_path = d / "config.json"
+    config, _, notes = gemma3n_config_from_hf(raw_cfg, str(cfg_path))
+    cfg = Gemma3nConfig.from_dict(config)
+    files, _, entries = _read_entries(d)
+    expected = tensor_shapes(cfg)
+    found: dict[str, _STEntry] = {}
+    stacked: dict[str, dict[int, _STEntry]] = {v: {} for v in _GEMMA3N_STACKED.values()}
+    skipped, shared_kv = [], []
+    lm_head = None
+    for name, e in entries.items():
+        cls, canon = gemma3n_canonical_name(name)
+        if cls == "skip":
+            skipped.append(name)
+            continue
+        if cls == "lm_head":
+            lm_head = e
+            continue
+        if e.dtype not in _ST_DTYPES:
+            raise FormatError(f"{e.file}: tensor {name} has dtype {e.dtype}; edgelm imports F32, F16 and BF16 checkpoints")
+        if cls == "layer_kv":
+            n, canon = canon.split(":", 1)
+            if cfg.first_kv_shared_layer <= int(n) < cfg.num_layers:
+                shared_kv.append(name)  # real checkpoints keep K/V weights that shared layers never use
+                continue
+            if not canon:
+                raise FormatError(f"{e.file}: unexpected tensor {name} (Gemma 3n's v-norm has no weight)")
+            cls = "text"
+        if cls == "stacked":
+            base, j = canon.split(":")
+            j = int(j)
+            if not 0 <= j < cfg.altup_num_inputs - 1:
+                raise FormatError(f"{e.file}: unexpected tensor {name} (altup_num_inputs is {cfg.altup_num_inputs})")
+            if tuple(e.shape) != (cfg.hidden_size, cfg.hidden_size):
+                raise FormatError(f"{e.file}: tensor {name} has shape {list(e.shape)}, config.json implies "
+                                  f"{[cfg.hidden_size, cfg.hidden_size]}")
+            stacked[base][j] = e
+            continue
+        if cls == "unknown" or canon not in expected:
+            raise FormatError(f"{e.file}: unexpected tensor {name} (not part of a Gemma 3n text decoder with "
+                              f"{cfg.num_layers} layers, {cfg.num_kv_shared_layers} of them KV-shared)")
+        if canon in found:
+            raise FormatError(f"{d}: tensors {found[canon].name} and {name} both map to {canon}")
+        shape = expected[canon][0]
+        if tuple(e.shape) != shape:
+            raise FormatError(f"{e.file}: tensor {name} has shape {list(e.shape)}, config.json implies {list(shape)}")
+        found[canon] = e
+    tensors = []
+    for canon, (shape, kind) in expected.items():
+        if canon in stacked:
+            got = stacked[canon]
+            missing = [j for j in range(cfg.altup_num_inputs - 1) if j not in got]
+            if missing:
+                hf = "altup_projections" if canon == "altup_proj.weight" else "altup_unembed_projections"
+                raise FormatError(f"{d}: missing tensor {hf}.{missing[0]}.weight for a Gemma 3n with "
+                                  f"altup_num_inputs={cfg.altup_num_inputs}")
+            parts = [got[j] for j in range(cfg.altup_num_inputs - 1)]
+            tensors.append(SourceTensor(canon, shape, kind, _stacked_loader(parts), source_type=parts[0].dtype))
+            continue
+        if canon not in found:
+            raise FormatError(f"{d}: missing tensor {canon} for a {cfg.num_layers}-layer Gemma 3n "
+                              f"({cfg.num_kv_shared_layers} KV-shared layers)")
+        e = found[canon]
+        tensors.append(SourceTensor(canon, shape, kind, e.read, source_type=e.dtype))
+    if skipped:
+        notes.append(f"skipped {len(skipped)} vision/audio tower and multimodal embedder tensors (text-only import; "
+                     "the towers come with their own issue)")
+    if shared_kv:
+        notes.append(f"ignored {len(shared_kv)} K/V tensors of KV-shared layers (they reuse earlier layers' caches)")
+    if lm_head is not None:
+        emb = found["token_embd.weight"]
+        if not (lm_head.dtype in _ST_DTYPES and _same_tensor(lm_head, emb)):
+            notes.append(f"{lm_head.name} differs from the embedding and was ignored: Gemma 3n ties the output head to token_embd")
+
+    from ..runtime.tokenizer import tokenizer_from_hf_dir
+
+    tok_kind, tok_data, special = tokenizer_from_hf_dir(d)
+    tok_cfg_path = d / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path, "tokenizer config") if tok_cfg_path.is_file() else None
+    dtypes = sorted({t.source_type for t in tensors})
+    description = {
+        "format": "hf",
+        "path": str(d),
+        "name": d.resolve().name,
+        "model_type": raw_cfg.get("model_type"),
+        "architectures": raw_cfg.get("architectures"),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "files": [f.name for f in files],
+        "transformers_version": raw_cfg.get("transformers_version"),
+    }
+    return Source(
+        arch=ARCH3N,
+        config=config,
+        tensors=tensors,
+        tokenizer_kind=tok_kind,
+        tokenizer_data=tok_data,
+        special_tokens=special,
+        chat_template=_chat_template(d, tok_cfg),
         description=description,
         add_bos=bool(special.get("add_bos", True)),
         notes=notes,

@@ -46,3 +46,18 @@ def ensure_default_model(scheme: str = DEFAULT_SCHEME, embed_scheme: str = DEFAU
         gguf_path = default_gguf(Path(tmp))
         convert(load_source(gguf_path), out, scheme=scheme, embed_scheme=embed_scheme, progress=not quiet)
     return out
+
+
+def synthetic_bundle(name: str, scheme: str, embed_scheme: str, quiet: bool = False) -> Path:
+    """Random weights of a real geometry (edgelm.models.synthetic), written once and cached."""
+    out = cache_dir() / "synthetic" / f"{name}.{scheme}.embed-{embed_scheme}.edgelm"
+    if out.exists():
+        return out
+    from ..convert import convert
+    from ..models.synthetic import synthetic_source
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"edgelm: writing SYNTHETIC {name} ({scheme}, head {embed_scheme}) -> {out}", file=sys.stderr)
+    convert(synthetic_source(name), out, scheme=scheme, embed_scheme=embed_scheme, progress=not quiet)
+    return out

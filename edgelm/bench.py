@@ -1,0 +1,159 @@
+"""`edgelm bench`: the seed's benchmark columns for one bundle.
+
+One run = load the engine (init), prefill `p` prompt tokens (TTFT = prefill + first sample),
+then decode `n` tokens greedily. The first run is a warm-up and is discarded; the median and
+spread of the next `repeat` runs are reported. Achieved bandwidth = bytes read per decoded
+token (every weight once, the tied head included, plus the KV cache read) x decode tok/s.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def kv_bytes_read(engine, context: int) -> int:
+    """Bytes of K and V one decode step reads at a given context length."""
+    total = 0
+    cfg = engine.config
+    per_tok = 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32
+    for kind in getattr(cfg, "layer_types", ()):
+        span = min(context, cfg.sliding_window) if kind == "local" else context
+        total += span * per_tok
+    return total
+
+
+def _threads_used(eng, requested):
+    if eng.backend == "cpu":
+        from .backends import native
+
+        return native.get_threads()
+    return requested
+
+
+def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int, backend: str, seed: int = 0) -> dict:
+    from .runtime.engine import Engine
+
+    t0 = time.perf_counter()
+    eng = Engine(path, backend=backend, threads=threads, max_tokens=max_tokens,
+                 prefill_chunk=min(max_tokens, 512))
+    init_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    specials = {eng.tokenizer.bos_id, *eng.stop_ids}
+    ids = [eng.tokenizer.bos_id] + [int(i) for i in rng.integers(1000, min(eng.config.vocab_size, 200_000), prompt_tokens - 1)]
+    s = eng.create_session({"temperature": 0.0})
+    t1 = time.perf_counter()
+    logits = s.prefill(ids)
+    tok = s.sample(logits)
+    t2 = time.perf_counter()
+    for _ in range(gen_tokens):
+        if tok in specials:
+            tok = 1000  # keep decoding: the benchmark measures speed, not text
+        logits = s.decode_step(tok)
+        tok = s.sample(logits)
+    t3 = time.perf_counter()
+    decode_tok_s = gen_tokens / (t3 - t2)
+    bytes_per_tok = eng.weight_bytes() + kv_bytes_read(eng, prompt_tokens + gen_tokens // 2)
+    out = {
+        "init_s": init_s,
+        "ttft_s": t2 - t1,
+        "prefill_tok_s": prompt_tokens / (t2 - t1),
+        "decode_tok_s": decode_tok_s,
+        "decode_gb_s": bytes_per_tok * decode_tok_s / 1e9,
+        "backend": eng.backend,
+        "isa": getattr(eng.ops, "isa", "-"),
+        "threads": _threads_used(eng, threads),
+        "meta": eng.bundle.header,
+        "bytes_per_token": bytes_per_tok,
+    }
+    del s, logits
+    eng.close()
+    del eng
+    gc.collect()
+    return out
+
+
+def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, repeat: int = 3,
+          max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True) -> dict:
+    for name, v, lo in (("-p", prompt_tokens, 1), ("-n", gen_tokens, 1), ("--repeat", repeat, 1), ("--max-tokens", max_tokens, 2)):
+        if not isinstance(v, int) or v < lo:
+            raise BadInputError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if prompt_tokens + gen_tokens > max_tokens:
+        raise BadInputError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds --max-tokens {max_tokens}")
+    runs = []
+    it = range(repeat + 1)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="bench (first run is warm-up)", unit="run", leave=False)
+    for i in it:
+        r = run_once(path, prompt_tokens, gen_tokens, threads, max_tokens, backend, seed=i)
+        if i > 0:
+            runs.append(r)
+    meta = runs[0]["meta"]
+    q = meta.get("quantization", {})
+    return {
+        "backend": runs[0]["backend"],
+        "isa": runs[0]["isa"],
+        "model": str(path),
+        "arch": meta.get("arch"),
+        "scheme": q.get("scheme"),
+        "embed_scheme": q.get("embed_scheme"),
+        "synthetic": synthetic is not None,
+        "synthetic_geometry": synthetic,
+        "capacity": max_tokens,
+        "threads": runs[0]["threads"],
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "model_bytes": Path(path).stat().st_size,
+        "bytes_per_token": runs[0]["bytes_per_token"],
+        "repeats": repeat,
+        "metrics": {
+            k: _stats([r[k] for r in runs])
+            for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "init_s", "decode_gb_s")
+        } | {"peak_rss_mib": peak_rss_mib()},
+    }
+
+
+def format_table(res: dict) -> str:
+    m = res["metrics"]
+
+    def f(key, fmt):
+        s = m[key]
+        return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+    label = res["scheme"] or "?"
+    if res.get("embed_scheme") and res["embed_scheme"] != res["scheme"]:
+        label += f" / head {res['embed_scheme']}"
+    rows = [
+        ("model", res["model"] + ("  [SYNTHETIC random weights: " + res["synthetic_geometry"] + "]" if res["synthetic"] else "")),
+        ("backend", f"{res['backend']} ({res['isa']}), {res['threads']} threads"),
+        ("scheme", label),
+        ("context capacity", str(res["capacity"])),
+        (f"prefill tok/s (p{res['prompt_tokens']})", f("prefill_tok_s", "{:.1f}")),
+        (f"decode tok/s (n{res['gen_tokens']})", f("decode_tok_s", "{:.1f}")),
+        ("time to first token s", f("ttft_s", "{:.3f}")),
+        ("init s", f("init_s", "{:.3f}")),
+        ("peak CPU RSS MiB", f"{m['peak_rss_mib']:.0f}"),
+        ("model size MiB", f"{res['model_bytes'] / 2**20:.1f}"),
+        ("decode GB/s achieved", f("decode_gb_s", "{:.1f}")),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{w}}  {v}" for k, v in rows]
+    lines.append(f"(median (min-max) of {res['repeats']} runs after a discarded warm-up)")
+    return "\n".join(lines)

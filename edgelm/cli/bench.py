@@ -1,0 +1,46 @@
+"""`edgelm bench`: prefill/decode tok/s, TTFT, init, peak RSS, size and GB/s for a bundle."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import BadInputError
+
+SYNTHETIC = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
+
+
+@click.command()
+@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+              help="A .edgelm bundle (default: the default model).")
+@click.option("--synthetic", type=click.Choice(SYNTHETIC), default=None,
+              help="Benchmark random weights of a real geometry instead (labelled SYNTHETIC).")
+@click.option("--scheme", default="int4-b32", show_default=True, help="With --synthetic: linear scheme.")
+@click.option("--embed-scheme", default="int8", show_default=True, help="With --synthetic: embedding/head scheme.")
+@click.option("-p", "prompt_tokens", type=int, default=512, show_default=True, help="Prompt tokens.")
+@click.option("-n", "gen_tokens", type=int, default=128, show_default=True, help="Decoded tokens.")
+@click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
+@click.option("--repeat", "-r", type=int, default=3, show_default=True, help="Measured runs (after one warm-up).")
+@click.option("--max-tokens", type=int, default=1280, show_default=True, help="KV-cache capacity.")
+@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend,
+          as_json):
+    """Benchmark a bundle with the seed's columns (docs/benchmarks.md)."""
+    from ..bench import bench as run_bench
+    from ..bench import format_table
+
+    if model and synthetic:
+        raise BadInputError("give either --model or --synthetic, not both")
+    if synthetic:
+        from ..runtime.defaults import synthetic_bundle
+
+        model = synthetic_bundle(synthetic, scheme, embed_scheme, quiet=as_json)
+    elif model is None:
+        from ..runtime.defaults import ensure_default_model
+
+        model = ensure_default_model(quiet=as_json)
+    res = run_bench(model, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend, synthetic,
+                    progress=not as_json)
+    click.echo(json.dumps(res, indent=2) if as_json else format_table(res))
