@@ -4,6 +4,13 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/scripts/venv.sh"
 edgelm_venv "[test]"
+# The web-page test drives a real headless Chromium (Debian's chromium + chromium-driver).
+if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && [ -z "${EDGELM_NO_APT:-}" ]; then
+  echo "installing chromium and chromium-driver for the web test..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "could not install chromium; the browser test will skip" >&2
+fi
 cd "$here"
 set +e
 "$EDGELM_VENV/bin/python" -m pytest "$@"

@@ -227,3 +227,9 @@ def entry(argv=None) -> int:
 def main() -> None:
     sys.exit(entry())
 
+
+from .chat import chat  # noqa: E402
+from .serve import serve  # noqa: E402
+
+cli.add_command(chat)
+cli.add_command(serve)

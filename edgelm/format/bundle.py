@@ -103,7 +103,7 @@ def write_bundle(
                     if arr.dtype.name != ph["dtype"] or list(arr.shape) != ph["shape"]:
                         raise RuntimeError(f"tensor {plan.name} part {pname}: got {arr.dtype}{arr.shape}, planned {ph['dtype']}{ph['shape']}")
                     f.seek(data_off + ph["offset"])
-                    f.write(arr.tobytes())
+                    f.write(memoryview(arr.reshape(-1)).cast("B"))  # no copy of the tensor
             for bname, data in blobs.items():
                 f.seek(data_off + blobs_hdr[bname]["offset"])
                 f.write(data)

@@ -23,6 +23,9 @@ class KVCache:
         self.v = np.zeros((slots, kv_heads, head_dim), dtype=dtype)
         self.pos = np.full(slots, -1, dtype=np.int64)  # position held by each slot
         self.filled = 0  # slots [0, filled) hold data
+        # Sliding window of the layer (None = global). It only sharpens can_truncate(): a
+        # ring must still hold the window - 1 positions before the rewind point.
+        self.window: int | None = None
 
     def update(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
         n = k.shape[0]
@@ -43,10 +46,31 @@ class KVCache:
         used = np.nonzero(self.pos >= 0)[0]
         self.filled = int(used[-1]) + 1 if used.size else 0
 
+    def can_truncate(self, n_tokens: int) -> bool:
+        """Whether truncate(n_tokens) leaves a cache that is valid for continuing at position
+        n_tokens. Always true for a global layer (nothing is ever overwritten). A ring buffer
+        may already have overwritten positions the next queries still attend to: it must
+        still hold every position in [n_tokens - (window - 1), n_tokens) (the whole ring's
+        worth when the window is unknown)."""
+        if n_tokens <= 0:
+            return True
+        need = self.slots if self.window is None else min(self.window - 1, self.slots)
+        lo = max(0, n_tokens - need)
+        if lo >= n_tokens:
+            return True
+        held = self.pos[(self.pos >= lo) & (self.pos < n_tokens)]
+        return int(np.unique(held).size) == n_tokens - lo
+
     def copy(self) -> "KVCache":
+        """An independent copy (only the filled slots are copied; the rest stays lazy)."""
         c = KVCache.__new__(KVCache)
-        c.slots, c.filled = self.slots, self.filled
-        c.k, c.v, c.pos = self.k.copy(), self.v.copy(), self.pos.copy()
+        c.slots, c.filled, c.window = self.slots, self.filled, self.window
+        c.k = np.zeros_like(self.k)
+        c.v = np.zeros_like(self.v)
+        f = self.filled
+        c.k[:f] = self.k[:f]
+        c.v[:f] = self.v[:f]
+        c.pos = self.pos.copy()
         return c
 
     @property

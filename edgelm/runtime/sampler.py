@@ -3,6 +3,7 @@ in the session, so the same seed gives the same tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,15 @@ class SamplerConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+    # Penalties (all off by default). presence/frequency follow OpenAI: subtracted from the
+    # logit of every token already generated in this request (presence once, frequency per
+    # occurrence). repetition_penalty is llama.cpp's multiplicative one over the last
+    # `penalty_last_n` tokens of the context (prompt included): a positive logit is divided
+    # by it, a negative one multiplied.
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    penalty_last_n: int = 64  # window of the repetition penalty; 0 = the whole context
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
@@ -28,6 +38,16 @@ class SamplerConfig:
             raise BadInputError(f"top_p must be in (0, 1], got {p!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise BadInputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        r = self.repetition_penalty
+        if not _is_num(r) or not math.isfinite(r) or r <= 0:
+            raise BadInputError(f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not math.isfinite(v) or not -2.0 <= v <= 2.0:
+                raise BadInputError(f"{name} must be a number in [-2, 2], got {v!r}")
+        n = self.penalty_last_n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise BadInputError(f"penalty_last_n must be an integer >= 0 (0 = whole context), got {n!r}")
 
     @classmethod
     def coerce(cls, value) -> "SamplerConfig":
@@ -36,7 +56,7 @@ class SamplerConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = set(value) - {"temperature", "top_k", "top_p", "seed"}
+            unknown = set(value) - FIELDS
             if unknown:
                 raise BadInputError(f"unknown sampler fields {sorted(unknown)}")
             return cls(**value)
@@ -45,6 +65,47 @@ class SamplerConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def replace(self, **changes) -> "SamplerConfig":
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - FIELDS
+        if unknown:
+            raise BadInputError(f"unknown sampler fields {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(SamplerConfig))
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def apply_penalties(logits: np.ndarray, cfg: SamplerConfig, context=(), generated=()) -> np.ndarray:
+    """Logits with the config's penalties applied (a new float64 array when any is on).
+
+    context: every token of the sequence so far (prompt and generated); the repetition
+    penalty looks at its last `penalty_last_n`. generated: the tokens generated in this
+    request; presence and frequency penalties count these (OpenAI semantics)."""
+    if not cfg.has_penalties:
+        return logits
+    out = np.array(logits, dtype=np.float64, copy=True)
+    if cfg.repetition_penalty != 1.0 and len(context):
+        recent = context[-cfg.penalty_last_n:] if cfg.penalty_last_n else context
+        ids = np.unique(np.asarray(recent, dtype=np.int64))
+        ids = ids[(ids >= 0) & (ids < out.shape[0])]
+        v = out[ids]
+        out[ids] = np.where(v > 0, v / cfg.repetition_penalty, v * cfg.repetition_penalty)
+    if (cfg.presence_penalty or cfg.frequency_penalty) and len(generated):
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        keep = (ids >= 0) & (ids < out.shape[0])
+        ids, counts = ids[keep], counts[keep]
+        out[ids] -= counts * cfg.frequency_penalty + cfg.presence_penalty
+    return out
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
@@ -69,8 +130,9 @@ def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
     return order[:keep]
 
 
-def sample(logits: np.ndarray, cfg: SamplerConfig, rng: np.random.Generator) -> int:
-    logits = np.asarray(logits, dtype=np.float64)
+def sample(logits: np.ndarray, cfg: SamplerConfig, rng: np.random.Generator, context=(), generated=()) -> int:
+    """One token id. `context`/`generated` feed the penalties (see apply_penalties)."""
+    logits = apply_penalties(np.asarray(logits, dtype=np.float64), cfg, context, generated)
     if cfg.greedy:
         return int(np.argmax(logits))
     idx = top_k_filter(logits, cfg.top_k)

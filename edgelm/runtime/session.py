@@ -3,9 +3,11 @@ at a time; generate() is a generator of text pieces followed by the final stats.
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -23,7 +25,7 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     ttft_seconds: float
-    stop_reason: str  # "stop_token", "max_new_tokens"
+    stop_reason: str  # "stop_token", "stop_string", "max_new_tokens", "cancelled"
 
     @property
     def prefill_tok_s(self) -> float:
@@ -42,15 +44,81 @@ class GenerationStats:
         return d
 
 
+class StopStrings:
+    """Text-level stop strings over a stream of pieces.
+
+    feed(piece) returns the text that is safe to emit now: text that could still be the
+    start of a stop string is held back until it is decided. Once a stop string appears,
+    `stopped` is set and nothing from it onwards is ever emitted."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.stopped: str | None = None
+
+    def feed(self, piece: str) -> str:
+        if self.stopped is not None:
+            return ""
+        if not self.stops:
+            return piece
+        self.buf += piece
+        cut = -1
+        for s in self.stops:
+            i = self.buf.find(s)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut, self.stopped = i, s
+        if cut >= 0:
+            out, self.buf = self.buf[:cut], ""
+            return out
+        # keep the longest suffix that is a proper prefix of some stop string
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if self.buf.endswith(s[:k]):
+                    keep = k
+                    break
+        out = self.buf[:len(self.buf) - keep]
+        self.buf = self.buf[len(self.buf) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped is not None else self.buf), ""
+        return out
+
+
+def check_stop_strings(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise BadInputError("stop must be a string or a list of strings")
+    if any(not s for s in stop):
+        raise BadInputError("stop strings must not be empty")
+    return list(stop)
+
+
 class Session:
+    """One sequence's KV state. Not thread-safe, except cancel(), which any thread may call."""
+
     def __init__(self, engine: "Engine", sampler: SamplerConfig):
         self.engine = engine
         self.sampler = sampler
         self.rng = np.random.default_rng(sampler.seed)
         self.caches = engine.model.make_caches(engine.config, engine.max_tokens, engine.prefill_chunk)
+        window = getattr(engine.config, "sliding_window", None)
+        kinds = getattr(engine.config, "layer_types", ())
+        if window and len(kinds) == len(self.caches):
+            for c, kind in zip(self.caches, kinds):
+                if kind == "local":
+                    c.window = int(window)
         self.tokens: list[int] = []  # every token whose K/V is in the cache
         self.last_stats: GenerationStats | None = None
         self.pending_token: int | None = None
+        self.prefilled_tokens = 0  # tokens fed through the model over the session's life
+        self.generated_ids: list[int] = []  # the ids sampled by the last generate()
+        self._cancel = threading.Event()
+        self._tok_vocab = int(getattr(engine.tokenizer, "vocab_size", 0) or 0)
 
     @property
     def n_tokens(self) -> int:
@@ -60,17 +128,95 @@ class Session:
     def capacity(self) -> int:
         return self.engine.max_tokens
 
+    @property
+    def held_tokens(self) -> list[int]:
+        """The session's sequence: the cached tokens plus the sampled, not yet fed one."""
+        return self.tokens + ([self.pending_token] if self.pending_token is not None else [])
+
     def reset(self) -> None:
         for c in self.caches:
             c.truncate(0)
         self.tokens = []
         self.pending_token = None
 
+    def clone(self) -> "Session":
+        """Fork: an independent session with a copy of this one's KV state, tokens, pending
+        token and sampler RNG state. Both continue independently."""
+        other = Session.__new__(Session)
+        other.engine = self.engine
+        other.sampler = self.sampler
+        other.rng = copy.deepcopy(self.rng)
+        other.caches = [c.copy() for c in self.caches]
+        other.tokens = list(self.tokens)
+        other.last_stats = self.last_stats
+        other.pending_token = self.pending_token
+        other.prefilled_tokens = 0
+        other.generated_ids = list(self.generated_ids)
+        other._cancel = threading.Event()
+        other._tok_vocab = self._tok_vocab
+        return other
+
+    def can_rewind(self, n_tokens: int) -> bool:
+        return 0 <= n_tokens <= len(self.tokens) and all(c.can_truncate(n_tokens) for c in self.caches)
+
+    def rewind(self, n_tokens: int) -> bool:
+        """Keep only the first n_tokens cached tokens (drops the pending token). Returns False,
+        changing nothing, where a sliding-window ring no longer holds what that needs; the
+        caller then resets and prefills again."""
+        if not self.can_rewind(n_tokens):
+            return False
+        for c in self.caches:
+            c.truncate(n_tokens)
+        del self.tokens[n_tokens:]
+        self.pending_token = None
+        return True
+
+    def common_prefix(self, ids) -> int:
+        """Length of the longest common prefix of held_tokens and ids."""
+        held = self.held_tokens
+        n = min(len(held), len(ids))
+        i = 0
+        while i < n and held[i] == ids[i]:
+            i += 1
+        return i
+
+    def sync(self, ids) -> list[int]:
+        """Prepare to continue with the full sequence `ids` (e.g. a re-rendered chat), reusing
+        the KV of the longest common prefix with what the session holds. Rewinds where the
+        sequence diverges (or resets where a sliding-window ring cannot rewind that far).
+        Returns the tokens to give generate(): the rest of ids, at least one token."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise BadInputError("the prompt is empty")
+        c = self.common_prefix(ids)
+        if c >= len(ids):  # the whole prompt is held: re-feed its last token to get logits
+            c = len(ids) - 1
+        n_cached = len(self.tokens)
+        if c > n_cached:  # the pending token matches; generate() feeds it first
+            return ids[n_cached + 1:]
+        if c < n_cached or self.pending_token is not None:
+            if not self.rewind(c):
+                self.reset()
+                c = 0
+        return ids[c:]
+
+    def cancel(self) -> None:
+        """Stop the generation in progress (from any thread) within one decode step. The
+        session stays usable; the stats say stop_reason="cancelled"."""
+        self._cancel.set()
+
     def _forward(self, ids: list[int], logits: str):
         eng = self.engine
-        with eng.lock:
-            out = eng.model.forward(eng.config, eng.weights, eng.ops, ids, len(self.tokens), self.caches, logits)
+        n0 = len(self.tokens)
+        try:
+            with eng.lock:
+                out = eng.model.forward(eng.config, eng.weights, eng.ops, ids, n0, self.caches, logits)
+        except BaseException:
+            for c in self.caches:  # a half-written chunk must not stay visible
+                c.truncate(n0)
+            raise
         self.tokens.extend(ids)
+        self.prefilled_tokens += len(ids)
         return out
 
     def _check_fits(self, n_new: int, what: str) -> None:
@@ -106,20 +252,35 @@ class Session:
         self._check_fits(1, "decoding")
         return self._forward(ids, "last")
 
-    def sample(self, logits: np.ndarray) -> int:
-        return sample(logits, self.sampler, self.rng)
+    def sample(self, logits: np.ndarray, generated=()) -> int:
+        cfg = self.sampler
+        n_vocab = self._tok_vocab
+        if n_vocab and logits.shape[-1] > n_vocab:
+            # embedding rows past the tokenizer's vocabulary (padding) are never sampled
+            logits = logits[..., :n_vocab]
+        context = ()
+        if cfg.repetition_penalty != 1.0:
+            n = cfg.penalty_last_n
+            context = self.held_tokens[-n:] if n else self.held_tokens
+        return sample(logits, cfg, self.rng, context, generated)
 
     def generate(
         self,
         prompt: str | list[int],
         max_new_tokens: int = 256,
         stop_ids=None,
+        *,
+        stop=None,
+        cancel: threading.Event | None = None,
     ) -> Iterator["str | GenerationStats"]:
         """Yields text pieces as they decode, then one GenerationStats.
 
-        The prompt continues the session's context (a fresh session starts with BOS)."""
+        The prompt continues the session's context (a fresh session starts with BOS).
+        stop: stop strings (text level; the text from a stop string on is not emitted).
+        cancel: an extra Event that stops generation when set (as cancel() does)."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise BadInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stop_strings = check_stop_strings(stop)
         eng = self.engine
         if isinstance(prompt, str):
             ids = eng.tokenize(prompt, add_bos=eng.add_bos and not self.tokens)
@@ -131,38 +292,79 @@ class Session:
             ids = [self.pending_token] + ids
         self._check_fits(len(ids) + max_new_tokens, f"a {len(ids)}-token prompt plus {max_new_tokens} new tokens")
         stops = eng.stop_ids if stop_ids is None else frozenset(stop_ids)
-        return self._generate(ids, max_new_tokens, stops)
+        self._cancel.clear()
+        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel)
 
-    def _generate(self, ids, max_new_tokens, stops):
+    def _prefill_cancellable(self, ids, cancel):
+        """prefill(), checking for cancellation between chunks: returns None if cancelled
+        (what was fed so far stays in the cache)."""
+        chunk = self.engine.prefill_chunk
+        out = None
+        for s in range(0, len(ids), chunk):
+            if s and self._cancelled(cancel):
+                return None
+            final = s + chunk >= len(ids)
+            out = self._forward(ids[s:s + chunk], "last" if final else "none")
+            if s == 0:
+                self.pending_token = None  # it was ids[0], now in the cache
+        return out
+
+    def _cancelled(self, extra) -> bool:
+        return self._cancel.is_set() or (extra is not None and extra.is_set())
+
+    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None):
         t0 = time.perf_counter()
-        logits = self.prefill(ids)
-        self.pending_token = None
-        t_prefill = time.perf_counter() - t0
-        decoder = self.engine.tokenizer.stream()
         generated = 0
         reason = "max_new_tokens"
         ttft = None
-        t_dec = time.perf_counter()
-        while True:
-            tok = self.sample(logits)
-            generated += 1
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            # The last sampled token is not in the cache; a continuing turn feeds it first.
-            self.pending_token = tok
-            if tok in stops:
-                reason = "stop_token"
-                break
-            piece = decoder.feed(tok)
-            if piece:
-                yield piece
-            if generated >= max_new_tokens:
-                break
-            logits = self.decode_step(tok)
-            self.pending_token = None
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        t_prefill = 0.0
+        t_dec = t0
+        out_ids: list[int] = []
+        self.generated_ids = out_ids  # filled as tokens are sampled (also when closed early)
+        decoder = self.engine.tokenizer.stream()
+        stopper = StopStrings(stop_strings)
+        if self._cancelled(cancel):
+            reason = "cancelled"
+        else:
+            logits = self._prefill_cancellable(ids, cancel)
+            t_prefill = time.perf_counter() - t0
+            t_dec = time.perf_counter()
+            if logits is None:
+                reason = "cancelled"
+            while logits is not None:
+                if self._cancelled(cancel):
+                    reason = "cancelled"
+                    break
+                tok = self.sample(logits, out_ids)
+                out_ids.append(tok)
+                generated += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                # The last sampled token is not in the cache; a continuing turn feeds it first.
+                self.pending_token = tok
+                if tok in stops:
+                    reason = "stop_token"
+                    break
+                piece = stopper.feed(decoder.feed(tok))
+                if piece:
+                    yield piece
+                if stopper.stopped is not None:
+                    reason = "stop_string"
+                    break
+                if generated >= max_new_tokens:
+                    break
+                if self._cancelled(cancel):
+                    reason = "cancelled"
+                    break
+                logits = self.decode_step(tok)
+                self.pending_token = None
+        if stopper.stopped is None:
+            tail = stopper.feed(decoder.flush())
+            if stopper.stopped is not None and reason != "cancelled":
+                reason = "stop_string"
+            tail += stopper.flush()
+            if tail:
+                yield tail
         t_end = time.perf_counter()
         self.last_stats = GenerationStats(
             prompt_tokens=len(ids),

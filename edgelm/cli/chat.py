@@ -1,0 +1,168 @@
+"""`edgelm chat`: an interactive terminal chat with streaming output, line editing and
+history (prompt_toolkit), Ctrl-C to stop a reply, and /reset, /exit."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import threading
+
+import click
+
+HELP = "commands: /reset (new conversation), /exit or Ctrl-D (quit), /help; Ctrl-C stops a reply"
+
+
+def _line_reader(use_prompt_toolkit: bool):
+    """A function prompt -> line (raises EOFError at end of input, KeyboardInterrupt on Ctrl-C)."""
+    if use_prompt_toolkit:
+        try:
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.history import InMemoryHistory
+
+            session = PromptSession(history=InMemoryHistory())
+            return lambda prompt: session.prompt(prompt)
+        except Exception:  # no usable terminal: plain input() below
+            pass
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    return input
+
+
+def _reply(conv, text: str, out, quiet: bool) -> None:
+    """Stream one reply; Ctrl-C cancels it (the conversation keeps the partial reply).
+
+    The reply is generated in a worker thread. While it runs, SIGINT only sets the cancel
+    event, so a Ctrl-C landing anywhere (even mid-write) stops the reply, never the chat."""
+    from ..errors import EdgelmError
+
+    cancel = threading.Event()
+    events: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            for piece in conv.stream(text, cancel=cancel):
+                events.put(("piece", piece))
+            events.put(("done", conv.last_stats))
+        except EdgelmError as e:
+            events.put(("error", f"edgelm: error: {e}"))
+        except Exception as e:  # never a traceback in the chat
+            events.put(("error", f"edgelm: internal error: {type(e).__name__}: {e}"))
+
+    main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.getsignal(signal.SIGINT) if main else None
+    if main:
+        signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
+    worker = threading.Thread(target=work, name="edgelm-chat", daemon=True)
+    try:
+        worker.start()
+        wrote = False
+        while True:
+            try:
+                kind, value = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                cancel.set()
+                continue
+            if kind == "piece":
+                out.write(value)
+                out.flush()
+                wrote = True
+                continue
+            if kind == "error":
+                if wrote:
+                    out.write("\n")
+                out.flush()
+                click.echo(value, err=True)
+                break
+            stats = value
+            if stats is not None and stats.stop_reason == "cancelled":
+                out.write(" [stopped]" if wrote else "[stopped]")
+            out.write("\n")
+            out.flush()
+            if not quiet and stats is not None:
+                dropped = conv.last_dropped_messages
+                note = f"; dropped the {dropped} oldest messages to fit the context" if dropped else ""
+                click.echo(click.style(
+                    f"[{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s, prefill {stats.prompt_tokens} "
+                    f"tokens, TTFT {stats.ttft_seconds:.2f} s, context {conv.n_tokens}/{conv.capacity}{note}]",
+                    dim=True), err=True)
+            break
+    finally:
+        if worker.is_alive():  # leaving early (an error here): stop the worker before going on
+            cancel.set()
+        worker.join()
+        if main:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+@click.command()
+@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+              help="A .edgelm bundle (default: Gemma 3 270M, prepared on first use).")
+@click.option("--system", "-s", default=None, help="A system prompt (folded into the first user turn).")
+@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Longest reply, in tokens.")
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's).")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (llama.cpp style).")
+@click.option("--overflow", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True,
+              help="When the context is full: drop the oldest turns, or stop with an error.")
+@click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
+@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No banner or stats lines.")
+def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, overflow,
+         threads, backend, quiet):
+    """Chat with a model in the terminal."""
+    from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
+    from ..runtime.sampler import SamplerConfig
+
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+    d = eng.default_sampler
+    sampler = SamplerConfig(
+        temperature=d.temperature if temperature is None else temperature,
+        top_k=d.top_k if top_k is None else top_k,
+        top_p=d.top_p if top_p is None else top_p,
+        seed=seed,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+    )
+    conv = eng.create_conversation(system=system, sampler=sampler, max_new_tokens=max_new_tokens,
+                                   overflow=overflow)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    read = _line_reader(interactive)
+    out = sys.stdout
+    if not quiet:
+        click.echo(f"edgelm chat: {eng.path.name}, context {eng.max_tokens} tokens. {HELP}", err=True)
+    while True:
+        try:
+            line = read("> " if sys.stdin.isatty() else "")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line
+            continue
+        except EOFError:
+            if interactive:
+                out.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd = text.split()[0].lower()
+            if cmd in ("/exit", "/quit", "/bye"):
+                break
+            if cmd == "/reset":
+                conv.reset()
+                click.echo("[new conversation]", err=True)
+            elif cmd == "/help":
+                click.echo(HELP, err=True)
+            else:
+                click.echo(f"unknown command {cmd}; {HELP}", err=True)
+            continue
+        try:
+            _reply(conv, line, out, quiet)
+        except KeyboardInterrupt:  # a Ctrl-C between replies: back to the prompt
+            out.write("\n")

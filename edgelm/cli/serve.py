@@ -1,0 +1,49 @@
+"""`edgelm serve`: the OpenAI-compatible server and web chat page."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+              help="A .edgelm bundle (default: Gemma 3 270M, prepared on first use).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (localhost by default; 0.0.0.0 exposes it to the network).")
+@click.option("--port", "-p", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="EDGELM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* (or set EDGELM_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait behind the one being generated; more get 429.")
+@click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+              help="Largest request body in bytes; larger ones get 413.")
+@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
+@click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
+@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(model, host, port, api_key, max_queue, max_body, max_tokens, threads, backend, model_name, log_level):
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
+    a web chat page at /."""
+    from ..errors import BadInputError
+    from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
+    from ..server import serve as run_server
+
+    if not 0 <= port <= 65535:
+        raise BadInputError(f"--port must be in 0..65535, got {port}")
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+
+    def ready(actual_port):
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"edgelm: serving {eng.path.name} on http://{shown}:{actual_port} "
+                   f"(OpenAI API under /v1, web chat at /){' with an API key' if api_key else ''}", err=True)
+
+    try:
+        run_server(eng, host=host, port=port, log_level=log_level, on_ready=ready, api_key=api_key,
+                   max_queue=max_queue, max_body_bytes=max_body, model_name=model_name)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    except OSError as e:
+        raise BadInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    click.echo("edgelm: server stopped", err=True)

@@ -1,0 +1,162 @@
+"""One worker thread runs the generations, first come first served; requests wait in a
+bounded FIFO queue. Finished sessions are kept in a small pool and reused by the request
+whose prompt shares the longest prefix with them (prompt caching: a chat client that resends
+its whole history each turn prefills only the new turn)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime.sampler import SamplerConfig
+from ..runtime.session import GenerationStats, Session
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    sampler: SamplerConfig
+    max_new_tokens: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int = 0  # prompt tokens whose KV was reused
+    done: bool = False
+    id: int = field(default_factory=itertools.count().__next__)
+
+    def emit(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    """FIFO queue in front of one worker thread: at most `max_queue` requests wait behind
+    the one being generated (0: none wait; a request is taken only when the worker is free)."""
+
+    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.pool_size = pool_size
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._idle: list[Session] = []  # most recently used last
+        self._live: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._running: Job | None = None
+        self._stopping = False
+        self.completed = 0
+        self.recent: collections.deque = collections.deque(maxlen=64)  # (job id, stop reason, tokens)
+        self._thread = threading.Thread(target=self._work, name="edgelm-generate", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ control
+
+    def submit(self, job: Job) -> int:
+        """Queue a job; returns its place in the queue. Raises QueueFull past max_queue."""
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) + (self._running is not None) > self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._queue)} requests are already waiting "
+                                f"(the limit is {self.max_queue})")
+            self._queue.append(job)
+            self._cv.notify()
+            return len(self._queue)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            for job in self._queue:
+                job.cancel.set()
+            if self._running is not None:
+                self._running.cancel.set()
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {
+                "queued": len(self._queue),
+                "running": self._running is not None,
+                "max_queue": self.max_queue,
+                "idle_sessions": len(self._idle),
+                "live_sessions": len(self._live),
+                "completed": self.completed,
+            }
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._running = job
+            try:
+                self._run(job)
+            finally:
+                with self._cv:
+                    self._running = None
+                    self.completed += 1
+
+    def _take_session(self, ids: list[int]) -> Session:
+        best, best_n = None, -1
+        for s in self._idle:
+            n = s.common_prefix(ids)
+            if n > best_n:
+                best, best_n = s, n
+        if best is not None and (best_n > 0 or len(self._idle) >= self.pool_size):
+            self._idle.remove(best)
+            return best
+        s = self.engine.create_session()
+        self._live.add(s)
+        return s
+
+    def _return_session(self, s: Session) -> None:
+        self._idle.append(s)
+        while len(self._idle) > self.pool_size:
+            self._idle.pop(0)
+
+    def _run(self, job: Job) -> None:
+        if job.cancel.is_set():  # its client left while it waited
+            self.recent.append((job.id, "cancelled", 0))
+            job.done = True
+            job.emit("done", None)
+            return
+        sess = self._take_session(job.ids)
+        ok = False
+        try:
+            sess.sampler = job.sampler
+            sess.rng = np.random.default_rng(job.sampler.seed)
+            feed = sess.sync(job.ids)
+            job.cached_tokens = len(job.ids) - len(feed)
+            for item in sess.generate(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel):
+                if isinstance(item, GenerationStats):
+                    self.recent.append((job.id, item.stop_reason, item.generated_tokens))
+                    job.emit("done", item)
+                else:
+                    job.emit("piece", item)
+            ok = True
+        except Exception as e:  # reported to the client as a 500
+            job.emit("error", e)
+        finally:
+            job.done = True
+            if ok:
+                self._return_session(sess)
+            else:
+                sess.reset()

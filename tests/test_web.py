@@ -1,0 +1,161 @@
+"""The web chat page at / in headless Chromium (selenium + Debian's chromium/chromium-driver):
+it streams a reply from the SSE endpoint that equals the API's greedy reply, shows tokens
+per second, keeps the conversation for a second turn, and loads nothing from outside.
+
+Needs `apt-get install chromium chromium-driver` (CI installs them; see docs/serving.md).
+Skips, saying so, only where no Chromium/driver is installed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_bundle import tiny_bundle  # noqa: E402
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from edgelm import Engine  # noqa: E402
+from edgelm.runtime.conversation import render_chat  # noqa: E402
+from edgelm.runtime.session import GenerationStats  # noqa: E402
+from edgelm.server import BackgroundServer, create_app  # noqa: E402
+
+STATIC = Path(__file__).resolve().parents[1] / "edgelm" / "server" / "static"
+
+
+def _browser_paths():
+    chrome = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver") or (
+        "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").exists() else None)
+    return chrome, driver
+
+
+@pytest.fixture(scope="module")
+def eng():
+    e = Engine(tiny_bundle(), max_tokens=1024)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def server(eng):
+    app = create_app(eng, model_name="tiny")
+    with BackgroundServer(app) as srv:
+        srv.scheduler = app.state.scheduler
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    chrome, driver = _browser_paths()
+    if not chrome or not driver:
+        pytest.skip("headless Chromium is not installed here (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    d = webdriver.Chrome(service=Service(driver), options=opts)
+    d.set_page_load_timeout(30)
+    yield d
+    d.quit()
+
+
+def greedy_reply(eng, messages, n):
+    _, ids = render_chat(eng, messages)
+    s = eng.create_session({"temperature": 0.0})
+    return "".join(p for p in s.generate(ids, max_new_tokens=n) if not isinstance(p, GenerationStats))
+
+
+def test_page_has_no_external_resources():
+    for f in STATIC.iterdir():
+        text = f.read_text(encoding="utf-8")
+        assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), f.name
+        assert "cdn" not in text.lower(), f.name
+        assert not re.search(r"""(fetch|import)\(\s*["']https?:""", text), f.name
+
+
+def test_page_served(server):
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and "edgelm" in r.text
+    for name in ("app.js", "style.css"):
+        assert httpx.get(f"{server.url}/static/{name}").status_code == 200
+
+
+def test_chat_in_headless_chromium(server, browser, eng):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")
+    wait = WebDriverWait(d, 30)
+    wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+    for field, value in (("temperature", "0"), ("max-tokens", "24"), ("system", "Be brief.")):
+        el = d.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+
+    def turn(k, text):
+        d.find_element(By.ID, "input").send_keys(text)
+        d.find_element(By.ID, "send").click()
+        return wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#reply-{k}[data-done='1']"))
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    first = greedy_reply(eng, msgs, 24)
+    div = turn(0, "Hello world")
+    assert div.find_element(By.CLASS_NAME, "content").text == first.strip()  # (text() trims the ends)
+    stats = div.find_element(By.CLASS_NAME, "stats").text
+    assert re.search(r"24 tokens · [\d.]+ tok/s", stats), stats
+    tps = d.find_element(By.ID, "tps").text
+    assert re.fullmatch(r"[\d.]+ tok/s", tps) and float(tps.split()[0]) > 0, tps
+
+    # second turn: the page sends the whole history back
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": "thanks"}]
+    second = greedy_reply(eng, msgs, 24)
+    div = turn(1, "thanks")
+    assert div.find_element(By.CLASS_NAME, "content").text == second.strip()
+    assert len(d.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
+    # streamed: the response came as server-sent events
+    perf = [m["message"] for m in d.get_log("performance")]
+    assert any("text/event-stream" in m for m in perf)
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_stop_button_cancels_the_generation(server, browser):
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    d.get(server.url + "/")
+    wait = WebDriverWait(d, 30, poll_frequency=0.01)
+    wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny")
+    for field, value in (("temperature", "0"), ("max-tokens", "1000")):
+        el = d.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    d.find_element(By.ID, "input").send_keys("Hello world")
+    d.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reply-0 .content").text)
+    d.find_element(By.ID, "stop").click()
+    div = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#reply-0[data-done='1']"))
+    assert "cancelled" in div.find_element(By.CLASS_NAME, "stats").text
+    assert d.find_element(By.ID, "state").text == "stopped"
+    sched = server.scheduler
+    t0 = time.monotonic()
+    while not (sched.recent and not sched.stats()["running"]):
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.01)
+    job_id, reason, n = sched.recent[-1]
+    assert reason == "cancelled" and n < 1000
