@@ -11,6 +11,27 @@ from ..errors import BadInputError
 SYNTHETIC = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
 
 
+def _synthetic_in_child(name, scheme, embed_scheme, quiet):
+    """Write the synthetic bundle in a child process, so the conversion's memory does not
+    count in this process's peak RSS."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ..convert.common import LINEAR_SCHEMES
+
+    for s in (scheme, embed_scheme):
+        if s not in LINEAR_SCHEMES:
+            raise BadInputError(f"unknown scheme {s!r}; choose one of {', '.join(LINEAR_SCHEMES)}")
+    code = ("import sys; from edgelm.runtime.defaults import synthetic_bundle; "
+            "print(synthetic_bundle(sys.argv[1], sys.argv[2], sys.argv[3], quiet=sys.argv[4] == '1'))")
+    p = subprocess.run([sys.executable, "-c", code, name, scheme, embed_scheme, "1" if quiet else "0"],
+                       stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise BadInputError(f"could not write the synthetic {name} bundle (exit {p.returncode})")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
 @click.command()
 @click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
               help="A .edgelm bundle (default: the default model).")
@@ -34,9 +55,7 @@ def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, thr
     if model and synthetic:
         raise BadInputError("give either --model or --synthetic, not both")
     if synthetic:
-        from ..runtime.defaults import synthetic_bundle
-
-        model = synthetic_bundle(synthetic, scheme, embed_scheme, quiet=as_json)
+        model = _synthetic_in_child(synthetic, scheme, embed_scheme, as_json)
     elif model is None:
         from ..runtime.defaults import ensure_default_model
 

@@ -1,0 +1,55 @@
+"""`edgelm bench`: the seed's columns as JSON and table, synthetic labelling, bad arguments."""
+
+import json
+
+import pytest
+
+from .conftest import assert_clean_error, run_cli
+from .tiny_bundle import tiny_bundle
+
+
+def test_bench_json_columns():
+    m = tiny_bundle()
+    p = run_cli("bench", "--model", m, "-p", "16", "-n", "8", "--repeat", "2", "--max-tokens", "64", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["synthetic"] is False and r["capacity"] == 64 and r["repeats"] == 2
+    assert r["prompt_tokens"] == 16 and r["gen_tokens"] == 8 and r["model_bytes"] > 0
+    assert r["backend"] in ("cpu", "numpy") and r["scheme"]
+    m_ = r["metrics"]
+    for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "init_s", "decode_gb_s"):
+        s = m_[k]
+        assert len(s["values"]) == 2 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0, k
+    assert m_["peak_rss_mib"] > 10
+    # GB/s is bytes per token x tok/s
+    assert m_["decode_gb_s"]["median"] == pytest.approx(
+        r["bytes_per_token"] * sorted(m_["decode_tok_s"]["values"])[0] / 1e9, rel=1.0)
+
+
+def test_bench_table():
+    p = run_cli("bench", "--model", tiny_bundle(), "-p", "8", "-n", "4", "--repeat", "1", "--max-tokens", "32")
+    assert p.returncode == 0, p.stderr
+    for col in ("prefill tok/s", "decode tok/s", "time to first token", "init s", "peak CPU RSS", "model size",
+                "context capacity", "GB/s"):
+        assert col in p.stdout, col
+
+
+@pytest.mark.slow
+def test_bench_synthetic_is_labelled(tmp_path):
+    env = {"EDGELM_CACHE": str(tmp_path)}
+    p = run_cli("bench", "--synthetic", "gemma3-270m", "-p", "8", "-n", "4", "--repeat", "1", "--max-tokens", "32",
+                "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["synthetic"] is True and r["synthetic_geometry"] == "gemma3-270m"
+    assert r["scheme"] == "int4-b32" and r["embed_scheme"] == "int8"
+    p = run_cli("bench", "--synthetic", "gemma3-270m", "-p", "8", "-n", "4", "--repeat", "1", "--max-tokens", "32",
+                env=env)
+    assert "SYNTHETIC" in p.stdout
+
+
+def test_bench_bad_arguments():
+    m = tiny_bundle()
+    assert_clean_error(run_cli("bench", "--model", m, "-p", "60", "-n", "8", "--max-tokens", "64"), "exceeds --max-tokens")
+    assert_clean_error(run_cli("bench", "--model", m, "--repeat", "0"), "--repeat")
+    assert_clean_error(run_cli("bench", "--model", m, "--synthetic", "gemma3-1b"), "either --model or --synthetic")
