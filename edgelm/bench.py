@@ -70,7 +70,10 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
         tok = s.sample(logits)
     t3 = time.perf_counter()
     decode_tok_s = gen_tokens / (t3 - t2)
-    bytes_per_tok = eng.weight_bytes() + kv_bytes_read(eng, prompt_tokens + gen_tokens // 2)
+    # Gathered-only tables (Gemma 3n's per-layer embeddings) contribute one row per token.
+    gathered = [n for n in eng.bundle.tensor_names() if n.startswith("per_layer_token_embd")]
+    weight_bytes = eng.weight_bytes() - sum(eng.bundle.tensor(n).nbytes for n in gathered)
+    bytes_per_tok = weight_bytes + kv_bytes_read(eng, prompt_tokens + gen_tokens // 2)
     out = {
         "init_s": init_s,
         "ttft_s": t2 - t1,

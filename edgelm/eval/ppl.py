@@ -68,16 +68,26 @@ def make_chunks(ids: list[int], ctx: int, bos: int, max_chunks: int | None = Non
 def perplexity(engine, text: str, ctx: int = 512, max_chunks: int | None = None, kl_base=None,
                progress: bool = True) -> PplResult:
     """`engine` and the optional `kl_base` engine need max_tokens >= ctx."""
-    for e in (engine, kl_base):
+    return perplexity_many({"model": engine}, text, ctx, max_chunks, kl_base, progress)["model"]
+
+
+def perplexity_many(engines: dict, text: str, ctx: int = 512, max_chunks: int | None = None, kl_base=None,
+                    progress: bool = True) -> dict[str, PplResult]:
+    """Score several engines (same tokenizer) on the same chunks; the base model's logits
+    are computed once per chunk and shared by every KL comparison."""
+    if not engines:
+        raise BadInputError("no models to evaluate")
+    for e in (*engines.values(), kl_base):
         if e is not None and e.max_tokens < ctx:
             raise BadInputError(f"the engine's capacity {e.max_tokens} is below --ctx {ctx}")
-    if kl_base is not None and kl_base.config.vocab_size != engine.config.vocab_size:
-        raise BadInputError("--kl-base must have the same vocabulary as --model")
-    ids = engine.tokenize(text, add_bos=True)
-    chunks = make_chunks(ids, ctx, engine.tokenizer.bos_id, max_chunks)
+    first_eng = next(iter(engines.values()))
+    for e in (*engines.values(), kl_base):
+        if e is not None and e.config.vocab_size != first_eng.config.vocab_size:
+            raise BadInputError("every model (and --kl-base) must share one vocabulary")
+    ids = first_eng.tokenize(text, add_bos=True)
+    chunks = make_chunks(ids, ctx, first_eng.tokenizer.bos_id, max_chunks)
     first = ctx // 2
-    nlls, kls, agree = [], [], []
-    t0 = time.perf_counter()
+    acc = {name: {"nll": [], "kl": [], "agree": [], "seconds": 0.0} for name in engines}
     it = chunks
     if progress:
         from tqdm import tqdm
@@ -85,31 +95,37 @@ def perplexity(engine, text: str, ctx: int = 512, max_chunks: int | None = None,
         it = tqdm(chunks, desc="perplexity", unit="chunk", leave=False)
     for c in it:
         targets = np.asarray(c[first + 1:], dtype=np.int64)  # predicted by positions first..ctx-2
-        lp = _log_softmax(engine.score(c, start=first)[:-1])  # [ctx - first - 1, vocab]
-        nlls.append(-lp[np.arange(len(targets)), targets])
-        if kl_base is not None:
-            lb = _log_softmax(kl_base.score(c, start=first)[:-1])
-            kls.append((np.exp(lb) * (lb - lp)).sum(axis=1))
-            agree.append(lb.argmax(axis=1) == lp.argmax(axis=1))
-        if progress:
-            run = np.concatenate(nlls)
-            it.set_postfix(ppl=f"{math.exp(run.mean()):.3f}")
-    nll = np.concatenate(nlls)
-    n = nll.size
-    mean = float(nll.mean())
-    ppl = math.exp(mean)
-    res = PplResult(
-        ppl=ppl,
-        ppl_stderr=ppl * float(nll.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0,
-        nll_mean=mean,
-        tokens_scored=n,
-        chunks=len(chunks),
-        ctx=ctx,
-        seconds=time.perf_counter() - t0,
-    )
-    if kl_base is not None:
-        kl = np.concatenate(kls)
-        res.kl_mean = float(kl.mean())
-        res.kl_stderr = float(kl.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-        res.top1_agree = float(np.concatenate(agree).mean())
-    return res
+        lb = _log_softmax(kl_base.score(c, start=first)[:-1]) if kl_base is not None else None
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            lp = _log_softmax(eng.score(c, start=first)[:-1])  # [ctx - first - 1, vocab]
+            a = acc[name]
+            a["seconds"] += time.perf_counter() - t0
+            a["nll"].append(-lp[np.arange(len(targets)), targets])
+            if lb is not None:
+                a["kl"].append((np.exp(lb) * (lb - lp)).sum(axis=1))
+                a["agree"].append(lb.argmax(axis=1) == lp.argmax(axis=1))
+        if progress and len(engines) == 1:
+            it.set_postfix(ppl=f"{math.exp(np.concatenate(acc[next(iter(acc))]['nll']).mean()):.3f}")
+    out = {}
+    for name, a in acc.items():
+        nll = np.concatenate(a["nll"])
+        n = nll.size
+        mean = float(nll.mean())
+        ppl = math.exp(mean)
+        res = PplResult(
+            ppl=ppl,
+            ppl_stderr=ppl * float(nll.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0,
+            nll_mean=mean,
+            tokens_scored=n,
+            chunks=len(chunks),
+            ctx=ctx,
+            seconds=a["seconds"],
+        )
+        if a["kl"]:
+            kl = np.concatenate(a["kl"])
+            res.kl_mean = float(kl.mean())
+            res.kl_stderr = float(kl.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+            res.top1_agree = float(np.concatenate(a["agree"]).mean())
+        out[name] = res
+    return out
