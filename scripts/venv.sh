@@ -17,9 +17,13 @@ edgelm_venv() {
   fi
   # Reinstall when the package definition or native sources are newer than the last install.
   if [ ! -f "$stamp" ] || [ -n "$(find "$root/pyproject.toml" "$root/setup.py" "$root/edgelm/_native" -newer "$stamp" 2>/dev/null | head -1)" ]; then
-    echo "installing edgelm$extras into $venv..." >&2
-    "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q -e "$root$extras" >&2
+    echo "installing edgelm$extras into $venv (compiles the native kernels; log: $venv/install.log)..." >&2
+    if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$root$extras"; } \
+         >"$venv/install.log" 2>&1; then
+      tail -n 40 "$venv/install.log" >&2
+      echo "edgelm: installation failed; the full log is $venv/install.log" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
   EDGELM_VENV="$venv"

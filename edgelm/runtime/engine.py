@@ -39,11 +39,11 @@ class Engine:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
-        t0 = time.perf_counter()
         if path is None:
             from .defaults import ensure_default_model
 
             path = ensure_default_model()
+        t0 = time.perf_counter()  # init = loading; the one-time default-model preparation is not counted
         for name, val in (("max_tokens", max_tokens), ("prefill_chunk", prefill_chunk)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise BadInputError(f"{name} must be a positive integer, got {val!r}")
