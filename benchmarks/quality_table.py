@@ -122,9 +122,11 @@ def main() -> int:
         print(f"| edgelm | {r['label']} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f} | {r['kl']:.4f} | {r['top1_pct']:.2f} "
               f"| {r['size_mib']:.0f} | {dec} |")
     if llama:
-        for r in llama.get("rows", []):
-            print(f"| llama.cpp | {r['type']} | {r['ppl']:.3f} | {r.get('dppl_pct', float('nan')):+.2f} | | | "
-                  f"{r.get('size_mib', float('nan')):.0f} | |")
+        res_l = llama.get("results", {})
+        base = res_l.get("F16", {}).get("ppl")
+        for typ, r in res_l.items():
+            d = f"{100 * (r['ppl'] / base - 1):+.2f} (vs F16)" if base else ""
+            print(f"| llama.cpp | {typ} | {r['ppl']:.3f} | {d} | | | {r['size_bytes'] / 2**20:.0f} | |")
     print(f"\nwritten to {args.out}")
     return 0
 

@@ -592,16 +592,7 @@ def load_hf_source(path: str | os.PathLike) -> Source:
     chat_template = _chat_template(d, tok_cfg)
 
     dtypes = sorted({e.dtype for e in found.values()})
-    description = {
-        "format": "hf",
-        "path": str(d),
-        "name": d.resolve().name,
-        "model_type": raw_cfg.get("model_type"),
-        "architectures": raw_cfg.get("architectures"),
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "files": [f.name for f in files],
-        "transformers_version": raw_cfg.get("transformers_version"),
-    }
+    description = _description(d, raw_cfg, files, dtypes)
     return Source(
         arch=ARCH,
         config=config,
@@ -916,16 +907,7 @@ def load_gemma3n_source(d: Path, raw_cfg: dict) -> Source:
     tok_cfg_path = d / "tokenizer_config.json"
     tok_cfg = _read_json(tok_cfg_path, "tokenizer config") if tok_cfg_path.is_file() else None
     dtypes = sorted({t.source_type for t in tensors})
-    description = {
-        "format": "hf",
-        "path": str(d),
-        "name": d.resolve().name,
-        "model_type": raw_cfg.get("model_type"),
-        "architectures": raw_cfg.get("architectures"),
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "files": [f.name for f in files],
-        "transformers_version": raw_cfg.get("transformers_version"),
-    }
+    description = _description(d, raw_cfg, files, dtypes)
     return Source(
         arch=ARCH3N,
         config=config,
@@ -938,3 +920,17 @@ def load_gemma3n_source(d: Path, raw_cfg: dict) -> Source:
         add_bos=bool(special.get("add_bos", True)),
         notes=notes,
     )
+
+
+def _description(d: Path, raw_cfg: dict, files, dtypes) -> dict:
+    """Provenance recorded in the bundle's `source` field."""
+    return {
+        "format": "hf",
+        "path": str(d),
+        "name": d.resolve().name,
+        "model_type": raw_cfg.get("model_type"),
+        "architectures": raw_cfg.get("architectures"),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "files": [f.name for f in files],
+        "transformers_version": raw_cfg.get("transformers_version"),
+    }

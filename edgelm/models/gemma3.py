@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import FormatError
+from ._config import config_from_dict
 
 ARCH = "gemma3"
 LOCAL, GLOBAL = "local", "global"
@@ -59,14 +60,7 @@ class Gemma3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Gemma3Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise FormatError(f"config: unknown fields {sorted(unknown)} for {ARCH}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise FormatError(f"config: {e}") from None
+        return config_from_dict(cls, d, ARCH)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

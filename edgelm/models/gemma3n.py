@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from ..errors import FormatError
+from ._config import config_from_dict
 
 ARCH = "gemma3n"
 LOCAL, GLOBAL = "local", "global"
@@ -155,14 +156,7 @@ class Gemma3nConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Gemma3nConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise FormatError(f"config: unknown fields {sorted(unknown)} for {ARCH}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise FormatError(f"config: {e}") from None
+        return config_from_dict(cls, d, ARCH)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
