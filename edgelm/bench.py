@@ -110,6 +110,11 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         r = run_once(path, prompt_tokens, gen_tokens, threads, max_tokens, backend, seed=i)
         if i > 0:
             runs.append(r)
+    stream = None
+    if runs[0]["backend"] == "cpu":  # measured in the same run, as the bound for "% of bound"
+        from .backends import native
+
+        stream = native.stream_read_gbs(512 << 20, runs[0]["threads"])
     meta = runs[0]["meta"]
     q = meta.get("quantization", {})
     return {
@@ -128,6 +133,7 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         "model_bytes": Path(path).stat().st_size,
         "bytes_per_token": runs[0]["bytes_per_token"],
         "repeats": repeat,
+        "stream_read_gb_s": stream,
         "metrics": {
             k: _stats([r[k] for r in runs])
             for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "init_s", "decode_gb_s")
@@ -158,6 +164,10 @@ def format_table(res: dict) -> str:
         ("model size MiB", f"{res['model_bytes'] / 2**20:.1f}"),
         ("decode GB/s achieved", f("decode_gb_s", "{:.1f}")),
     ]
+    if res.get("stream_read_gb_s"):
+        bound = res["stream_read_gb_s"]
+        rows.append(("memory read GB/s (STREAM-style)", f"{bound:.1f}"))
+        rows.append(("decode, % of bandwidth bound", f"{100 * m['decode_gb_s']['median'] / bound:.0f}%"))
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
     lines.append(f"(median (min-max) of {res['repeats']} runs after a discarded warm-up)")

@@ -21,6 +21,8 @@ def test_bench_json_columns():
         s = m_[k]
         assert len(s["values"]) == 2 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0, k
     assert m_["peak_rss_mib"] > 10
+    if r["backend"] == "cpu":
+        assert r["stream_read_gb_s"] > 0.1
     # GB/s is bytes per token x tok/s
     assert m_["decode_gb_s"]["median"] == pytest.approx(
         r["bytes_per_token"] * sorted(m_["decode_tok_s"]["values"])[0] / 1e9, rel=1.0)

@@ -1,5 +1,9 @@
 """Native CPU kernels (edgelm/_native via edgelm.backends.native) against the numpy reference
-in edgelm.quant.schemes, for every scheme and every ISA build this CPU can run."""
+in edgelm.quant.schemes, for every scheme and every ISA build this CPU can run.
+
+Both activation paths of the integer schemes are tested: the exact fp32-activation kernels
+(qd8=False) and the int8-quantized-activation ("qd8") kernels (qd8=True); the default
+(qd8=None) picks one per scheme and row count."""
 
 from __future__ import annotations
 
@@ -89,7 +93,7 @@ def test_matmul_matches_reference(kern, scheme):
             t = qtensor(scheme, rows, cols)
             for n in NS:
                 x = rng.standard_normal((n, cols)).astype(np.float32)
-                y = kern.matmul(x, t)
+                y = kern.matmul(x, t, qd8=False)
                 assert y.shape == (n, rows) and y.dtype == np.float32
                 check_matmul(kern, t, x, y)
             # 1-D x gives a 1-D result equal to the n=1 row
@@ -99,13 +103,146 @@ def test_matmul_matches_reference(kern, scheme):
             np.testing.assert_array_equal(y1, kern.matmul(x1[None, :], t)[0])
 
 
+def qd8_activations(x: np.ndarray) -> np.ndarray:
+    """The activations the qd8 kernels multiply with, in float64: per 32-block (a partial last
+    block on its own) amax = max|x|, d = fl32(amax / 127), q = rint(fl32(x * fl32(127 / amax))),
+    x_hat = q * d. Same float32 operations as the C++ (bitwise-equal q and d)."""
+    n, c = x.shape
+    nbt = (c + 31) // 32
+    xp = np.zeros((n, nbt * 32), np.float32)
+    xp[:, :c] = x
+    b = xp.reshape(n, nbt, 32)
+    amax = np.abs(b).max(axis=2)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    q = np.clip(np.rint(b * inv.astype(np.float32)[..., None]), -127, 127)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (q * d[..., None].astype(np.float64)).reshape(n, -1)[:, :c]
+
+
+def check_qd8(k, t: QTensor, x: np.ndarray, y: np.ndarray) -> None:
+    """Two bounds for the qd8 path (docs/kernels.md, "Error bounds").
+
+    (a) Against the exact product with the quantized activations x_hat (qd8_activations): the
+        integer block sums are exact, so only float rounding remains: the fp32 bound of
+        check_matmul with x_hat in place of x (the per-block terms see <= 3 roundings each and
+        at most cols/32 + 8 additions: m = cols//8 + 48 covers that with room to spare).
+    (b) Against the exact fp32-activation product: activation quantization moves each x_k by at
+        most d_b/2 * (1 + 2**-16) <= amax_b / 254 * (1 + 2**-15) (rounding to the nearest of
+        the levels q*d, with d and 127/amax each rounded once), so
+            |y - x.W| <= sum_k |w_k| * amax_b(k) / 254 * (1 + 2**-15) + the (a) bound.
+    """
+    W = t.dequantize().astype(np.float64)
+    xh = qd8_activations(x)
+    u = 2.0**-24
+    m = t.cols // 8 + 48
+    gamma = m * u / (1 - m * u)
+    y64 = y.astype(np.float64)
+    bound_a = gamma * (np.abs(xh) @ np.abs(W).T) + 1e-30
+    err_a = np.abs(y64 - xh @ W.T)
+    worst = np.unravel_index(np.argmax(err_a / bound_a), err_a.shape)
+    assert np.all(err_a <= bound_a), (
+        f"{k.isa} qd8 {t.scheme.name} rows={t.rows} cols={t.cols} n={x.shape[0]}: "
+        f"err {err_a[worst]:.3g} > bound {bound_a[worst]:.3g} at {worst} (vs quantized activations)"
+    )
+    n, c = x.shape
+    nbt = (c + 31) // 32
+    xp = np.zeros((n, nbt * 32), np.float64)
+    xp[:, :c] = np.abs(x)
+    amax_k = np.repeat(xp.reshape(n, nbt, 32).max(axis=2), 32, axis=1)[:, :c]
+    bound_b = (amax_k / 254 * (1 + 2.0**-15)) @ np.abs(W).T + bound_a
+    err_b = np.abs(y64 - x.astype(np.float64) @ W.T)
+    assert np.all(err_b <= bound_b), f"{k.isa} qd8 {t.scheme.name}: a-priori activation bound exceeded"
+
+
+INT_SCHEMES = ["int8", "int8-b32", "int4-b32", "int4-b128"]
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_qd8_matmul_matches_reference(kern, scheme):
+    rng = np.random.default_rng(11)
+    for cols in COLS[scheme]:
+        for rows in ROWS:
+            t = qtensor(scheme, rows, cols)
+            for n in NS:
+                x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+                if n > 2:
+                    x[1] = 0  # an all-zero row: d = 0 blocks
+                    x[2, : min(cols, 40)] *= 1000  # an outlier block
+                y = kern.matmul(x, t, qd8=True)
+                assert y.shape == (n, rows) and y.dtype == np.float32
+                check_qd8(kern, t, x, y)
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_qd8_agrees_across_isas(scheme):
+    """The quantized activations are bitwise equal on every ISA; the results differ only by
+    the float accumulation order, so any two builds agree within twice bound (a)."""
+    isas = native.available_isas()
+    cols = 640 if scheme != "int4-b128" else 768
+    t = qtensor(scheme, 67, cols)
+    x = np.random.default_rng(12).standard_normal((5, cols)).astype(np.float32)
+    ys = {isa: native.kernels(isa).matmul(x, t, qd8=True) for isa in isas}
+    for isa, y in ys.items():
+        check_qd8(native.kernels(isa), t, x, y)
+    W = t.dequantize().astype(np.float64)
+    xh = qd8_activations(x)
+    u = 2.0**-24
+    m = cols // 8 + 48
+    tol = 2 * m * u / (1 - m * u) * (np.abs(xh) @ np.abs(W).T) + 1e-30
+    base = ys[isas[-1]]
+    for y in ys.values():
+        assert np.all(np.abs(y.astype(np.float64) - base) <= tol)
+
+
+def test_qd8_mode_switch(kern):
+    t = qtensor("int4-b32", 17, 640)
+    x = np.random.default_rng(13).standard_normal((3, 640)).astype(np.float32)
+    exact = kern.matmul(x, t, qd8=False)
+    quant = kern.matmul(x, t, qd8=True)
+    assert not np.array_equal(exact, quant)
+    before = kern.get_qd8()
+    try:
+        kern.set_qd8(0)
+        np.testing.assert_array_equal(kern.matmul(x, t), exact)
+        kern.set_qd8(1)
+        np.testing.assert_array_equal(kern.matmul(x, t), quant)
+        kern.set_qd8("auto")
+        assert kern.get_qd8() == -1
+        with pytest.raises(ValueError):
+            kern.set_qd8(2)
+        with pytest.raises(ValueError):
+            kern.module.matmul(x, 4, t.parts["q"], t.parts["scale"], 17, 640, np.empty((3, 17), np.float32), 5)
+    finally:
+        kern.set_qd8(before)
+    # fp32/fp16 ignore the flag
+    tf = qtensor("fp32", 5, 64)
+    xf = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(kern.matmul(xf, tf, qd8=True), kern.matmul(xf, tf, qd8=False))
+
+
+def test_qd8_env_setting():
+    import subprocess
+    import sys
+
+    code = (
+        "from edgelm.backends import native\n"
+        "assert native.get_qd8() == 0, native.get_qd8()\n"
+        "assert not native.uses_qd8(4, 1) and not native.uses_qd8(2, 64)\n"
+    )
+    env = dict(__import__("os").environ, EDGELM_QD8="0")
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_matmul_long_rows(kern, scheme):
     # a longer reduction (and a prime-ish row count) to exercise accumulation error
     cols = 4096 + (0 if SCHEMES[scheme].block > 0 else 13)
     t = qtensor(scheme, 19, cols)
     x = (np.random.default_rng(2).standard_normal((6, cols)) * 3).astype(np.float32)
-    check_matmul(kern, t, x, kern.matmul(x, t))
+    check_matmul(kern, t, x, kern.matmul(x, t, qd8=False))
+    if SCHEMES[scheme].id >= 2:
+        check_qd8(kern, t, x, kern.matmul(x, t, qd8=True))
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -138,15 +275,16 @@ def test_threads_give_identical_results(kern, scheme):
     cols = 640 if SCHEMES[scheme].block != 128 else 768
     t = qtensor(scheme, 1031, cols)
     rng = np.random.default_rng(5)
-    for n in (1, 9):
+    for n in (1, 9, 40):
         x = rng.standard_normal((n, cols)).astype(np.float32)
-        kern.set_threads(1)
-        assert kern.get_threads() == 1
-        y1 = kern.matmul(x, t)
-        kern.set_threads(2)
-        assert kern.get_threads() == 2
-        y2 = kern.matmul(x, t)
-        np.testing.assert_array_equal(y1, y2)
+        for qd8 in (False, True):
+            kern.set_threads(1)
+            assert kern.get_threads() == 1
+            y1 = kern.matmul(x, t, qd8=qd8)
+            kern.set_threads(2)
+            assert kern.get_threads() == 2
+            y2 = kern.matmul(x, t, qd8=qd8)
+            np.testing.assert_array_equal(y1, y2)
 
 
 def test_out_parameter(kern):
@@ -374,5 +512,5 @@ def test_import_without_extension_does_not_raise():
         "else:\n"
         "    raise AssertionError('set_threads should raise')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -5,11 +5,16 @@
 // _kern_avx2, _kern_avx512, _kern_neon. Python (edgelm/backends/native.py) checks the CPU
 // with cpu_features() from _kern_scalar before it imports any of the others.
 //
+// Entry points: matmul (fp32-activation kernels.h or qd8.h), embed, the fused ops of ops.h
+// (rmsnorm, rope, gelu_mul, softcap, attention), stream_read_gbs, threads and qd8 settings.
+//
 // Every argument is validated here, with the GIL held, before any kernel runs: a bad
 // dtype is a TypeError, a bad shape / layout / id a ValueError. Compute runs without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <sstream>
@@ -17,6 +22,8 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ops.h"
+#include "qd8.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -173,8 +180,21 @@ Weights check_weights(const char* fn, int scheme, py::handle w, py::handle scale
     return r;
 }
 
+// qd8 mode: -1 auto, 0 off (exact fp32-activation kernels everywhere), 1 on (every integer
+// scheme). Auto (measured, docs/kernels.md): every integer scheme and every n where the build
+// has fast integer kernels (AVX2: fewer instructions per weight than dequantizing to fp32,
+// for GEMV and GEMM alike); the portable build keeps fp32 activations.
+std::atomic<int> g_qd8{-1};
+
+bool use_qd8(int scheme, int mode, int64_t n) {
+    if (!edgelm::qd8_scheme(scheme)) return false;
+    if (mode < 0) mode = g_qd8.load(std::memory_order_relaxed);
+    if (mode < 0) return edgelm::kQd8Fast && n >= 1;
+    return mode > 0;
+}
+
 void py_matmul(py::handle x_h, int scheme, py::handle w_h, py::handle scale_h, int64_t rows, int64_t cols,
-               py::handle out_h) {
+               py::handle out_h, int qd8) {
     const char* fn = "matmul";
     Weights W = check_weights(fn, scheme, w_h, scale_h, rows, cols);
     py::array x = as_array(fn, "x", x_h);
@@ -191,8 +211,146 @@ void py_matmul(py::handle x_h, int scheme, py::handle w_h, py::handle scale_h, i
 
     const float* xp = static_cast<const float*>(x.data());
     float* op = static_cast<float*>(out.mutable_data());
+    if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
+    const bool q = use_qd8(scheme, qd8, n);
     py::gil_scoped_release nogil;
-    edgelm::matmul(W.view, xp, n, op);
+    if (q)
+        edgelm::matmul_qd8(W.view, xp, n, op);
+    else
+        edgelm::matmul(W.view, xp, n, op);
+}
+
+// ----------------------------------------------------------------------------- fused ops
+
+std::vector<int64_t> shape_of(const py::array& a) {
+    std::vector<int64_t> s;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s.push_back(a.shape(i));
+    return s;
+}
+
+// A float32 C-contiguous aligned array of any shape.
+py::array check_f32(const char* fn, const char* name, py::handle h, bool writable = false) {
+    py::array a = as_array(fn, name, h);
+    if (!dtype_is(a, kF32)) throw py::type_error(std::string(fn) + ": " + name + " must be float32, got " + dtype_str(a));
+    check_layout(fn, name, a, writable);
+    return a;
+}
+
+// out may be exactly `in` (in place) but must not partially overlap it.
+void check_same_or_disjoint(const char* fn, const py::array& out, const char* other_name, const py::array& other) {
+    if (out.nbytes() == 0 || other.nbytes() == 0) return;
+    if (out.data() == other.data() && out.nbytes() == other.nbytes()) return;
+    check_no_overlap(fn, "out", out, other_name, other);
+}
+
+void py_rmsnorm(py::handle x_h, py::handle w_h, double eps, py::handle out_h) {
+    const char* fn = "rmsnorm";
+    py::array x = check_f32(fn, "x", x_h);
+    if (x.ndim() < 1) throw py::value_error("rmsnorm: x must have at least one dimension");
+    const int64_t d = x.shape(x.ndim() - 1);
+    py::array w = check_array(fn, "w", w_h, kF32, {d});
+    py::array out = check_array(fn, "out", out_h, kF32, shape_of(x), true);
+    check_same_or_disjoint(fn, out, "x", x);
+    check_no_overlap(fn, "out", out, "w", w);
+    if (!(eps >= 0.0) || !std::isfinite(eps)) throw py::value_error("rmsnorm: eps must be finite and >= 0");
+    const int64_t rows = d ? x.size() / d : 0;
+    const float* xp = static_cast<const float*>(x.data());
+    const float* wp = static_cast<const float*>(w.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    if (d > 0) edgelm::rmsnorm(xp, wp, rows, d, static_cast<float>(eps), op);
+}
+
+void py_rope(py::handle x_h, py::handle cos_h, py::handle sin_h, py::handle out_h) {
+    const char* fn = "rope";
+    py::array x = check_f32(fn, "x", x_h);
+    if (x.ndim() != 3) throw py::value_error("rope: x must have shape (n, heads, head_dim), got " + shape_str(x));
+    const int64_t n = x.shape(0), h = x.shape(1), hd = x.shape(2);
+    if (hd % 2) throw py::value_error("rope: head_dim must be even, got " + std::to_string(hd));
+    py::array c = check_array(fn, "cos", cos_h, kF32, {n, hd / 2});
+    py::array s = check_array(fn, "sin", sin_h, kF32, {n, hd / 2});
+    py::array out = check_array(fn, "out", out_h, kF32, {n, h, hd}, true);
+    check_same_or_disjoint(fn, out, "x", x);
+    check_no_overlap(fn, "out", out, "cos", c);
+    check_no_overlap(fn, "out", out, "sin", s);
+    const float* xp = static_cast<const float*>(x.data());
+    const float* cp = static_cast<const float*>(c.data());
+    const float* sp = static_cast<const float*>(s.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    edgelm::rope(xp, cp, sp, n, h, hd, op);
+}
+
+void py_gelu_mul(py::handle g_h, py::handle u_h, py::handle out_h) {
+    const char* fn = "gelu_mul";
+    py::array g = check_f32(fn, "g", g_h);
+    py::array u = check_array(fn, "u", u_h, kF32, shape_of(g));
+    py::array out = check_array(fn, "out", out_h, kF32, shape_of(g), true);
+    check_same_or_disjoint(fn, out, "g", g);
+    check_same_or_disjoint(fn, out, "u", u);
+    const float* gp = static_cast<const float*>(g.data());
+    const float* up = static_cast<const float*>(u.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    const int64_t size = g.size();
+    py::gil_scoped_release nogil;
+    edgelm::gelu_mul(gp, up, size, op);
+}
+
+void py_softcap(py::handle x_h, double cap, py::handle out_h) {
+    const char* fn = "softcap";
+    py::array x = check_f32(fn, "x", x_h);
+    py::array out = check_array(fn, "out", out_h, kF32, shape_of(x), true);
+    check_same_or_disjoint(fn, out, "x", x);
+    if (!(cap > 0.0) || !std::isfinite(cap)) throw py::value_error("softcap: cap must be finite and > 0");
+    const float* xp = static_cast<const float*>(x.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    const int64_t size = x.size();
+    py::gil_scoped_release nogil;
+    edgelm::softcap(xp, size, static_cast<float>(cap), op);
+}
+
+void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpos_h, py::handle kpos_h,
+                  int64_t window, double scale, double cap, py::handle out_h) {
+    const char* fn = "attention";
+    py::array q = check_f32(fn, "q", q_h);
+    if (q.ndim() != 3) throw py::value_error("attention: q must have shape (n, heads, head_dim), got " + shape_str(q));
+    py::array k = check_f32(fn, "k", k_h);
+    if (k.ndim() != 3)
+        throw py::value_error("attention: k must have shape (T, kv_heads, head_dim), got " + shape_str(k));
+    const int64_t n = q.shape(0), H = q.shape(1), hd = q.shape(2), T = k.shape(0), KV = k.shape(1);
+    if (k.shape(2) != hd)
+        throw py::value_error("attention: k head_dim " + std::to_string(k.shape(2)) + " != q head_dim " +
+                              std::to_string(hd));
+    if (H < 1 || KV < 1 || hd < 1) throw py::value_error("attention: heads, kv_heads and head_dim must be >= 1");
+    if (H % KV)
+        throw py::value_error("attention: " + std::to_string(H) + " query heads do not group over " +
+                              std::to_string(KV) + " kv heads");
+    py::array v = check_array(fn, "v", v_h, kF32, {T, KV, hd});
+    const DT kI64{'i', 8, "int64"};
+    py::array qp = check_array(fn, "q_pos", qpos_h, kI64, {n});
+    py::array kp = check_array(fn, "k_pos", kpos_h, kI64, {T});
+    py::array out = check_array(fn, "out", out_h, kF32, {n, H * hd}, true);
+    for (auto* p : {&q, &k, &v, &qp, &kp}) check_no_overlap(fn, "out", out, "an input", *p);
+    if (window < 0) throw py::value_error("attention: window must be >= 0, got " + std::to_string(window));
+    if (!std::isfinite(scale)) throw py::value_error("attention: scale must be finite");
+    if (!(cap >= 0.0) || !std::isfinite(cap)) throw py::value_error("attention: softcap must be finite and >= 0");
+    edgelm::AttnParams P;
+    P.q = static_cast<const float*>(q.data());
+    P.k = static_cast<const float*>(k.data());
+    P.v = static_cast<const float*>(v.data());
+    P.qpos = static_cast<const int64_t*>(qp.data());
+    P.kpos = static_cast<const int64_t*>(kp.data());
+    P.n = n;
+    P.H = H;
+    P.KV = KV;
+    P.hd = hd;
+    P.T = T;
+    P.window = window;
+    P.scale = static_cast<float>(scale);
+    P.cap = static_cast<float>(cap);
+    P.out = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    edgelm::attention(P);
 }
 
 template <class I>
@@ -292,10 +450,47 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         "n"_a, "Number of threads (the caller included) kernels of this module use.");
     m.def("get_threads", [] { return edgelm::ThreadPool::instance().threads(); });
 
-    m.def("matmul", &py_matmul, "x"_a, "scheme_id"_a, "w"_a, "scale"_a, "rows"_a, "cols"_a, "out"_a,
+    m.def("matmul", &py_matmul, "x"_a, "scheme_id"_a, "w"_a, "scale"_a, "rows"_a, "cols"_a, "out"_a, "qd8"_a = -1,
           "out[n, rows] = x[n, cols] @ W.T for a weight W[rows, cols] stored in scheme `scheme_id`.\n"
+          "qd8: -1 = the module setting (set_qd8), 0 = fp32 activations, 1 = int8-quantized activations\n"
+          "(integer schemes only; ignored for fp32/fp16).\n"
           "w: the 'w' part (fp32/fp16) or 'q' part; scale: the 'scale' part or None. All arrays\n"
           "C-contiguous, aligned, exact dtypes; out float32 [n, rows], writable, not overlapping.");
+    m.def(
+        "set_qd8",
+        [](int mode) {
+            if (mode < -1 || mode > 1) throw py::value_error("set_qd8: mode must be -1 (auto), 0 or 1");
+            g_qd8.store(mode);
+        },
+        "mode"_a, "Default activation path for integer schemes: -1 auto, 0 fp32 activations, 1 qd8.");
+    m.def("get_qd8", [] { return g_qd8.load(); });
+    m.def("qd8_default_on", [] { return edgelm::kQd8Fast; }, "Whether auto mode picks qd8 in this build.");
+    m.def("uses_qd8", [](int scheme, int64_t n) { return use_qd8(scheme, -1, n); }, "scheme_id"_a, "n"_a = 1,
+          "Whether matmul(qd8=-1) takes the qd8 path for this scheme and row count.");
+    m.def("rmsnorm", &py_rmsnorm, "x"_a, "w"_a, "eps"_a, "out"_a,
+          "out = x / sqrt(mean(x^2, -1) + eps) * w; x float32 [..., d], w [d]; out may be x.");
+    m.def("rope", &py_rope, "x"_a, "cos"_a, "sin"_a, "out"_a,
+          "Rotate-half RoPE: x [n, heads, hd], cos/sin [n, hd/2] float32; out may be x.");
+    m.def("gelu_mul", &py_gelu_mul, "g"_a, "u"_a, "out"_a, "out = gelu_tanh(g) * u (same shapes, float32).");
+    m.def("softcap", &py_softcap, "x"_a, "cap"_a, "out"_a, "out = tanh(x / cap) * cap.");
+    m.def("attention", &py_attention, "q"_a, "k"_a, "v"_a, "q_pos"_a, "k_pos"_a, "window"_a, "scale"_a,
+          "softcap"_a, "out"_a,
+          "Softmax attention over a KV cache. q [n,H,hd], k/v [T,KV,hd] float32; q_pos [n], k_pos [T]\n"
+          "int64 (k_pos -1 = empty); key t visible to query i iff k_pos >= 0 and\n"
+          "0 <= q_pos - k_pos < window (window 0 = no upper limit); softcap 0 = none.\n"
+          "out [n, H*hd]; a query that sees no key gets zeros.");
+    m.def(
+        "stream_read_gbs",
+        [](int64_t nbytes, int threads, int passes) {
+            if (nbytes < 4096 || nbytes > (int64_t(1) << 36))
+                throw py::value_error("stream_read_gbs: nbytes must be in [4096, 2**36]");
+            if (threads < 1 || threads > 256) throw py::value_error("stream_read_gbs: threads must be in [1, 256]");
+            if (passes < 1 || passes > 100) throw py::value_error("stream_read_gbs: passes must be in [1, 100]");
+            py::gil_scoped_release nogil;
+            return edgelm::stream_read_gbs(nbytes, threads, passes);
+        },
+        "nbytes"_a = int64_t(256) << 20, "threads"_a = 1, "passes"_a = 5,
+        "Best-of-`passes` read bandwidth in GB/s: `threads` threads sum a float buffer of `nbytes`.");
     m.def("embed", &py_embed, "ids"_a, "scheme_id"_a, "w"_a, "scale"_a, "rows"_a, "cols"_a, "out"_a,
           "out[i, :] = dequantized W[ids[i], :]; ids int32 or int64 [n], out float32 [n, cols].");
 }

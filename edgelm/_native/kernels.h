@@ -17,9 +17,10 @@
 // (int8) is applied once to the finished dot product. Columns past the last full block
 // (only fp32/fp16/int8 allow them) go through a scalar tail.
 //
-// To add a weight format (repacked layouts, ...) write one S struct and one table row; to
-// add an activation format (int8 "qd8" dot products with VNNI, ...) add a second tile-function
-// family next to `tile` in SchemeKernels and pick it in the driver.
+// This file is the fp32-activation path (every scheme; exact up to fp32 rounding). The
+// int8-quantized-activation ("qd8") path for the integer schemes is qd8.h; kernels.cpp picks
+// one per call (EDGELM_QD8 / set_qd8 / the qd8 argument). To add a weight format write one S
+// struct and one table row here and, for an integer format, a tile family in qd8.h.
 #pragma once
 
 #include <algorithm>

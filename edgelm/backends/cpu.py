@@ -1,4 +1,8 @@
-"""The native CPU op table: the C++ kernels where they exist, numpy for the rest."""
+"""The native CPU op table: the C++ kernels (edgelm/_native) for every op the models call.
+
+Same signatures and semantics as NumpyOps (the reference); tests/test_ops.py checks each op
+against it. Per-call Python work is kept small: decode calls ~18 ops per layer per token.
+"""
 
 from __future__ import annotations
 
@@ -24,18 +28,86 @@ def unavailable_reason() -> str:
     return _ERR or ""
 
 
+def _f32(a) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    return a
+
+
 class CpuOps(NumpyOps):
     name = "cpu"
 
-    def __init__(self):
+    def __init__(self, isa: str | None = None):
         super().__init__()
-        self.isa = _native.ISA
+        self._k = _native.kernels(isa) if isa else _native._default()
+        self.isa = self._k.isa
+        self._m = self._k.module
+        # id(QTensor) -> (tensor, args): the tensor is kept so its id is never reused.
+        self._wargs: dict[int, tuple] = {}
+        self._rope_cache: dict = {}
 
     def set_threads(self, n: int) -> None:
-        _native.set_threads(n)
+        self._k.set_threads(n)
+
+    def _weight_args(self, t: QTensor):
+        hit = self._wargs.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        w, scale, rows, cols = _native._weight_parts(t)
+        args = (t.scheme.id, w, scale, rows, cols)
+        self._wargs[id(t)] = (t, args)
+        return args
 
     def matmul(self, x: np.ndarray, t: QTensor) -> np.ndarray:
-        return _native.matmul(np.ascontiguousarray(x, dtype=np.float32), t)
+        sid, w, scale, rows, cols = self._weight_args(t)
+        x = _f32(x)
+        if x.ndim != 2:
+            return self._k.matmul(x, t)
+        out = np.empty((x.shape[0], rows), np.float32)
+        self._m.matmul(x, sid, w, scale, rows, cols, out)
+        return out
 
     def embed(self, ids: np.ndarray, t: QTensor) -> np.ndarray:
-        return _native.embed(np.ascontiguousarray(ids, dtype=np.int32), t)
+        return self._k.embed(np.ascontiguousarray(ids, dtype=np.int32), t)
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        self._m.rmsnorm(x, _f32(w), float(eps), out)
+        return out
+
+    def _rope_table(self, positions: np.ndarray, hd: int, theta: float, scale: float):
+        # One forward passes the same positions to every layer (q and k): compute the
+        # cos/sin table once per (positions, theta, scale, hd).
+        key = (hd, float(theta), float(scale))
+        hit = self._rope_cache.get(key)
+        if hit is not None and hit[0].shape == positions.shape and np.array_equal(hit[0], positions):
+            return hit[1]
+        table = self._k.rope_table(positions, hd, theta, scale)
+        if len(self._rope_cache) > 8:
+            self._rope_cache.clear()
+        self._rope_cache[key] = (np.array(positions, copy=True), table)
+        return table
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, scale: float = 1.0) -> np.ndarray:
+        x = _f32(x)
+        positions = np.asarray(positions)
+        cos, sin = self._rope_table(positions, x.shape[-1], theta, scale)
+        out = np.empty_like(x)
+        self._m.rope(x, cos, sin, out)
+        return out
+
+    def gelu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        g, u = _f32(g), _f32(u)
+        out = np.empty_like(g)
+        self._m.gelu_mul(g, u, out)
+        return out
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        self._m.softcap(x, float(cap), out)
+        return out
+
+    def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None) -> np.ndarray:
+        return self._k.attention(q, k, v, q_pos, k_pos, window, scale, softcap)

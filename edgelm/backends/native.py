@@ -7,6 +7,10 @@ imported on a CPU that lacks it (its module init code may already use those inst
 
     EDGELM_ISA=scalar|avx2|avx512|neon   force one build (falls back, with a warning, when the
                                           CPU or the build lacks it)
+    EDGELM_QD8=auto|0|1                  activation path of integer schemes: auto (default:
+                                          qd8 where the build has fast integer kernels, i.e.
+                                          AVX2; docs/kernels.md), 0 = exact fp32 activations,
+                                          1 = int8-quantized activations (qd8) everywhere
 
 If nothing could be imported, `available()` is False and `unavailable_reason()` says why;
 importing this module never raises.
@@ -14,8 +18,11 @@ importing this module never raises.
 API (threads are per process and shared by every call into the chosen build):
 
     ISA: str                                   the build in use ("none" when unavailable)
-    matmul(x, t, out=None) -> np.ndarray       x [..., cols] float32 -> [..., rows]
+    matmul(x, t, out=None, qd8=None)           x [..., cols] float32 -> [..., rows]
     embed(ids, t) -> np.ndarray                ids [n] int -> [n, cols] float32
+    rmsnorm, rope, rope_table, gelu_mul, softcap, attention   fused ops (see Kernels)
+    stream_read_gbs(nbytes, threads, passes)   STREAM-style read bandwidth probe, GB/s
+    set_qd8(mode), get_qd8()
     set_threads(n), get_threads(), default_threads()
     kernels(isa) -> Kernels                    one specific build (tests, benchmarks)
 """
@@ -98,10 +105,22 @@ def isa_unavailable_reason(isa: str) -> str | None:
         return f"this CPU lacks {', '.join(missing)}"
     if isa not in _MODULES:
         try:
-            _MODULES[isa] = _import(isa)
+            mod = _import(isa)
         except Exception as e:
             return f"edgelm._native._kern_{isa} did not import ({type(e).__name__}: {e})"
+        _init_module(mod)
+        _MODULES[isa] = mod
     return None
+
+
+def _init_module(mod: ModuleType) -> None:
+    """Per-build settings from the environment (EDGELM_QD8), applied when a build is imported."""
+    env = os.environ.get("EDGELM_QD8", "").strip()
+    if env and hasattr(mod, "set_qd8"):
+        try:
+            mod.set_qd8(_qd8_mode(env))
+        except ValueError:
+            pass  # warned about once at import
 
 
 def available_isas() -> list[str]:
@@ -177,9 +196,11 @@ class Kernels:
     def get_threads(self) -> int:
         return int(self.module.get_threads())
 
-    def matmul(self, x: np.ndarray, t: QTensor, out: np.ndarray | None = None) -> np.ndarray:
+    def matmul(self, x: np.ndarray, t: QTensor, out: np.ndarray | None = None, qd8: bool | None = None) -> np.ndarray:
         """y = x @ W.T. x: float32 [..., cols], C-contiguous; returns float32 [..., rows]
-        (into `out` when given: float32, C-contiguous, shape [..., rows])."""
+        (into `out` when given: float32, C-contiguous, shape [..., rows]).
+        qd8: None = the module setting (set_qd8 / EDGELM_QD8), True = int8-quantized
+        activations, False = exact fp32 activations (integer schemes only)."""
         w, scale, rows, cols = _weight_parts(t)
         if not isinstance(x, np.ndarray):
             raise TypeError(f"matmul: x must be a numpy array, got {type(x).__name__}")
@@ -208,8 +229,79 @@ class Kernels:
             o2 = out.reshape(-1, rows)
         else:
             raise ValueError("matmul: out must be C-contiguous")
-        self.module.matmul(x2, t.scheme.id, w, scale, rows, cols, o2)
+        self.module.matmul(x2, t.scheme.id, w, scale, rows, cols, o2, _qd8_arg(qd8))
         return out
+
+    # ------------------------------------------------------------------ fused ops
+    # Same semantics as NumpyOps (edgelm/backends/numpy_ops.py); inputs are converted to
+    # C-contiguous float32 (int64 positions) here and validated again in C++.
+
+    def set_qd8(self, mode) -> None:
+        self.module.set_qd8(_qd8_mode(mode))
+
+    def get_qd8(self) -> int:
+        return int(self.module.get_qd8())
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+        x = _f32(x)
+        if out is None:
+            out = np.empty_like(x)
+        self.module.rmsnorm(x, _f32(w), float(eps), out)
+        return out
+
+    def rope_table(self, positions, head_dim: int, theta: float, scale: float = 1.0):
+        """(cos, sin) float32 [n, head_dim/2], computed exactly as NumpyOps.rope does."""
+        hd = int(head_dim)
+        inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
+        inv = (inv / np.float32(scale)).astype(np.float32)
+        ang = np.asarray(positions).astype(np.float32)[:, None] * inv[None, :]
+        return np.ascontiguousarray(np.cos(ang)), np.ascontiguousarray(np.sin(ang))
+
+    def rope(self, x: np.ndarray, positions, theta: float, scale: float = 1.0, table=None,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Rotate-half RoPE of x [n, heads, hd] at `positions` [n]; `table` = rope_table(...)
+        to reuse one table for many calls."""
+        x = _f32(x)
+        if x.ndim != 3:
+            raise ValueError(f"rope: x must have shape (n, heads, head_dim), got {x.shape}")
+        cos, sin = table if table is not None else self.rope_table(positions, x.shape[-1], theta, scale)
+        if out is None:
+            out = np.empty_like(x)
+        self.module.rope(x, cos, sin, out)
+        return out
+
+    def gelu_mul(self, g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        g, u = _f32(g), _f32(u)
+        if out is None:
+            out = np.empty_like(g)
+        self.module.gelu_mul(g, u, out)
+        return out
+
+    def softcap(self, x: np.ndarray, cap: float, out: np.ndarray | None = None) -> np.ndarray:
+        x = _f32(x)
+        if out is None:
+            out = np.empty_like(x)
+        self.module.softcap(x, float(cap), out)
+        return out
+
+    def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """q [n, H, hd], k/v [T, KV, hd], q_pos [n], k_pos [T] (-1 = empty) -> [n, H*hd].
+        Key t is visible to query i iff k_pos[t] >= 0 and 0 <= q_pos[i] - k_pos[t] < window
+        (window 0 = unlimited). A query that sees no key gets zeros (numpy gives nan)."""
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        q_pos, k_pos = _i64(q_pos), _i64(k_pos)
+        if q.ndim != 3:
+            raise ValueError(f"attention: q must have shape (n, heads, head_dim), got {q.shape}")
+        if out is None:
+            out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+        self.module.attention(q, k, v, q_pos, k_pos, int(window), float(scale), float(softcap or 0.0), out)
+        return out
+
+    def stream_read_gbs(self, nbytes: int = 256 << 20, threads: int | None = None, passes: int = 5) -> float:
+        """Best-of-`passes` read bandwidth (GB/s) of `threads` threads summing an `nbytes` buffer."""
+        th = self.get_threads() if threads is None else threads
+        return float(self.module.stream_read_gbs(int(nbytes), int(th), int(passes)))
 
     def embed(self, ids, t: QTensor, out: np.ndarray | None = None) -> np.ndarray:
         """Rows `ids` of W, dequantized: float32 [n, cols]. ids: 1-D integers (or a scalar)."""
@@ -234,6 +326,44 @@ class Kernels:
         self.module.embed(ids, t.scheme.id, w, scale, rows, cols, out)
         return out
 
+
+def _f32(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.aligned:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    return a
+
+
+def _i64(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"positions must be integers, got {a.dtype}")
+    if a.dtype != np.int64 or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a, dtype=np.int64)
+    return a
+
+
+def _qd8_mode(mode) -> int:
+    if mode is None or mode == "auto" or mode == -1:
+        return -1
+    if isinstance(mode, str):
+        mode = mode.strip().lower()
+        if mode in ("auto", ""):
+            return -1
+        if mode in ("0", "off", "false", "no"):
+            return 0
+        if mode in ("1", "on", "true", "yes"):
+            return 1
+        raise ValueError(f"qd8 mode must be auto, 0 or 1, got {mode!r}")
+    if mode is True or mode is False:
+        return int(mode)
+    if mode in (0, 1):
+        return int(mode)
+    raise ValueError(f"qd8 mode must be auto/None, 0/False or 1/True, got {mode!r}")
+
+
+def _qd8_arg(qd8) -> int:
+    return -1 if qd8 is None else _qd8_mode(bool(qd8))
 
 def kernels(isa: str) -> Kernels:
     """The kernels of one ISA build; raises RuntimeError saying why when it can't be used here."""
@@ -261,11 +391,18 @@ def _choose() -> tuple[Kernels | None, str | None]:
 
 _DEFAULT, _REASON = _choose()
 ISA: str = _DEFAULT.isa if _DEFAULT is not None else "none"
+_QD8_ENV_ERROR: str | None = None
 if _DEFAULT is not None:
     try:
         _DEFAULT.set_threads(default_threads())
     except Exception:  # pragma: no cover - keep import from raising
         pass
+    if os.environ.get("EDGELM_QD8", "").strip():
+        try:
+            _qd8_mode(os.environ["EDGELM_QD8"])
+        except ValueError as e:
+            _QD8_ENV_ERROR = str(e)
+            warnings.warn(f"EDGELM_QD8 ignored: {e}", RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:
@@ -291,11 +428,31 @@ def get_threads() -> int:
     return _default().get_threads()
 
 
-def matmul(x: np.ndarray, t: QTensor, out: np.ndarray | None = None) -> np.ndarray:
+def matmul(x: np.ndarray, t: QTensor, out: np.ndarray | None = None, qd8: bool | None = None) -> np.ndarray:
     """x [n, cols] (or [cols], or [..., cols]) float32 @ W.T -> [n, rows] float32."""
-    return _default().matmul(x, t, out)
+    return _default().matmul(x, t, out, qd8)
 
 
 def embed(ids, t: QTensor) -> np.ndarray:
     """Dequantized rows `ids` of W: float32 [n, cols]; out-of-range ids raise ValueError."""
     return _default().embed(ids, t)
+
+
+def set_qd8(mode) -> None:
+    """Activation path of integer schemes: None/'auto', 0/False (fp32) or 1/True (qd8)."""
+    _default().set_qd8(mode)
+
+
+def get_qd8() -> int:
+    """-1 auto, 0 off, 1 on."""
+    return _default().get_qd8()
+
+
+def uses_qd8(scheme_id: int, n: int = 1) -> bool:
+    """Whether matmul takes the qd8 path for this scheme id and activation row count now."""
+    return bool(_default().module.uses_qd8(int(scheme_id), int(n)))
+
+
+def stream_read_gbs(nbytes: int = 256 << 20, threads: int | None = None, passes: int = 5) -> float:
+    """STREAM-style read bandwidth probe (GB/s, best of `passes`); threads default = get_threads()."""
+    return _default().stream_read_gbs(nbytes, threads, passes)

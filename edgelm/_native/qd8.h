@@ -1,0 +1,433 @@
+// edgelm native kernels: "qd8" integer matmuls. The activation rows of one matmul call are
+// quantized once to int8 with one float scale per 32 values (ggml Q8_0-style), and every
+// integer weight scheme is then multiplied with integer dot products:
+//
+//   y[i, r] = rs_r * sum_b  dw_{r,b} * dx_{i,b} * sum_{k in b} qw_{r,k} * qx_{i,k}
+//
+//   activation block b of row i:  amax = max|x|, dx = amax / 127, qx = rint(x * (127 / amax))
+//   (|qx| <= 127; amax == 0 gives dx = 0, qx = 0). int4 weights are the unsigned nibbles u
+//   with qw = u - 8; the kernels compute sum u*qx and subtract 8 * sum qx (exact, in int32).
+//   int8 per-row: dw = 1, rs = the row scale; blocked schemes: rs = 1, dw = the block scale
+//   (int4-b128: one dw for 4 activation blocks). A partial last block (int8 per-row only,
+//   cols % 32 != 0) is quantized with its own amax.
+//
+// Quantized values are bitwise identical on every ISA (same float ops, round-to-nearest-even);
+// integer sums are exact; only the order of the float accumulation of the per-block terms
+// differs between the scalar and AVX2 kernels. docs/kernels.md derives the error bound.
+//
+// AVX2: int8 weights use the sign trick (|w| unsigned x sign-adjusted x in vpmaddubsw);
+// int4 weights take two blocks (32 bytes of nibbles) per step: the low nibbles are weights
+// 0..15 of both blocks and the high nibbles weights 16..31, so the activations of a block
+// pair are stored pre-shuffled to match ("pair layout", with each pair's per-lane scale and
+// offset-correction vectors next to it). Everything else stores activations in order.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "simd.h"
+#include "threadpool.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define EDGELM_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define EDGELM_INLINE_LAMBDA
+#endif
+
+namespace edgelm {
+
+#if defined(EDGELM_PATH_AVX2)
+constexpr bool kQd8Fast = true;  // auto mode uses qd8 for integer schemes
+#else
+constexpr bool kQd8Fast = false;  // the portable qd8 code is for agreement tests, not speed
+#endif
+
+inline bool qd8_scheme(int scheme) { return scheme >= kINT8 && scheme <= kINT4B128; }
+
+// ----------------------------------------------------------------------------- activations
+
+struct QAct {
+    int64_t n = 0, cols = 0;
+    int64_t nb = 0;    // full 32-blocks
+    int64_t nbt = 0;   // blocks including a partial tail
+    bool pairs = false;
+    uint8_t* base = nullptr;
+    int64_t stride = 0;  // bytes per activation row
+    // natural layout: [q int8 nbt*32][d float nbt][s int32 nbt]
+    const int8_t* q(int64_t i) const { return reinterpret_cast<const int8_t*>(base + i * stride); }
+    const float* d(int64_t i) const { return reinterpret_cast<const float*>(base + i * stride + nbt * 32); }
+    const int32_t* s(int64_t i) const {
+        return reinterpret_cast<const int32_t*>(base + i * stride + nbt * 32 + nbt * 4);
+    }
+    // pair layout: units of 128 bytes: [xa 32][xb 32][dvec 8 float][cvec 8 int32]
+    const uint8_t* unit(int64_t i, int64_t u) const { return base + i * stride + 128 * u; }
+};
+
+// Quantizes one block of L <= 32 values: writes 32 int8 (zero padded), returns dx and sum q.
+EDGELM_INLINE void quant_block_scalar(const float* x, int L, int8_t* q, float* d, int32_t* s) {
+    float amax = 0.f;
+    for (int k = 0; k < L; ++k) {
+        const float a = std::fabs(x[k]);
+        amax = a > amax ? a : amax;
+    }
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int k = 0; k < 32; ++k) {
+        int v = 0;
+        if (k < L) {
+            float r = std::nearbyint(x[k] * id);
+            if (!(r == r)) r = 0.f;
+            r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+            v = static_cast<int>(r);
+        }
+        q[k] = static_cast<int8_t>(v);
+        sum += v;
+    }
+    *d = amax / 127.f;
+    *s = sum;
+}
+
+#if defined(EDGELM_PATH_AVX2)
+// 32 floats -> 32 int8 in order; returns dx, sum.
+EDGELM_INLINE __m256i quant_block_avx2(const float* x, float* d, int32_t* s) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j);
+    __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+    m = _mm256_max_ps(m, _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vid = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vid));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+    *s = _mm_cvtsi128_si32(t4);
+    *d = amax / 127.f;
+    const __m256i p01 = _mm256_packs_epi32(q[0], q[1]);
+    const __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i b = _mm256_packs_epi16(p01, p23);
+    return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+#endif
+
+// Quantizes activation row i of x (length cols) into A.
+inline void quant_row(const float* x, const QAct& A, int64_t i) {
+    uint8_t* row = A.base + i * A.stride;
+#if defined(EDGELM_PATH_AVX2)
+    if (A.pairs) {
+        const int64_t nu = (A.nb + 1) / 2;
+        for (int64_t u = 0; u < nu; ++u) {
+            uint8_t* un = row + 128 * u;
+            float d0 = 0.f, d1 = 0.f;
+            int32_t s0 = 0, s1 = 0;
+            const __m256i b0 = quant_block_avx2(x + 64 * u, &d0, &s0);
+            __m256i b1 = _mm256_setzero_si256();
+            if (2 * u + 1 < A.nb) b1 = quant_block_avx2(x + 64 * u + 32, &d1, &s1);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(un), _mm256_permute2x128_si256(b0, b1, 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(un + 32), _mm256_permute2x128_si256(b0, b1, 0x31));
+            _mm256_storeu_ps(reinterpret_cast<float*>(un + 64), _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(un + 96),
+                                _mm256_setr_epi32(8 * s0, 0, 0, 0, 8 * s1, 0, 0, 0));
+        }
+        return;
+    }
+#endif
+    int8_t* q = reinterpret_cast<int8_t*>(row);
+    float* d = reinterpret_cast<float*>(row + A.nbt * 32);
+    int32_t* s = reinterpret_cast<int32_t*>(row + A.nbt * 32 + A.nbt * 4);
+    for (int64_t b = 0; b < A.nb; ++b) {
+#if defined(EDGELM_PATH_AVX2)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), quant_block_avx2(x + 32 * b, d + b, s + b));
+#else
+        quant_block_scalar(x + 32 * b, 32, q + 32 * b, d + b, s + b);
+#endif
+    }
+    if (A.nbt > A.nb)
+        quant_block_scalar(x + 32 * A.nb, static_cast<int>(A.cols - 32 * A.nb), q + 32 * A.nb, d + A.nb, s + A.nb);
+}
+
+// ----------------------------------------------------------------------------- tiles
+
+using QTileFn = void (*)(const WView&, int64_t, int64_t, const QAct&, int64_t, float*, int64_t);
+
+#if defined(EDGELM_PATH_AVX2)
+
+EDGELM_INLINE float hsum8(__m256 a) { return vhsum(VF{a}); }
+
+// int4 (BS = 32 or 128), pair layout. NX activation rows from i0.
+template <int BS, int NX>
+void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
+    constexpr int NACC = NX <= 2 ? 2 : 1;
+    const auto* Q = static_cast<const uint8_t*>(v.w);
+    const auto* S = static_cast<const uint16_t*>(v.scale);
+    const int64_t cols = v.cols, nb = cols / 32, np = nb / 2;
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i pidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const uint8_t* xr[NX];
+    for (int i = 0; i < NX; ++i) xr[i] = A.unit(i0 + i, 0);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wq = Q + r * (cols / 2);
+        const uint16_t* ws = S + r * (cols / BS);
+        __m256 acc[NX][NACC];
+        for (int i = 0; i < NX; ++i)
+            for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
+        auto step = [&](__m256i wv, __m256 dw, int64_t p, int a) EDGELM_INLINE_LAMBDA {
+            const __m256i lo = _mm256_and_si256(wv, m0f);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m0f);
+            for (int i = 0; i < NX; ++i) {
+                const uint8_t* un = xr[i] + 128 * p;
+                const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
+                const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
+                const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+                const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones),
+                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 96)));
+                const __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps(reinterpret_cast<const float*>(un + 64)));
+                acc[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc[i][a]);
+            }
+        };
+        auto pair = [&](int64_t p, int a) EDGELM_INLINE_LAMBDA {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p));
+            __m256 dw;
+            if (BS == 32) {
+                int32_t two;
+                std::memcpy(&two, ws + 2 * p, 4);
+                dw = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)), pidx);
+            } else {
+                dw = _mm256_set1_ps(_cvtsh_ss(ws[(64 * p) / BS]));
+            }
+            step(wv, dw, p, a);
+        };
+        // Accumulator indices must be compile-time constants (a runtime index spills them).
+        int64_t p = 0;
+        if (NACC == 2)
+            for (; p + 2 <= np; p += 2) {
+                pair(p, 0);
+                pair(p + 1, NACC - 1);
+            }
+        for (; p < np; ++p) pair(p, 0);
+        if (nb & 1) {
+            const __m256i wv = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 32 * np)));
+            step(wv, _mm256_set1_ps(_cvtsh_ss(ws[(64 * np) / BS])), np, 0);
+        }
+        for (int i = 0; i < NX; ++i) {
+            __m256 a = acc[i][0];
+            for (int k = 1; k < NACC; ++k) a = _mm256_add_ps(a, acc[i][k]);
+            out[i * ldo + r] = hsum8(a);
+        }
+    }
+}
+
+// int8 per-row (ROWSCALE) or int8-b32, natural layout.
+template <bool ROWSCALE, int NX>
+void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
+    constexpr int NACC = NX <= 2 ? 2 : 1;
+    const auto* Q = static_cast<const int8_t*>(v.w);
+    const int64_t cols = v.cols, nb = cols / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t* xq[NX];
+    const float* xd[NX];
+    for (int i = 0; i < NX; ++i) {
+        xq[i] = A.q(i0 + i);
+        xd[i] = A.d(i0 + i);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t* wq = Q + r * cols;
+        __m256 acc[NX][NACC];
+        for (int i = 0; i < NX; ++i)
+            for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
+        auto blk = [&](int64_t b, int a) EDGELM_INLINE_LAMBDA {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * b));
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            __m256 dw = _mm256_setzero_ps();
+            if (!ROWSCALE) dw = _mm256_set1_ps(_cvtsh_ss(static_cast<const uint16_t*>(v.scale)[r * nb + b]));
+            for (int i = 0; i < NX; ++i) {
+                const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + 32 * b));
+                const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+                __m256 d = _mm256_broadcast_ss(xd[i] + b);
+                if (!ROWSCALE) d = _mm256_mul_ps(dw, d);
+                acc[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc[i][a]);
+            }
+        };
+        int64_t b = 0;
+        if (NACC == 2)
+            for (; b + 2 <= nb; b += 2) {
+                blk(b, 0);
+                blk(b + 1, NACC - 1);
+            }
+        for (; b < nb; ++b) blk(b, 0);
+        const int64_t tail = cols - 32 * nb;
+        for (int i = 0; i < NX; ++i) {
+            __m256 a = acc[i][0];
+            for (int k = 1; k < NACC; ++k) a = _mm256_add_ps(a, acc[i][k]);
+            float sum = hsum8(a);
+            if (ROWSCALE) {
+                if (tail) {
+                    int32_t it = 0;
+                    for (int64_t k = 0; k < tail; ++k) it += static_cast<int32_t>(wq[32 * nb + k]) * xq[i][32 * nb + k];
+                    sum += static_cast<float>(it) * xd[i][nb];
+                }
+                sum *= static_cast<const float*>(v.scale)[r];
+            }
+            out[i * ldo + r] = sum;
+        }
+    }
+}
+
+#else  // portable qd8 (same math, natural layout)
+
+template <int BS, int NX>
+void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
+    const auto* Q = static_cast<const uint8_t*>(v.w);
+    const auto* S = static_cast<const uint16_t*>(v.scale);
+    const int64_t cols = v.cols, nb = cols / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wq = Q + r * (cols / 2);
+        const uint16_t* ws = S + r * (cols / BS);
+        for (int i = 0; i < NX; ++i) {
+            const int8_t* xq = A.q(i0 + i);
+            const float* xd = A.d(i0 + i);
+            const int32_t* xs = A.s(i0 + i);
+            float acc = 0.f;
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t* p = wq + 16 * b;
+                const int8_t* x = xq + 32 * b;
+                int32_t isum = 0;
+                for (int k = 0; k < 16; ++k)
+                    isum += static_cast<int32_t>(p[k] & 0x0f) * x[k] + static_cast<int32_t>(p[k] >> 4) * x[k + 16];
+                isum -= 8 * xs[b];
+                acc += (half_to_float(ws[(32 * b) / BS]) * xd[b]) * static_cast<float>(isum);
+            }
+            out[i * ldo + r] = acc;
+        }
+    }
+}
+
+template <bool ROWSCALE, int NX>
+void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
+    const auto* Q = static_cast<const int8_t*>(v.w);
+    const int64_t cols = v.cols, nb = cols / 32;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t* wq = Q + r * cols;
+        for (int i = 0; i < NX; ++i) {
+            const int8_t* xq = A.q(i0 + i);
+            const float* xd = A.d(i0 + i);
+            float acc = 0.f;
+            for (int64_t b = 0; b < A.nbt; ++b) {
+                const int64_t L = std::min<int64_t>(32, cols - 32 * b);
+                int32_t isum = 0;
+                for (int64_t k = 0; k < L; ++k) isum += static_cast<int32_t>(wq[32 * b + k]) * xq[32 * b + k];
+                float d = xd[b];
+                if (!ROWSCALE) d = half_to_float(static_cast<const uint16_t*>(v.scale)[r * nb + b]) * d;
+                acc += d * static_cast<float>(isum);
+            }
+            out[i * ldo + r] = ROWSCALE ? acc * static_cast<const float*>(v.scale)[r] : acc;
+        }
+    }
+}
+
+#endif
+
+constexpr int kQMaxNX = 8;
+
+
+struct QKernels {
+    QTileFn tile[kQMaxNX + 1];
+    bool pairs;
+};
+
+template <template <int> class F>
+constexpr QKernels make_q(bool pairs) {
+    return {{nullptr, &F<1>::fn, &F<2>::fn, &F<3>::fn, &F<4>::fn, &F<5>::fn, &F<6>::fn, &F<7>::fn, &F<8>::fn}, pairs};
+}
+template <int NX> struct Q8RowF { static void fn(const WView& v, int64_t a, int64_t b, const QAct& A, int64_t i, float* o, int64_t l) { q8_tile<true, NX>(v, a, b, A, i, o, l); } };
+template <int NX> struct Q8B32F { static void fn(const WView& v, int64_t a, int64_t b, const QAct& A, int64_t i, float* o, int64_t l) { q8_tile<false, NX>(v, a, b, A, i, o, l); } };
+template <int NX> struct Q4B32F { static void fn(const WView& v, int64_t a, int64_t b, const QAct& A, int64_t i, float* o, int64_t l) { q4_tile<32, NX>(v, a, b, A, i, o, l); } };
+template <int NX> struct Q4B128F { static void fn(const WView& v, int64_t a, int64_t b, const QAct& A, int64_t i, float* o, int64_t l) { q4_tile<128, NX>(v, a, b, A, i, o, l); } };
+
+inline const QKernels& q_kernels(int scheme) {
+#if defined(EDGELM_PATH_AVX2)
+    constexpr bool kPairs = true;
+#else
+    constexpr bool kPairs = false;
+#endif
+    static const QKernels t8 = make_q<Q8RowF>(false), t8b = make_q<Q8B32F>(false), t4 = make_q<Q4B32F>(kPairs),
+                          t4b = make_q<Q4B128F>(kPairs);
+    switch (scheme) {
+        case kINT8: return t8;
+        case kINT8B32: return t8b;
+        case kINT4B32: return t4;
+        default: return t4b;
+    }
+}
+
+// Reusable per-calling-thread buffer for quantized activations.
+inline uint8_t* qact_buffer(size_t bytes) {
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < bytes + 64) buf.resize(bytes + 64 + bytes / 4);
+    auto p = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<uint8_t*>((p + 63) & ~uintptr_t(63));
+}
+
+inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
+    A.n = n;
+    A.cols = cols;
+    A.nb = cols / 32;
+    A.nbt = (cols + 31) / 32;
+    A.pairs = q_kernels(scheme).pairs;
+    if (A.pairs) {
+        A.stride = 128 * ((A.nb + 1) / 2);
+    } else {
+        A.stride = A.nbt * (32 + 4 + 4);
+        A.stride = (A.stride + 63) & ~int64_t(63);
+    }
+    A.base = qact_buffer(static_cast<size_t>(A.stride * n));
+}
+
+// out[n, rows] = x[n, cols] @ W^T through quantized activations. W.scheme must be integer.
+inline void matmul_qd8(const WView& W, const float* x, int64_t n, float* out) {
+    if (n <= 0) return;
+    const QKernels& K = q_kernels(W.scheme);
+    ThreadPool& pool = ThreadPool::instance();
+    const int64_t T = pool.threads();
+    const int64_t rows = W.rows, cols = W.cols;
+    QAct A;
+    qact_prepare(A, W.scheme, n, cols);
+    {
+        const int64_t qchunk = std::max<int64_t>(1, 32768 / cols);
+        auto qtask = [&](int64_t t) {
+            const int64_t a = t * qchunk, b = std::min(n, a + qchunk);
+            for (int64_t i = a; i < b; ++i) quant_row(x + i * cols, A, i);
+        };
+        pool.run(ceil_div(n, qchunk), qtask, static_cast<double>(n) * cols >= 65536.0);
+    }
+    int64_t chunk;
+    if (n == 1) {
+        chunk = std::max<int64_t>(16, ceil_div(rows, 8 * T));
+    } else {
+        constexpr int64_t kL2Band = 160 * 1024;
+        chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, cols)));
+        chunk = std::min(chunk, std::max<int64_t>(1, ceil_div(rows, 4 * T)));
+    }
+    const int64_t ntasks = ceil_div(rows, chunk);
+    auto task = [&](int64_t t) {
+        const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
+        for (int64_t i0 = 0; i0 < n; i0 += kQMaxNX) {
+            const int nx = static_cast<int>(std::min<int64_t>(kQMaxNX, n - i0));
+            K.tile[nx](W, r0, r1, A, i0, out + i0 * rows, rows);
+        }
+    };
+    pool.run(ntasks, task, static_cast<double>(n) * rows * cols >= 65536.0);
+}
+
+}  // namespace edgelm
