@@ -120,17 +120,10 @@ def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, s
          threads, backend, quiet):
     """Chat with a model in the terminal."""
     from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
-    from ..runtime.sampler import SamplerConfig
 
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
-    d = eng.default_sampler
-    sampler = SamplerConfig(
-        temperature=d.temperature if temperature is None else temperature,
-        top_k=d.top_k if top_k is None else top_k,
-        top_p=d.top_p if top_p is None else top_p,
-        seed=seed,
-        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-    )
+    sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                           repetition_penalty=repetition_penalty)
     conv = eng.create_conversation(system=system, sampler=sampler, max_new_tokens=max_new_tokens,
                                    overflow=overflow)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()

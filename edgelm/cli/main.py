@@ -45,17 +45,10 @@ def cli():
 def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads, max_tokens, backend, quiet):
     """Generate a continuation of PROMPT, streamed to stdout."""
     from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
-    from ..runtime.sampler import SamplerConfig
     from ..runtime.session import GenerationStats
 
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
-    d = eng.default_sampler
-    sampler = SamplerConfig(
-        temperature=d.temperature if temperature is None else temperature,
-        top_k=d.top_k if top_k is None else top_k,
-        top_p=d.top_p if top_p is None else top_p,
-        seed=seed,
-    )
+    sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     session = eng.create_session(sampler)
     out = sys.stdout
     stats = None

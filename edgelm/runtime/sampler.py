@@ -49,6 +49,10 @@ class SamplerConfig:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise BadInputError(f"penalty_last_n must be an integer >= 0 (0 = whole context), got {n!r}")
 
+    def override(self, **fields) -> "SamplerConfig":
+        """A copy with the given fields replaced; None leaves a field as it is (CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in fields.items() if v is not None})
+
     @classmethod
     def coerce(cls, value) -> "SamplerConfig":
         if value is None:
