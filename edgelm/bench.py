@@ -38,6 +38,21 @@ def kv_bytes_read(engine, context: int) -> int:
     return total
 
 
+def _stream_read_gbs_in_child(threads: int) -> float | None:
+    """STREAM-style read GB/s, probed in a child process so that its 512 MiB buffer counts
+    neither in this process's peak RSS nor in that of whoever launched it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgelm.backends import native; "
+            "print(native.stream_read_gbs(512 << 20, int(sys.argv[1])))")
+    p = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True)
+    try:
+        return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+    except (ValueError, IndexError):
+        return None
+
+
 def _threads_used(eng, requested):
     if eng.backend == "cpu":
         from .backends import native
@@ -110,12 +125,10 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         r = run_once(path, prompt_tokens, gen_tokens, threads, max_tokens, backend, seed=i)
         if i > 0:
             runs.append(r)
-    rss = peak_rss_mib()  # before the bandwidth probe, whose buffer must not count
+    rss = peak_rss_mib()
     stream = None
     if runs[0]["backend"] == "cpu":  # measured in the same run, as the bound for "% of bound"
-        from .backends import native
-
-        stream = native.stream_read_gbs(512 << 20, runs[0]["threads"])
+        stream = _stream_read_gbs_in_child(runs[0]["threads"])
     meta = runs[0]["meta"]
     q = meta.get("quantization", {})
     return {
