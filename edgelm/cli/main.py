@@ -82,8 +82,10 @@ def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads,
               help="Scheme for Gemma 3n's per-layer embedding table (default: --embed-scheme).")
 @click.option("--matformer", default=None, metavar="SPEC",
               help="Gemma 3n: extract a MatFormer slice: e2b, or LAYERS:FFN_WIDTHS (see docs/gemma3n.md).")
+@click.option("--imatrix", "imatrix_path", default=None, type=click.Path(dir_okay=False),
+              help="Column importance from `edgelm imatrix`: the int4 scale search weighs its error by it.")
 @click.option("--quiet", "-q", is_flag=True)
-def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer, quiet):
+def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer, imatrix_path, quiet):
     """Convert a GGUF file or Hugging Face checkpoint dir SRC into a bundle."""
     from pathlib import Path
 
@@ -92,13 +94,19 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
 
     if Path(output).exists() and Path(src).exists() and Path(output).resolve() == Path(src).resolve():
         raise BadInputError(f"{output}: the output would overwrite the source")
+    importance = imeta = None
+    if imatrix_path is not None:
+        from ..runtime import imatrix
+
+        importance, imeta = imatrix.load(imatrix_path)
+        imeta = {"file": Path(imatrix_path).name, **imeta}
     source = load_source(src)
     if matformer is not None:
         from ..convert.matformer import slice_source
 
         source = slice_source(source, matformer)
     summary = do_convert(source, output, scheme=scheme, embed_scheme=embed_scheme, requantize=requantize,
-                         progress=not quiet, ple_scheme=ple_scheme)
+                         progress=not quiet, ple_scheme=ple_scheme, importance=importance, importance_meta=imeta)
     if quiet:
         return
     click.echo(f"{'scheme':<10} {'tensors':>7} {'weights':>14} {'bytes':>12}")
@@ -108,6 +116,55 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
         click.echo(f"note: {note}")
     click.echo(f"wrote {summary['path']}: {_fmt_bytes(summary['size'])}, {summary['bits_per_weight']:.2f} bits/weight, "
                f"{summary['seconds']:.1f} s")
+
+
+# ----------------------------------------------------------------------------- imatrix
+
+@cli.command()
+@click.option("--model", "-m", required=True, type=click.Path(dir_okay=False),
+              help="A bundle of the model (any scheme; a more precise one gives cleaner statistics).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text (default: text the model generates itself from BOS, seeded).")
+@click.option("--tokens", type=int, default=4096, show_default=True, help="Calibration tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-generated text.")
+@click.option("--threads", "-t", type=int, default=None)
+@click.option("--quiet", "-q", is_flag=True)
+def imatrix(model, output, text, tokens, seed, threads, quiet):
+    """Collect per-column activation importance for `convert --imatrix` (docs/quality.md)."""
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..runtime import imatrix as im
+    from ..runtime.engine import Engine
+
+    if tokens < 16:
+        raise BadInputError(f"--tokens must be at least 16, got {tokens}")
+    eng = Engine(model, threads=threads, max_tokens=512, prefill_chunk=512)
+    t0 = time.perf_counter()
+    if text is not None:
+        p = Path(text)
+        if not p.is_file():
+            raise BadInputError(f"{text}: no such text file")
+        try:
+            content = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInputError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        seqs = im.text_calibration(eng, content, tokens)
+        source = {"text": p.name}
+    else:
+        with tqdm(total=tokens, desc="generating calibration text", unit="tok", disable=quiet, leave=False) as bar:
+            seqs = im.self_generated_calibration(eng, tokens, seed=seed, progress=bar.update)
+        source = {"self_generated": True, "seed": seed}
+    n = sum(len(s) for s in seqs)
+    with tqdm(total=n, desc="collecting importance", unit="tok", disable=quiet, leave=False) as bar:
+        data = im.collect(eng, seqs, progress=bar.update)
+    meta = {"model": Path(model).name, "tokens": n, **source}
+    im.save(output, data, meta)
+    if not quiet:
+        click.echo(f"wrote {output}: {len(data)} tensors, {n} calibration tokens, {time.perf_counter() - t0:.1f} s")
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -82,8 +82,13 @@ def plan_tensors(src: Source, scheme: str, embed_scheme: str, ple_scheme: str | 
     return [TensorPlan(st.name, _pick(st, scheme, embed_scheme, ple_scheme), tuple(st.shape)) for st in src.tensors]
 
 
-def make_producer(src: Source, requantize: bool = False) -> Callable[[TensorPlan], QTensor]:
+def make_producer(src: Source, requantize: bool = False,
+                  importance: dict[str, np.ndarray] | None = None) -> Callable[[TensorPlan], QTensor]:
+    """`importance`: per-tensor, per-input-column weights of the squared quantization error
+    (edgelm.runtime.imatrix), used by the int4 scale search; tensors without one get the
+    unweighted search."""
     by_name = {st.name: st for st in src.tensors}
+    importance = importance or {}
 
     def produce(plan: TensorPlan) -> QTensor:
         st = by_name[plan.name]
@@ -94,7 +99,14 @@ def make_producer(src: Source, requantize: bool = False) -> Callable[[TensorPlan
         w = st.load()
         if tuple(w.shape) != tuple(plan.shape):
             raise BadInputError(f"tensor {plan.name}: loaded shape {w.shape}, expected {plan.shape}")
-        return quantize(w, plan.scheme)
+        imp = importance.get(plan.name)
+        if imp is not None and len(plan.shape) > 1 and imp.size != int(np.prod(plan.shape[1:])):
+            raise BadInputError(f"importance for {plan.name} has {imp.size} entries; its rows have "
+                                f"{int(np.prod(plan.shape[1:]))} columns (was it collected on another model?)")
+        if imp is not None:
+            imp = imp.astype(np.float64)
+            imp = (imp / max(float(imp.mean()), 1e-30) + 1e-3).astype(np.float32)  # no column counts for nothing
+        return quantize(w, plan.scheme, imp)
 
     return produce
 
@@ -122,13 +134,19 @@ def convert(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     ple_scheme: str | None = None,
+    importance: dict[str, np.ndarray] | None = None,
+    importance_meta: dict | None = None,
 ) -> dict:
     """Quantize `src` and write a bundle at `out`. Returns a summary dict.
-    ple_scheme: scheme of a per-layer embedding table (Gemma 3n; default: embed_scheme)."""
+    ple_scheme: scheme of a per-layer embedding table (Gemma 3n; default: embed_scheme).
+    importance: per-tensor column importance for the int4 scale search (see
+    edgelm.runtime.imatrix); importance_meta is recorded in the bundle's header."""
     embed_scheme = embed_scheme or scheme
     out = Path(out)
     t0 = time.perf_counter()
     plans = plan_tensors(src, scheme, embed_scheme, ple_scheme)
+    if importance and not set(importance) & {p.name for p in plans}:
+        raise BadInputError("the importance file names none of this model's tensors (was it collected on another model?)")
     meta = {
         "arch": src.arch,
         "config": src.config,
@@ -139,7 +157,8 @@ def convert(
         "add_bos": src.add_bos,
         "sampler": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
         "quantization": {"scheme": scheme, "embed_scheme": embed_scheme, "requantize": requantize,
-                         **({"ple_scheme": ple_scheme or embed_scheme} if any(st.kind == "ple" for st in src.tensors) else {})},
+                         **({"ple_scheme": ple_scheme or embed_scheme} if any(st.kind == "ple" for st in src.tensors) else {}),
+                         **({"importance": importance_meta or {"tensors": len(importance)}} if importance else {})},
         "source": src.description,
         "notes": src.notes,
         "created_by": "edgelm",
@@ -151,7 +170,7 @@ def convert(
         def bar(items):
             return tqdm(items, desc=f"converting to {out.name}", unit="tensor", leave=False)
 
-    size = write_bundle(out, meta, plans, make_producer(src, requantize), {"tokenizer": src.tokenizer_data}, bar)
+    size = write_bundle(out, meta, plans, make_producer(src, requantize, importance), {"tokenizer": src.tokenizer_data}, bar)
     n_weights = sum(int(np.prod(p.shape)) for p in plans)
     weight_bytes = sum(r[3] for r in summarize(plans))
     return {

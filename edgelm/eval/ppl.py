@@ -1,7 +1,8 @@
 """Perplexity and KL divergence over a text, the way llama.cpp's llama-perplexity does it,
 so the numbers are comparable side by side:
 
-1. Tokenize the whole text once, with BOS in front.
+1. Tokenize the whole text once, with BOS in front. Special-token literals in the text
+   (wikitext-2 has `<unk>` 15k times) are read as ordinary text, as llama.cpp does.
 2. Cut it into consecutive chunks of `ctx` tokens and drop the ragged tail. Each chunk
    is scored independently, from an empty cache, with its first token replaced by BOS.
 3. Score only the second half of each chunk: the logits at position j (ctx/2 <= j < ctx-1)
@@ -84,7 +85,7 @@ def perplexity_many(engines: dict, text: str, ctx: int = 512, max_chunks: int | 
     for e in (*engines.values(), kl_base):
         if e is not None and e.config.vocab_size != first_eng.config.vocab_size:
             raise BadInputError("every model (and --kl-base) must share one vocabulary")
-    ids = first_eng.tokenize(text, add_bos=True)
+    ids = first_eng.tokenize(text, add_bos=True, parse_special=False)  # llama-perplexity's tokenization
     chunks = make_chunks(ids, ctx, first_eng.tokenizer.bos_id, max_chunks)
     first = ctx // 2
     acc = {name: {"nll": [], "kl": [], "agree": [], "seconds": 0.0} for name in engines}

@@ -133,16 +133,67 @@ def _int4_specs(bs):
     return lambda r, c: {"q": (np.dtype(np.uint8), (r, c // 2)), "scale": (np.dtype(np.float16), (r, c // bs))}
 
 
+# Scale search for int4 blocks: each block tries the divisors in _INT4_DIVISORS, i.e.
+# scale = m / -D for the block's signed absolute maximum m (D = 8 is GGUF Q4_0's choice,
+# which maps m onto -8). Larger D clips m a little to give the other weights finer steps.
+# The divisor with the least (importance-weighted) squared error wins.
+_INT4_DIVISORS = np.round(np.arange(7.0, 10.01, 0.125), 3)
+_INT4_ROWS_PER_STEP = 2048  # bounds the search's temporaries (~ rows * cols * 4 bytes each)
+
+
+def _int4_search(b: np.ndarray, m: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+    """b: [r, nb, bs] weights, m: [r, nb] signed absmax -> fp16 scales [r, nb]."""
+    best_d = (m / -8.0).astype(np.float16)
+    best_e = None
+    for D in _INT4_DIVISORS:
+        d = (m / -D).astype(np.float16)
+        d32 = d.astype(np.float32)
+        inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+        qv = np.clip(np.rint(b * inv[..., None]), -8, 7)
+        err = (b - qv * d32[..., None]) ** 2
+        if imp is not None:
+            err *= imp
+        e = err.sum(axis=2)
+        if best_e is None:
+            best_e, best_d = e, d
+        else:
+            better = e < best_e
+            best_e = np.where(better, e, best_e)
+            best_d = np.where(better, d, best_d)
+    # Refit: with the levels fixed, the scale of least weighted squared error is
+    # sum(w x q) / sum(w q^2); keep it where it helps and stays within the stated bound.
+    d32 = best_d.astype(np.float32)
+    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+    qv = np.clip(np.rint(b * inv[..., None]), -8, 7)
+    wq = qv * imp if imp is not None else qv
+    den = (wq * qv).sum(axis=2)
+    d_fit = np.divide((wq * b).sum(axis=2), den, out=d32.copy(), where=den > 0).astype(np.float16)
+    f32 = d_fit.astype(np.float32)[..., None]
+    diff = b - qv * f32
+    err = diff ** 2
+    if imp is not None:
+        err *= imp
+    ok = (err.sum(axis=2) < best_e) & (np.abs(diff).max(axis=2) <= 0.3 * np.abs(m)) & np.isfinite(f32[..., 0])
+    return np.where(ok, d_fit, best_d)
+
+
 def _int4_quant(bs):
-    def q(w: np.ndarray) -> dict[str, np.ndarray]:
+    def q(w: np.ndarray, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """`importance` (cols,), optional: how much each input column's error counts,
+        e.g. the mean square of the activations it meets (see edgelm.convert.importance)."""
         w = np.asarray(w, dtype=np.float32)
         r, c = w.shape
         b = w.reshape(r, c // bs, bs)
-        # The weight of largest magnitude maps exactly onto -8 (as in GGUF Q4_0), which
-        # uses all 16 levels; its sign decides which end gets the extra level.
+        imp = None
+        if importance is not None:
+            imp = np.asarray(importance, dtype=np.float32).reshape(1, c // bs, bs)
+        # The signed value of largest magnitude; its sign decides which end of -8..7 it uses.
         idx = np.abs(b).argmax(axis=2)
         m = np.take_along_axis(b, idx[..., None], axis=2)[..., 0]
-        d = (m / -8.0).astype(np.float16)
+        d = np.empty((r, c // bs), dtype=np.float16)
+        for r0 in range(0, r, _INT4_ROWS_PER_STEP):
+            sl = slice(r0, r0 + _INT4_ROWS_PER_STEP)
+            d[sl] = _int4_search(b[sl], m[sl], imp)
         d32 = d.astype(np.float32)
         inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
         qv = np.clip(np.rint(b * inv[..., None]) + 8, 0, 15).astype(np.uint8)
@@ -177,8 +228,10 @@ SCHEMES: dict[str, Scheme] = {
         # fp16 scale rounding can push the largest weight to the clip edge: allow 1/127 + ulp.
         Scheme("int8-b32", 3, 32, 8, _int8b_specs, _int8b_quant, _int8b_dequant, _rel(1.0 / 127 * 1.01)),
         # The largest weight maps to -8; an opposite-sign weight of equal size clips at +7.
-        Scheme("int4-b32", 4, 32, 4, _int4_specs(32), _int4_quant(32), _int4_dequant(32), _rel(1.0 / 8 * 1.01)),
-        Scheme("int4-b128", 5, 128, 4, _int4_specs(128), _int4_quant(128), _int4_dequant(128), _rel(1.0 / 8 * 1.01)),
+        # The scale search clips the largest weight at most to 8/10 of it, and an
+        # opposite-sign weight of equal size at 7/10 (plus fp16 scale rounding).
+        Scheme("int4-b32", 4, 32, 4, _int4_specs(32), _int4_quant(32), _int4_dequant(32), _rel(0.3 * 1.01)),
+        Scheme("int4-b128", 5, 128, 4, _int4_specs(128), _int4_quant(128), _int4_dequant(128), _rel(0.3 * 1.01)),
     ]
 }
 SCHEME_BY_ID = {s.id: s for s in SCHEMES.values()}
@@ -226,7 +279,9 @@ class QTensor:
         return self.scheme.dequantize(sub, n, self.cols)
 
 
-def quantize(w: np.ndarray, scheme: str | Scheme) -> QTensor:
+def quantize(w: np.ndarray, scheme: str | Scheme, importance: np.ndarray | None = None) -> QTensor:
+    """`importance`: optional per-input-column weights of the squared error, used by the
+    schemes that search their scales (int4); the others ignore it."""
     s = get_scheme(scheme) if isinstance(scheme, str) else scheme
     w = np.asarray(w, dtype=np.float32)
     if w.ndim == 1:
@@ -235,6 +290,11 @@ def quantize(w: np.ndarray, scheme: str | Scheme) -> QTensor:
         return QTensor(s, w.shape, {"w": np.ascontiguousarray(w)})
     rows, cols = w.shape[0], int(np.prod(w.shape[1:]))
     s.check_shape(rows, cols)
+    if importance is not None and s.weight_bits == 4:
+        importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+        if importance.shape != (cols,):
+            raise BadInputError(f"importance has {importance.size} entries for a row of {cols}")
+        return QTensor(s, tuple(w.shape), s.quantize(w.reshape(rows, cols), importance))
     return QTensor(s, tuple(w.shape), s.quantize(w.reshape(rows, cols)))
 
 

@@ -73,10 +73,13 @@ class Engine:
 
     # ------------------------------------------------------------------ text
 
-    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`; `parse_special=False` reads special-token literals as text."""
         if not isinstance(text, str):
             raise BadInputError(f"text must be a string, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_bos=self.add_bos if add_bos is None else add_bos)
+        return self.tokenizer.encode(
+            text, add_bos=self.add_bos if add_bos is None else add_bos, parse_special=parse_special
+        )
 
     def detokenize(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids])

@@ -125,13 +125,22 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
-    """Positions (into probs) of the smallest set whose mass reaches p, most likely first."""
-    order = np.argsort(-probs, kind="stable")
+    """Positions (into probs) of the smallest set whose mass reaches p, most likely first;
+    every position (in index order) when p >= 1. Only the head of the distribution is
+    sorted: the candidate set grows 8x at a time until it holds mass p, so a 262k-entry
+    vocabulary costs a partition, not a full sort, per token."""
+    n = probs.shape[0]
     if p >= 1.0:
-        return order
-    cum = np.cumsum(probs[order])
-    keep = int(np.searchsorted(cum, p, side="left")) + 1
-    return order[:keep]
+        return np.arange(n)
+    k = min(n, 64)
+    while True:
+        idx = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        cum = np.cumsum(probs[idx])
+        if cum[-1] >= p or k == n:
+            keep = min(int(np.searchsorted(cum, p, side="left")) + 1, k)
+            return idx[:keep]
+        k = min(n, k * 8)
 
 
 def sample(logits: np.ndarray, cfg: SamplerConfig, rng: np.random.Generator, context=(), generated=()) -> int:

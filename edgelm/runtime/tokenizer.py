@@ -324,6 +324,35 @@ def _normalize_spm_model(data: bytes) -> bytes:
     return _ld(_MP_TRAINER, ts) + b"".join(pieces_raw) + b"".join(rest)
 
 
+def _plain_text_model(data) -> bytes:
+    """A copy of an edgelm-form model in which the control symbols are CONTROL pieces again,
+    so SentencePiece never matches them in text: ``"<unk>"`` or ``"<start_of_turn>"`` written
+    literally is then tokenized as ordinary characters. USER_DEFINED pieces that were never
+    control tokens (Gemma's whitespace runs, HTML tags) are still matched whole, as llama.cpp
+    does with ``parse_special=false``."""
+    data = bytes(data)
+    controls = {s.encode("utf-8") for s in _control_symbols(data)}
+    out = []
+    for field, wire, value, rs, re_ in _iter_fields(data):
+        if field == _MP_PIECES and wire == 2:
+            s, e = value
+            piece = typ = None
+            for f2, w2, v2, _, _ in _iter_fields(data, s, e):
+                if f2 == _SP_PIECE and w2 == 2:
+                    piece = data[v2[0] : v2[1]]
+                elif f2 == _SP_TYPE and w2 == 0:
+                    typ = v2
+            if typ == _USER_DEFINED and piece in controls:
+                body = b"".join(
+                    data[r2s:r2e] if f2 != _SP_TYPE else _vi(_SP_TYPE, _CONTROL)
+                    for f2, _, _, r2s, r2e in _iter_fields(data, s, e)
+                )
+                out.append(_ld(_MP_PIECES, body))
+                continue
+        out.append(data[rs:re_])
+    return b"".join(out)
+
+
 # --------------------------------------------------------------------------------------------
 # GGUF metadata
 # --------------------------------------------------------------------------------------------
@@ -690,6 +719,17 @@ class _SentencePieceBackend:
         # the GGUF's control tokens), so it is split out here. edgelm's form always lists it.
         self.split_unk = self.unk_piece is not None
 
+    _plain_sp = None
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with control-token literals read as ordinary text. The plain
+        model is built on first use (~1 s, one more vocabulary in memory)."""
+        if self._plain_sp is None:
+            import sentencepiece as spm
+
+            self._plain_sp = spm.SentencePieceProcessor(model_proto=_plain_text_model(self._data))
+        return self._plain_sp.encode(text)
+
     def encode(self, text: str) -> list[int]:
         if self.split_unk and self.unk_piece in text:
             out: list[int] = []
@@ -788,6 +828,13 @@ class _HFJsonBackend:
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        self.tk.encode_special_tokens = True
+        try:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tk.encode_special_tokens = False
 
     def adds_bos(self, bos: int) -> bool:
         ids = self.tk.encode("", add_special_tokens=True).ids
@@ -907,10 +954,13 @@ class Tokenizer:
 
     # -- encoding ----------------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`. Special tokens written literally ("<start_of_turn>") map to
-        their ids. BOS is prepended only when `add_bos` is true."""
-        ids = self._b.encode(text)
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. With `parse_special` (the default, what chat templates need),
+        special tokens written literally ("<start_of_turn>", "<unk>") map to their ids;
+        without it they are read as ordinary text, as llama.cpp's ``parse_special=false``
+        does (perplexity over corpora that contain such strings). BOS is prepended only when
+        `add_bos` is true."""
+        ids = self._b.encode(text) if parse_special else self._b.encode_plain(text)
         if add_bos and self.bos_id is not None:
             return [self.bos_id, *ids]
         return list(ids)
