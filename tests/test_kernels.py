@@ -287,6 +287,36 @@ def test_threads_give_identical_results(kern, scheme):
             np.testing.assert_array_equal(y1, y2)
 
 
+def test_pool_oversubscribed_many_small_jobs(kern):
+    """More pool threads than cores and thousands of short jobs from several Python threads:
+    every result is exact, and no job waits for (or is run by) a worker of another job."""
+    import threading
+
+    t = qtensor("int4-b32", 1031, 640)
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((1, 640)).astype(np.float32) for _ in range(8)]
+    kern.set_threads(1)
+    want = [kern.matmul(x, t) for x in xs]
+    kern.set_threads(6)
+    errors = []
+
+    def hammer(k):
+        for i in range(400):
+            j = (i + k) % len(xs)
+            if not np.array_equal(kern.matmul(xs[j], t), want[j]):
+                errors.append((k, i))
+
+    try:
+        ths = [threading.Thread(target=hammer, args=(k,)) for k in range(3)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    finally:
+        kern.set_threads(2)
+    assert not errors
+
+
 def test_out_parameter(kern):
     t = qtensor("int8", 17, 100)
     x = np.random.default_rng(6).standard_normal((5, 100)).astype(np.float32)

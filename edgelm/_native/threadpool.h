@@ -10,6 +10,7 @@
 // ones on its next job.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -73,29 +74,37 @@ public:
             return;
         }
         if (static_cast<int>(workers_.size()) != nt - 1) start_workers(nt - 1);
-        fn_ = call;
-        ctx_ = &f;
-        ntasks_ = ntasks;
-        next_.store(0, std::memory_order_relaxed);
-        pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-        bool wake;
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            gen_.fetch_add(1, std::memory_order_release);
-            wake = sleepers_ > 0;
-        }
-        if (wake) cv_.notify_all();
-        do_tasks();
-        // Wait for the workers: spin briefly, then sleep.
-        if (pending_.load(std::memory_order_acquire) != 0) {
-            const auto t0 = std::chrono::steady_clock::now();
-            int spins = 0;
-            while (pending_.load(std::memory_order_acquire) != 0) {
-                EDGELM_CPU_RELAX();
-                if ((++spins & 255) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
-                    std::unique_lock<std::mutex> lk(mu_);
-                    done_cv_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
-                    break;
+        // A job is published as one claim word (job | ntasks | next task), so a worker that
+        // wakes late can never claim a task of a job other than the one it read. Completion
+        // is counted per task, not per worker: the caller waits only for tasks a worker has
+        // actually claimed, never for a worker the OS has not scheduled yet (on a busy host
+        // that wait was a whole time slice per call).
+        for (int64_t base = 0; base < ntasks; base += kMaxTasks) {
+            const int64_t cnt = std::min<int64_t>(kMaxTasks, ntasks - base);
+            fn_ = call;
+            ctx_ = &f;
+            base_ = base;
+            done_.store(0, std::memory_order_relaxed);
+            const uint64_t job = (job_ = (job_ + 1) & kJobMask);
+            claim_.store((job << 40) | (static_cast<uint64_t>(cnt) << 20), std::memory_order_release);
+            bool wake;
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                gen_.fetch_add(1, std::memory_order_release);
+                wake = sleepers_ > 0;
+            }
+            if (wake) cv_.notify_all();
+            do_tasks();
+            if (done_.load(std::memory_order_acquire) != cnt) {
+                const auto t0 = std::chrono::steady_clock::now();
+                int spins = 0;
+                while (done_.load(std::memory_order_acquire) != cnt) {
+                    EDGELM_CPU_RELAX();
+                    if ((++spins & 255) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
+                        std::unique_lock<std::mutex> lk(mu_);
+                        done_cv_.wait(lk, [&] { return done_.load(std::memory_order_acquire) == cnt; });
+                        break;
+                    }
                 }
             }
         }
@@ -105,17 +114,31 @@ public:
 
 private:
     static constexpr std::chrono::microseconds kSpin{200};
+    static constexpr int64_t kMaxTasks = (int64_t{1} << 20) - 1;  // tasks per claim word
+    static constexpr uint64_t kJobMask = (uint64_t{1} << 24) - 1;
 
     ThreadPool() {
         unsigned hc = std::thread::hardware_concurrency();
         nthreads_.store(hc == 0 ? 1 : (hc > kMaxThreads ? kMaxThreads : static_cast<int>(hc)));
     }
 
+    // Claim and run tasks of the job currently published in claim_. A task is claimed by
+    // a CAS on the whole word, so a stale reader (a worker that read the word of a job that
+    // has since finished) fails the CAS and stops. While any claimed task is unfinished the
+    // job cannot finish, so fn_/ctx_/base_ read after a successful claim are that job's.
     void do_tasks() {
+        uint64_t v = claim_.load(std::memory_order_acquire);
         for (;;) {
-            const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-            if (t >= ntasks_) break;
-            fn_(ctx_, t);
+            const uint64_t cnt = (v >> 20) & 0xFFFFF, next = v & 0xFFFFF;
+            if (next >= cnt) return;
+            if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+                continue;
+            fn_(ctx_, base_ + static_cast<int64_t>(next));
+            if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<int64_t>(cnt)) {
+                std::lock_guard<std::mutex> lk(mu_);
+                done_cv_.notify_one();
+            }
+            v = claim_.load(std::memory_order_acquire);
         }
     }
 
@@ -139,14 +162,9 @@ private:
             if (stop_.load(std::memory_order_relaxed)) return;
             seen = g;
             do_tasks();
-            if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-                std::lock_guard<std::mutex> lk(mu_);
-                done_cv_.notify_one();
-            }
         }
     }
 
-    // Both called with run_mu_ held and no job in flight.
     void start_workers(int n) {
         stop_workers();
         stop_.store(false);
@@ -183,7 +201,8 @@ private:
         new (&p.run_mu_) std::mutex();
         p.sleepers_ = 0;
         p.stop_.store(false);
-        p.pending_.store(0);
+        p.done_.store(0);
+        p.claim_.store(0);
     }
 #endif
 
@@ -195,10 +214,11 @@ private:
     std::atomic<int> nthreads_{1};
     std::atomic<uint64_t> gen_{0};
     std::atomic<bool> stop_{false};
-    std::atomic<int> pending_{0};
-    std::atomic<int64_t> next_{0};
+    std::atomic<uint64_t> claim_{0};  // job (24 bits) | task count (20) | next task (20)
+    std::atomic<int64_t> done_{0};    // tasks of the current job finished
+    uint64_t job_ = 0;
+    int64_t base_ = 0;                // index of the job's first task (jobs over kMaxTasks are split)
     int sleepers_ = 0;
-    int64_t ntasks_ = 0;
     void (*fn_)(void*, int64_t) = nullptr;
     void* ctx_ = nullptr;
 };
