@@ -24,7 +24,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 SRC = "edgelm/_native/kernels.cpp"
-DEPENDS = [f"edgelm/_native/{h}" for h in ("simd.h", "kernels.h", "threadpool.h", "vmath.h", "qd8.h", "ops.h")]
+DEPENDS = [f"edgelm/_native/{h}" for h in ("simd.h", "kernels.h", "threadpool.h", "vmath.h", "qd8.h", "ops.h", "fused.h")]
 
 # ISA-specific flags, GCC/Clang spelling, then MSVC spelling.
 ISA_FLAGS = {

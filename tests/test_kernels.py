@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgelm.backends import native
+from edgelm.backends.numpy_ops import NumpyOps
 from edgelm.quant.schemes import SCHEMES, QTensor, quantize
 
 if not native.available():
@@ -544,3 +545,89 @@ def test_import_without_extension_does_not_raise():
     )
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------ fused products (fused.h)
+
+def wargs(t: QTensor):
+    """A weight as the fused entry points take it: (scheme_id, w, scale, rows, cols)."""
+    return (t.scheme.id, *raw_args(t), t.rows, t.cols)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_matmul_multi_equals_separate_products(kern, scheme, n):
+    """q, k, v in one job: bitwise the separate matmuls (same qd8 choice), odd sizes too."""
+    cols = 640 if SCHEMES[scheme].block != 128 else 768
+    ts = [qtensor(scheme, r, cols, seed=r) for r in (1024, 256, 77)]
+    x = np.random.default_rng(n).standard_normal((n, cols)).astype(np.float32)
+    for qd8 in (0, 1):
+        outs = [np.full((n, t.rows), np.nan, np.float32) for t in ts]
+        kern.module.matmul_multi(x, [wargs(t) for t in ts], outs, qd8)
+        for t, o in zip(ts, outs):
+            np.testing.assert_array_equal(o, kern.matmul(x, t, qd8=bool(qd8)))
+
+
+def test_matmul_multi_mixed_schemes(kern):
+    ts = [qtensor("int4-b32", 64, 640), qtensor("int8", 32, 640), qtensor("fp16", 16, 640)]
+    x = np.random.default_rng(3).standard_normal((2, 640)).astype(np.float32)
+    outs = [np.empty((2, t.rows), np.float32) for t in ts]
+    kern.module.matmul_multi(x, [wargs(t) for t in ts], outs, -1)
+    for t, o in zip(ts, outs):
+        np.testing.assert_array_equal(o, kern.matmul(x, t))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("n", [1, 5])
+def test_matmul_gelu_mul_equals_unfused(kern, scheme, n):
+    cols = 640 if SCHEMES[scheme].block != 128 else 768
+    g, u = qtensor(scheme, 2048, cols, seed=1), qtensor(scheme, 2048, cols, seed=2)
+    x = np.random.default_rng(n).standard_normal((n, cols)).astype(np.float32)
+    for qd8 in (0, 1):
+        out, tmp = np.empty((n, 2048), np.float32), np.empty((n, 2048), np.float32)
+        kern.module.matmul_gelu_mul(x, wargs(g), wargs(u), out, tmp, qd8)
+        gm, um = kern.matmul(x, g, qd8=bool(qd8)), kern.matmul(x, u, qd8=bool(qd8))
+        np.testing.assert_array_equal(tmp, um)
+        ref = NumpyOps().gelu_mul(gm, um)
+        assert np.all(np.abs(out - ref) <= 2e-6 * (np.abs(gm * um) + np.abs(ref)) + 1e-30)
+
+
+def test_fused_products_validate(kern):
+    m = kern.module
+    a, b = qtensor("int8", 32, 640), qtensor("int8", 32, 320)
+    x = np.zeros((2, 640), np.float32)
+    o = np.empty((2, 32), np.float32)
+    with pytest.raises(ValueError, match="same cols"):
+        m.matmul_multi(x, [wargs(a), wargs(b)], [o, np.empty((2, 32), np.float32)])
+    with pytest.raises(ValueError, match="one out array per weight"):
+        m.matmul_multi(x, [wargs(a)], [o, o])
+    with pytest.raises(ValueError, match="overlap"):
+        m.matmul_multi(x, [wargs(a), wargs(a)], [o, o])
+    with pytest.raises(ValueError, match="1 to 8 weights"):
+        m.matmul_multi(x, [], [])
+    with pytest.raises(ValueError, match=r"\(scheme_id, w, scale, rows, cols\)"):
+        m.matmul_multi(x, [(2, None)], [o])
+    with pytest.raises(ValueError, match="shape"):
+        m.matmul_multi(np.zeros((2, 100), np.float32), [wargs(a)], [o])
+    with pytest.raises(ValueError, match="same shape"):
+        m.matmul_gelu_mul(x, wargs(a), wargs(qtensor("int8", 16, 640)), o, o.copy())
+    with pytest.raises(ValueError, match="overlap"):
+        m.matmul_gelu_mul(x, wargs(a), wargs(a), o, o)
+    bad = wargs(a)
+    with pytest.raises(ValueError):
+        m.matmul_gelu_mul(x, (bad[0], bad[1], bad[2], 64, 640), wargs(a), o, o.copy())
+
+
+def test_cpu_ops_fused_products_match_numpy_reference():
+    """CpuOps.matmul_multi / matmul_gelu_mul against NumpyOps (the reference op table)."""
+    from edgelm.backends.cpu import CpuOps
+
+    ops, ref = CpuOps(), NumpyOps()
+    ts = [qtensor("fp32", 96, 640, seed=s) for s in (1, 2, 3)]
+    x = np.random.default_rng(0).standard_normal((4, 640)).astype(np.float32)
+    for got, want in zip(ops.matmul_multi(x, ts), ref.matmul_multi(x, ts)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    got, want = ops.matmul_gelu_mul(x, ts[0], ts[1]), ref.matmul_gelu_mul(x, ts[0], ts[1])
+    # fp32 sums in another order (~1e-5 relative in g and u), carried through gelu(g) * u
+    g, u = np.abs(ref.matmul(x, ts[0])), np.abs(ref.matmul(x, ts[1]))
+    assert np.all(np.abs(got - want) <= 1e-4 * (g + u + np.abs(want)) + 1e-4)

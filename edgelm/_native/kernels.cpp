@@ -24,6 +24,7 @@
 #include "kernels.h"
 #include "ops.h"
 #include "qd8.h"
+#include "fused.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -218,6 +219,110 @@ void py_matmul(py::handle x_h, int scheme, py::handle w_h, py::handle scale_h, i
         edgelm::matmul_qd8(W.view, xp, n, op);
     else
         edgelm::matmul(W.view, xp, n, op);
+}
+
+// A weight given as the tuple (scheme_id, w, scale, rows, cols), as matmul takes them.
+Weights weight_from_tuple(const char* fn, py::handle h) {
+    py::tuple t = py::reinterpret_borrow<py::object>(h).cast<py::tuple>();
+    if (t.size() != 5) throw py::value_error(std::string(fn) + ": each weight is (scheme_id, w, scale, rows, cols)");
+    return check_weights(fn, t[0].cast<int>(), t[1], t[2], t[3].cast<int64_t>(), t[4].cast<int64_t>());
+}
+
+py::array check_input(const char* fn, py::handle x_h, int64_t cols) {
+    py::array x = as_array(fn, "x", x_h);
+    if (!dtype_is(x, kF32)) throw py::type_error(std::string(fn) + ": x must be float32, got " + dtype_str(x));
+    if (x.ndim() != 2 || x.shape(1) != cols)
+        throw py::value_error(std::string(fn) + ": x must have shape (n, " + std::to_string(cols) + "), got " +
+                              shape_str(x));
+    check_layout(fn, "x", x, false);
+    return x;
+}
+
+void check_out(const char* fn, const char* name, const py::array& out, const py::array& x,
+               const std::vector<Weights>& ws) {
+    check_no_overlap(fn, name, out, "x", x);
+    for (const Weights& W : ws) {
+        check_no_overlap(fn, name, out, "the weights", W.w);
+        if (W.has_scale) check_no_overlap(fn, name, out, "the scales", W.scale);
+    }
+}
+
+// outs[j] = x @ W_j^T for weights sharing x (q, k, v): one job, x quantized once.
+void py_matmul_multi(py::handle x_h, py::sequence weights, py::sequence outs_h, int qd8) {
+    const char* fn = "matmul_multi";
+    const size_t nw = py::len(weights);
+    if (nw < 1 || nw > 8) throw py::value_error(std::string(fn) + ": give 1 to 8 weights");
+    if (py::len(outs_h) != nw) throw py::value_error(std::string(fn) + ": one out array per weight");
+    if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
+    std::vector<Weights> ws;
+    for (size_t j = 0; j < nw; ++j) ws.push_back(weight_from_tuple(fn, weights[j]));
+    const int64_t cols = ws[0].view.cols;
+    for (const Weights& W : ws)
+        if (W.view.cols != cols) throw py::value_error(std::string(fn) + ": every weight must have the same cols");
+    py::array x = check_input(fn, x_h, cols);
+    const int64_t n = x.shape(0);
+    std::vector<py::array> outs;
+    std::vector<float*> optr;
+    for (size_t j = 0; j < nw; ++j) {
+        outs.push_back(check_array(fn, "out", outs_h[j], kF32, {n, ws[j].view.rows}, true));
+        check_out(fn, "out", outs.back(), x, ws);
+        for (size_t k = 0; k < j; ++k) check_no_overlap(fn, "out", outs[j], "another out", outs[k]);
+        optr.push_back(static_cast<float*>(outs.back().mutable_data()));
+    }
+    std::vector<edgelm::WView> views;
+    bool same = true;
+    for (const Weights& W : ws) {
+        views.push_back(W.view);
+        same = same && W.view.scheme == ws[0].view.scheme;
+    }
+    const float* xp = static_cast<const float*>(x.data());
+    const bool q = use_qd8(ws[0].view.scheme, qd8, n);
+    py::gil_scoped_release nogil;
+    if (same) {
+        edgelm::matmul_multi(views.data(), static_cast<int>(nw), xp, n, optr.data(), q);
+    } else {  // mixed schemes: one product at a time, each with its own qd8 choice
+        for (size_t j = 0; j < nw; ++j) {
+            const bool qj = use_qd8(views[j].scheme, qd8, n);
+            if (qj)
+                edgelm::matmul_qd8(views[j], xp, n, optr[j]);
+            else
+                edgelm::matmul(views[j], xp, n, optr[j]);
+        }
+    }
+}
+
+// out = gelu_tanh(x @ Wg^T) * (x @ Wu^T); tmp [n, rows] is scratch.
+void py_matmul_gelu_mul(py::handle x_h, py::handle wg_h, py::handle wu_h, py::handle out_h, py::handle tmp_h,
+                        int qd8) {
+    const char* fn = "matmul_gelu_mul";
+    if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
+    std::vector<Weights> ws;
+    ws.push_back(weight_from_tuple(fn, wg_h));
+    ws.push_back(weight_from_tuple(fn, wu_h));
+    const edgelm::WView& G = ws[0].view;
+    const edgelm::WView& U = ws[1].view;
+    if (G.rows != U.rows || G.cols != U.cols)
+        throw py::value_error(std::string(fn) + ": gate and up must have the same shape");
+    py::array x = check_input(fn, x_h, G.cols);
+    const int64_t n = x.shape(0);
+    py::array out = check_array(fn, "out", out_h, kF32, {n, G.rows}, true);
+    py::array tmp = check_array(fn, "tmp", tmp_h, kF32, {n, G.rows}, true);
+    check_out(fn, "out", out, x, ws);
+    check_out(fn, "tmp", tmp, x, ws);
+    check_no_overlap(fn, "tmp", tmp, "out", out);
+    const float* xp = static_cast<const float*>(x.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    float* tp = static_cast<float*>(tmp.mutable_data());
+    const bool qg = use_qd8(G.scheme, qd8, n), qu = use_qd8(U.scheme, qd8, n);
+    edgelm::WView gv = G, uv = U;
+    py::gil_scoped_release nogil;
+    if (G.scheme == U.scheme) {
+        edgelm::matmul_gelu_mul(gv, uv, xp, n, op, tp, qg);
+    } else {
+        if (qg) edgelm::matmul_qd8(gv, xp, n, op); else edgelm::matmul(gv, xp, n, op);
+        if (qu) edgelm::matmul_qd8(uv, xp, n, tp); else edgelm::matmul(uv, xp, n, tp);
+        edgelm::gelu_mul(op, tp, n * gv.rows, op);
+    }
 }
 
 // ----------------------------------------------------------------------------- fused ops
@@ -456,6 +561,12 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
           "(integer schemes only; ignored for fp32/fp16).\n"
           "w: the 'w' part (fp32/fp16) or 'q' part; scale: the 'scale' part or None. All arrays\n"
           "C-contiguous, aligned, exact dtypes; out float32 [n, rows], writable, not overlapping.");
+    m.def("matmul_multi", &py_matmul_multi, "x"_a, "weights"_a, "outs"_a, "qd8"_a = -1,
+          "outs[j][n, rows_j] = x[n, cols] @ W_j.T for weights given as (scheme_id, w, scale, rows, cols)\n"
+          "tuples sharing cols: one thread-pool job, x quantized once under qd8 (same scheme).");
+    m.def("matmul_gelu_mul", &py_matmul_gelu_mul, "x"_a, "gate"_a, "up"_a, "out"_a, "tmp"_a, "qd8"_a = -1,
+          "out = gelu_tanh(x @ G.T) * (x @ U.T), gate/up as (scheme_id, w, scale, rows, cols); tmp [n, rows]\n"
+          "is scratch. One thread-pool job; each row band computes both products and the GeGLU.");
     m.def(
         "set_qd8",
         [](int mode) {

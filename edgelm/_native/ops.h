@@ -97,24 +97,26 @@ inline void rope(const float* x, const float* cs, const float* sn, int64_t n, in
 
 // ----------------------------------------------------------------------------- gelu_mul, softcap
 
-// out = 0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 g^3))) * u
-inline void gelu_mul(const float* g, const float* u, int64_t size, float* out) {
+// out[a:b] = 0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 g^3))) * u, on the calling thread
+inline void gelu_mul_serial(const float* g, const float* u, int64_t a, int64_t b, float* out) {
     const float c = 0.7978845608028654f, k3 = 0.044715f;
-    auto fn = [&](int64_t a, int64_t b) {
-        int64_t i = a;
-        const VF vc = vset1(c), vk = vset1(k3), half = vset1(0.5f), one = vset1(1.f);
-        for (; i + 8 <= b; i += 8) {
-            const VF x = vloadu(g + i);
-            const VF inner = vadd(x, vmul(vmul(vmul(vk, x), x), x));
-            const VF t = vtanh(vmul(vc, inner));
-            vstoreu(out + i, vmul(vmul(vmul(half, x), vadd(one, t)), vloadu(u + i)));
-        }
-        for (; i < b; ++i) {
-            const float x = g[i];
-            const float t = tanh_scalar(c * (x + ((k3 * x) * x) * x));
-            out[i] = ((0.5f * x) * (1.f + t)) * u[i];
-        }
-    };
+    int64_t i = a;
+    const VF vc = vset1(c), vk = vset1(k3), half = vset1(0.5f), one = vset1(1.f);
+    for (; i + 8 <= b; i += 8) {
+        const VF x = vloadu(g + i);
+        const VF inner = vadd(x, vmul(vmul(vmul(vk, x), x), x));
+        const VF t = vtanh(vmul(vc, inner));
+        vstoreu(out + i, vmul(vmul(vmul(half, x), vadd(one, t)), vloadu(u + i)));
+    }
+    for (; i < b; ++i) {
+        const float x = g[i];
+        const float t = tanh_scalar(c * (x + ((k3 * x) * x) * x));
+        out[i] = ((0.5f * x) * (1.f + t)) * u[i];
+    }
+}
+
+inline void gelu_mul(const float* g, const float* u, int64_t size, float* out) {
+    auto fn = [&](int64_t a, int64_t b) { gelu_mul_serial(g, u, a, b, out); };
     parallel_range(size, 16384, fn);
 }
 

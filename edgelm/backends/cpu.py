@@ -67,6 +67,25 @@ class CpuOps(NumpyOps):
         self._m.matmul(x, sid, w, scale, rows, cols, out)
         return out
 
+    def matmul_multi(self, x: np.ndarray, ts) -> list[np.ndarray]:
+        x = _f32(x)
+        args = [self._weight_args(t) for t in ts]
+        if x.ndim != 2:
+            return [self.matmul(x, t) for t in ts]
+        outs = [np.empty((x.shape[0], a[3]), np.float32) for a in args]
+        self._m.matmul_multi(x, args, outs)
+        return outs
+
+    def matmul_gelu_mul(self, x: np.ndarray, gate: QTensor, up: QTensor) -> np.ndarray:
+        x = _f32(x)
+        g, u = self._weight_args(gate), self._weight_args(up)
+        if x.ndim != 2:
+            return self.gelu_mul(self.matmul(x, gate), self.matmul(x, up))
+        out = np.empty((x.shape[0], g[3]), np.float32)
+        tmp = np.empty_like(out)
+        self._m.matmul_gelu_mul(x, g, u, out, tmp)
+        return out
+
     def embed(self, ids: np.ndarray, t: QTensor) -> np.ndarray:
         return self._k.embed(np.ascontiguousarray(ids, dtype=np.int32), t)
 

@@ -34,6 +34,14 @@ class NumpyOps:
     def matmul(self, x: np.ndarray, t: QTensor) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32) @ self._weight(t).T
 
+    # several products of one input: x [n, cols] -> [[n, rows_j] for each weight] (q, k, v)
+    def matmul_multi(self, x: np.ndarray, ts) -> list[np.ndarray]:
+        return [self.matmul(x, t) for t in ts]
+
+    # GeGLU of two products of one input: gelu(x @ G.T) * (x @ U.T)
+    def matmul_gelu_mul(self, x: np.ndarray, gate: QTensor, up: QTensor) -> np.ndarray:
+        return self.gelu_mul(self.matmul(x, gate), self.matmul(x, up))
+
     # ids [n] -> [n, cols]
     def embed(self, ids: np.ndarray, t: QTensor) -> np.ndarray:
         return t.dequantize_rows(ids).astype(np.float32, copy=False)

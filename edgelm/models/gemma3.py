@@ -156,9 +156,10 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
         rscale = 1.0 if local else cfg.rope_scaling_factor
 
         h = ops.rmsnorm(x, L.attn_norm, eps)
-        q = ops.rmsnorm(ops.matmul(h, L.q).reshape(n, H, hd), L.q_norm, eps)
-        k = ops.rmsnorm(ops.matmul(h, L.k).reshape(n, KV, hd), L.k_norm, eps)
-        v = ops.matmul(h, L.v).reshape(n, KV, hd)
+        q, k, v = ops.matmul_multi(h, (L.q, L.k, L.v))  # one job, h quantized once
+        q = ops.rmsnorm(q.reshape(n, H, hd), L.q_norm, eps)
+        k = ops.rmsnorm(k.reshape(n, KV, hd), L.k_norm, eps)
+        v = v.reshape(n, KV, hd)
         q = ops.rope(q, positions, theta, rscale)
         k = ops.rope(k, positions, theta, rscale)
         K, V, kpos = cache.update(k, v, positions)
@@ -166,7 +167,7 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
         x = x + ops.rmsnorm(ops.matmul(a, L.o), L.post_attn_norm, eps)
 
         h = ops.rmsnorm(x, L.ffn_norm, eps)
-        h = ops.matmul(ops.gelu_mul(ops.matmul(h, L.gate), ops.matmul(h, L.up)), L.down)
+        h = ops.matmul(ops.matmul_gelu_mul(h, L.gate, L.up), L.down)
         x = x + ops.rmsnorm(h, L.post_ffw_norm, eps)
 
     if logits == "none":

@@ -32,8 +32,9 @@ META_KEY = "__meta__"
 
 
 class _Recorder:
-    """An op table that forwards everything to `ops` and, in matmul, adds the squared
-    input columns to the tensor's accumulator."""
+    """An op table that forwards everything to `ops` and, in every product (matmul and the
+    fused matmul_multi / matmul_gelu_mul), adds the squared input columns to each weight's
+    accumulator."""
 
     def __init__(self, ops, names: dict[int, str]):
         self._ops = ops
@@ -44,7 +45,7 @@ class _Recorder:
     def __getattr__(self, attr):
         return getattr(self._ops, attr)
 
-    def matmul(self, x, t, *args, **kwargs):
+    def _record(self, x, t) -> None:
         name = self._names.get(_tensor_key(t))
         if name is not None:
             a = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
@@ -54,7 +55,20 @@ class _Recorder:
             else:
                 self.sums[name] = sq
             self.counts[name] = self.counts.get(name, 0) + a.shape[0]
+
+    def matmul(self, x, t, *args, **kwargs):
+        self._record(x, t)
         return self._ops.matmul(x, t, *args, **kwargs)
+
+    def matmul_multi(self, x, ts):
+        for t in ts:
+            self._record(x, t)
+        return self._ops.matmul_multi(x, ts)
+
+    def matmul_gelu_mul(self, x, gate, up):
+        self._record(x, gate)
+        self._record(x, up)
+        return self._ops.matmul_gelu_mul(x, gate, up)
 
 
 def _tensor_key(t) -> int | None:
