@@ -264,3 +264,59 @@ def test_cpu_op_table_is_complete():
     names = [n for n, v in vars(NumpyOps).items() if callable(v) and not n.startswith("_") and n != "set_threads"]
     for n in names:
         assert getattr(cpu.CpuOps, n) is not getattr(NumpyOps, n), n
+
+
+# ----------------------------------------------------------------------------- fused residual, q/k norm + rope
+
+@pytest.mark.parametrize("n,d", [(1, 640), (7, 33), (64, 640), (3, 8)])
+@pytest.mark.parametrize("with_next", [True, False])
+def test_add_rmsnorm(ops, n, d, with_next):
+    r = rng(11, n, d)
+    x = (r.standard_normal((n, d)) * 5).astype(np.float32)
+    h = (r.standard_normal((n, d)) * 2).astype(np.float32)
+    wp = (1 + r.standard_normal(d)).astype(np.float32)
+    wn = (1 + r.standard_normal(d)).astype(np.float32) if with_next else None
+    rx, rn = REF.add_rmsnorm(x.copy(), h, wp, 1e-6, wn)
+    x_in = x.copy()
+    gx, gn = ops.add_rmsnorm(x_in, h, wp, 1e-6, wn)
+    assert gx is x_in  # updated in place
+    assert np.all(np.abs(gx - rx) <= 1e-5 * (np.abs(x) + np.abs(rx - x)) + 1e-6)
+    if with_next:
+        assert np.all(np.abs(gn - rn) <= 2e-5 * np.abs(rn) + 1e-5 * np.abs(wn))
+    else:
+        assert gn is None and rn is None
+
+
+@pytest.mark.parametrize("n,heads,hd", [(1, 4, 256), (5, 1, 256), (9, 3, 18), (2, 2, 2)])
+def test_rmsnorm_rope(ops, n, heads, hd):
+    r = rng(12, n, heads, hd)
+    x = (r.standard_normal((n, heads, hd)) * 3).astype(np.float32)
+    w = (1 + r.standard_normal(hd)).astype(np.float32)
+    pos = np.arange(100, 100 + n, dtype=np.int64)
+    got = ops.rmsnorm_rope(x, w, 1e-6, pos, 10_000.0, 1.0)
+    ref = REF.rmsnorm_rope(x, w, 1e-6, pos, 10_000.0, 1.0)
+    assert np.all(np.abs(got - ref) <= 2e-5 * (np.abs(x).max(axis=-1, keepdims=True) * np.abs(w).max() + 1))
+
+
+def test_fused_norm_ops_validate(ops):
+    m = ops._m
+    x = np.zeros((2, 8), np.float32)
+    w = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="both w_next and next"):
+        m.add_rmsnorm(x, x.copy(), w, 1e-6, w, None)
+    with pytest.raises(ValueError, match="overlap"):
+        m.add_rmsnorm(x, x, w, 1e-6, None, None)
+    with pytest.raises(ValueError, match="shape"):
+        m.add_rmsnorm(x, np.zeros((3, 8), np.float32), w, 1e-6, None, None)
+    with pytest.raises(ValueError, match="writable"):
+        ro = x.copy()
+        ro.flags.writeable = False
+        m.add_rmsnorm(ro, x.copy(), w, 1e-6, None, None)
+    q = np.zeros((2, 1, 8), np.float32)
+    cs = np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        m.rmsnorm_rope(np.zeros((2, 1, 7), np.float32), np.ones(7, np.float32), cs, cs, 1e-6, np.zeros((2, 1, 7), np.float32))
+    with pytest.raises(ValueError, match="eps"):
+        m.rmsnorm_rope(q, w, cs, cs, -1.0, q.copy())
+    with pytest.raises(ValueError, match="shape"):
+        m.rmsnorm_rope(q, np.ones(4, np.float32), cs, cs, 1e-6, q.copy())

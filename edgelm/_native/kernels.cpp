@@ -386,6 +386,65 @@ void py_rope(py::handle x_h, py::handle cos_h, py::handle sin_h, py::handle out_
     edgelm::rope(xp, cp, sp, n, h, hd, op);
 }
 
+// x += rmsnorm(h) * w_post (in place); with w_next, next = rmsnorm(x) * w_next.
+void py_add_rmsnorm(py::handle x_h, py::handle h_h, py::handle wp_h, double eps, py::handle wn_h,
+                    py::handle next_h) {
+    const char* fn = "add_rmsnorm";
+    py::array x = check_f32(fn, "x", x_h, true);
+    if (x.ndim() != 2) throw py::value_error("add_rmsnorm: x must have shape (n, d), got " + shape_str(x));
+    const int64_t n = x.shape(0), d = x.shape(1);
+    py::array h = check_array(fn, "h", h_h, kF32, {n, d});
+    py::array wp = check_array(fn, "w_post", wp_h, kF32, {d});
+    check_no_overlap(fn, "x", x, "h", h);
+    check_no_overlap(fn, "x", x, "w_post", wp);
+    if (!(eps >= 0.0) || !std::isfinite(eps)) throw py::value_error("add_rmsnorm: eps must be finite and >= 0");
+    const bool has_next = !wn_h.is_none();
+    if (has_next == next_h.is_none())
+        throw py::value_error("add_rmsnorm: give both w_next and next, or neither");
+    py::array wn, nx;
+    if (has_next) {
+        wn = check_array(fn, "w_next", wn_h, kF32, {d});
+        nx = check_array(fn, "next", next_h, kF32, {n, d}, true);
+        check_no_overlap(fn, "next", nx, "x", x);
+        check_no_overlap(fn, "next", nx, "h", h);
+        check_no_overlap(fn, "next", nx, "w_next", wn);
+        check_no_overlap(fn, "x", x, "w_next", wn);
+    }
+    float* xp = static_cast<float*>(x.mutable_data());
+    const float* hp = static_cast<const float*>(h.data());
+    const float* wpp = static_cast<const float*>(wp.data());
+    const float* wnp = has_next ? static_cast<const float*>(wn.data()) : nullptr;
+    float* np_ = has_next ? static_cast<float*>(nx.mutable_data()) : nullptr;
+    py::gil_scoped_release nogil;
+    if (d > 0) edgelm::add_rmsnorm(xp, hp, wpp, wnp, n, d, static_cast<float>(eps), np_);
+}
+
+// Per-head rmsnorm then rotate-half RoPE: x [n, heads, hd], w [hd], cos/sin [n, hd/2].
+void py_rmsnorm_rope(py::handle x_h, py::handle w_h, py::handle cos_h, py::handle sin_h, double eps,
+                     py::handle out_h) {
+    const char* fn = "rmsnorm_rope";
+    py::array x = check_f32(fn, "x", x_h);
+    if (x.ndim() != 3) throw py::value_error("rmsnorm_rope: x must have shape (n, heads, head_dim), got " + shape_str(x));
+    const int64_t n = x.shape(0), h = x.shape(1), hd = x.shape(2);
+    if (hd % 2) throw py::value_error("rmsnorm_rope: head_dim must be even, got " + std::to_string(hd));
+    py::array w = check_array(fn, "w", w_h, kF32, {hd});
+    py::array c = check_array(fn, "cos", cos_h, kF32, {n, hd / 2});
+    py::array s = check_array(fn, "sin", sin_h, kF32, {n, hd / 2});
+    py::array out = check_array(fn, "out", out_h, kF32, {n, h, hd}, true);
+    if (!(eps >= 0.0) || !std::isfinite(eps)) throw py::value_error("rmsnorm_rope: eps must be finite and >= 0");
+    check_same_or_disjoint(fn, out, "x", x);
+    check_no_overlap(fn, "out", out, "w", w);
+    check_no_overlap(fn, "out", out, "cos", c);
+    check_no_overlap(fn, "out", out, "sin", s);
+    const float* xp = static_cast<const float*>(x.data());
+    const float* wp = static_cast<const float*>(w.data());
+    const float* cp = static_cast<const float*>(c.data());
+    const float* sp = static_cast<const float*>(s.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    edgelm::rmsnorm_rope(xp, wp, cp, sp, n, h, hd, static_cast<float>(eps), op);
+}
+
 void py_gelu_mul(py::handle g_h, py::handle u_h, py::handle out_h) {
     const char* fn = "gelu_mul";
     py::array g = check_f32(fn, "g", g_h);
@@ -582,6 +641,11 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
           "out = x / sqrt(mean(x^2, -1) + eps) * w; x float32 [..., d], w [d]; out may be x.");
     m.def("rope", &py_rope, "x"_a, "cos"_a, "sin"_a, "out"_a,
           "Rotate-half RoPE: x [n, heads, hd], cos/sin [n, hd/2] float32; out may be x.");
+    m.def("add_rmsnorm", &py_add_rmsnorm, "x"_a, "h"_a, "w_post"_a, "eps"_a, "w_next"_a, "next"_a,
+          "The residual step, fused: x += rmsnorm(h) * w_post in place (x, h [n, d]); with w_next,\n"
+          "next = rmsnorm(x) * w_next (else pass None for both).");
+    m.def("rmsnorm_rope", &py_rmsnorm_rope, "x"_a, "w"_a, "cos"_a, "sin"_a, "eps"_a, "out"_a,
+          "Per-head rmsnorm (w [hd]) then rotate-half RoPE: x [n, heads, hd]; out may be x.");
     m.def("gelu_mul", &py_gelu_mul, "g"_a, "u"_a, "out"_a, "out = gelu_tanh(g) * u (same shapes, float32).");
     m.def("softcap", &py_softcap, "x"_a, "cap"_a, "out"_a, "out = tanh(x / cap) * cap.");
     m.def("attention", &py_attention, "q"_a, "k"_a, "v"_a, "q_pos"_a, "k_pos"_a, "window"_a, "scale"_a,

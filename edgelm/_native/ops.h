@@ -64,6 +64,52 @@ inline void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, flo
                    [&](int64_t a, int64_t b) { rowfn(a, b); }, 65536 / std::max<int64_t>(1, d));
 }
 
+// inv rms of one row of length d (same summation as rmsnorm)
+inline float inv_rms(const float* xr, int64_t d, float eps) {
+    VF a0 = vzero(), a1 = vzero();
+    int64_t k = 0;
+    for (; k + 16 <= d; k += 16) {
+        const VF u = vloadu(xr + k), v = vloadu(xr + k + 8);
+        a0 = vfma(u, u, a0);
+        a1 = vfma(v, v, a1);
+    }
+    for (; k + 8 <= d; k += 8) {
+        const VF u = vloadu(xr + k);
+        a0 = vfma(u, u, a0);
+    }
+    float ss = vhsum(vadd(a0, a1));
+    for (; k < d; ++k) ss += xr[k] * xr[k];
+    return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+}
+
+// The residual step of a block, fused: x[r] += rmsnorm(h[r]) * w_post, then (when w_next is
+// given) next[r] = rmsnorm(x[r]) * w_next, the input of the following block.
+inline void add_rmsnorm(float* x, const float* h, const float* w_post, const float* w_next, int64_t rows,
+                        int64_t d, float eps, float* next) {
+    auto rowfn = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            float* xr = x + r * d;
+            const float* hr = h + r * d;
+            const float inv = inv_rms(hr, d, eps);
+            const VF vi = vset1(inv);
+            int64_t k = 0;
+            for (; k + 8 <= d; k += 8)
+                vstoreu(xr + k, vadd(vloadu(xr + k), vmul(vmul(vloadu(hr + k), vi), vloadu(w_post + k))));
+            for (; k < d; ++k) xr[k] = xr[k] + (hr[k] * inv) * w_post[k];
+            if (w_next) {
+                const float inv2 = inv_rms(xr, d, eps);
+                const VF v2 = vset1(inv2);
+                float* o = next + r * d;
+                k = 0;
+                for (; k + 8 <= d; k += 8) vstoreu(o + k, vmul(vmul(vloadu(xr + k), v2), vloadu(w_next + k)));
+                for (; k < d; ++k) o[k] = (xr[k] * inv2) * w_next[k];
+            }
+        }
+    };
+    parallel_range(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, d)),
+                   [&](int64_t a, int64_t b) { rowfn(a, b); }, 65536 / std::max<int64_t>(1, d));
+}
+
 // ----------------------------------------------------------------------------- rope
 
 // x, out [n, heads, hd]; cs, sn [n, hd/2]: rotate-half pairing (j, j + hd/2).
@@ -88,6 +134,39 @@ inline void rope(const float* x, const float* cs, const float* sn, int64_t n, in
                 const float a1 = x1[j], a2 = x2[j];
                 o1[j] = a1 * c[j] - a2 * s[j];
                 o2[j] = a2 * c[j] + a1 * s[j];
+            }
+        }
+    };
+    parallel_range(n * heads, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, hd)), fn,
+                   65536 / std::max<int64_t>(1, hd));
+}
+
+// Per-head RMSNorm (Gemma's q/k norm) then RoPE: x, out [n, heads, hd], w [hd],
+// cs/sn [n, hd/2]. out may be x.
+inline void rmsnorm_rope(const float* x, const float* w, const float* cs, const float* sn, int64_t n,
+                         int64_t heads, int64_t hd, float eps, float* out) {
+    const int64_t half = hd / 2;
+    auto fn = [&](int64_t a, int64_t b) {
+        for (int64_t ih = a; ih < b; ++ih) {
+            const int64_t i = ih / heads;
+            const float* xr = x + ih * hd;
+            float* o = out + ih * hd;
+            const float inv = inv_rms(xr, hd, eps);
+            const float* c = cs + i * half;
+            const float* s = sn + i * half;
+            const VF vi = vset1(inv);
+            int64_t j = 0;
+            for (; j + 8 <= half; j += 8) {
+                const VF a1 = vmul(vmul(vloadu(xr + j), vi), vloadu(w + j));
+                const VF a2 = vmul(vmul(vloadu(xr + half + j), vi), vloadu(w + half + j));
+                const VF vc = vloadu(c + j), vs = vloadu(s + j);
+                vstoreu(o + j, vsub(vmul(a1, vc), vmul(a2, vs)));
+                vstoreu(o + half + j, vadd(vmul(a2, vc), vmul(a1, vs)));
+            }
+            for (; j < half; ++j) {
+                const float a1 = (xr[j] * inv) * w[j], a2 = (xr[half + j] * inv) * w[half + j];
+                o[j] = a1 * c[j] - a2 * s[j];
+                o[half + j] = a2 * c[j] + a1 * s[j];
             }
         }
     };

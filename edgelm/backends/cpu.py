@@ -116,6 +116,25 @@ class CpuOps(NumpyOps):
         self._m.rope(x, cos, sin, out)
         return out
 
+    def add_rmsnorm(self, x: np.ndarray, h: np.ndarray, w_post: np.ndarray, eps: float,
+                    w_next: np.ndarray | None = None):
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.flags.writeable and x.ndim == 2):
+            x = np.array(x, dtype=np.float32, order="C").reshape(-1, x.shape[-1])
+        h = _f32(h)
+        nxt = np.empty_like(x) if w_next is not None else None
+        self._m.add_rmsnorm(x, h, _f32(w_post), float(eps), None if w_next is None else _f32(w_next), nxt)
+        return x, nxt
+
+    def rmsnorm_rope(self, x: np.ndarray, w: np.ndarray, eps: float, positions: np.ndarray, theta: float,
+                     scale: float = 1.0) -> np.ndarray:
+        x = _f32(x)
+        positions = np.asarray(positions)
+        cos, sin = self._rope_table(positions, x.shape[-1], theta, scale)
+        out = np.empty_like(x)
+        self._m.rmsnorm_rope(x, _f32(w), cos, sin, float(eps), out)
+        return out
+
     def gelu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
         g, u = _f32(g), _f32(u)
         out = np.empty_like(g)

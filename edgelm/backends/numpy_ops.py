@@ -52,6 +52,18 @@ class NumpyOps:
         ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
         return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
 
+    # The residual step: x + rmsnorm(h) * w_post, and (w_next given) rmsnorm of that sum,
+    # the next block's input. Returns (x_new, next or None). CpuOps updates x in place.
+    def add_rmsnorm(self, x: np.ndarray, h: np.ndarray, w_post: np.ndarray, eps: float,
+                    w_next: np.ndarray | None = None):
+        x = x + self.rmsnorm(h, w_post, eps)
+        return x, (self.rmsnorm(x, w_next, eps) if w_next is not None else None)
+
+    # Gemma's per-head q/k norm followed by RoPE.
+    def rmsnorm_rope(self, x: np.ndarray, w: np.ndarray, eps: float, positions: np.ndarray, theta: float,
+                     scale: float = 1.0) -> np.ndarray:
+        return self.rope(self.rmsnorm(x, w, eps), positions, theta, scale)
+
     # x [n, heads, hd], positions [n]; rotate-half (NeoX) pairing, as in Gemma.
     def rope(self, x: np.ndarray, positions: np.ndarray, theta: float, scale: float = 1.0) -> np.ndarray:
         hd = x.shape[-1]

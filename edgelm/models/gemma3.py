@@ -150,33 +150,34 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
     scale = cfg.query_pre_attn_scalar ** -0.5
 
     x = ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5)  # [n, hidden]
-    for L, kind, cache in zip(w.layers, cfg.layer_types, caches):
+    layers = w.layers
+    h = ops.rmsnorm(x, layers[0].attn_norm, eps)  # the first block's input
+    for i, (L, kind, cache) in enumerate(zip(layers, cfg.layer_types, caches)):
         local = kind == LOCAL
         theta = cfg.rope_local_theta if local else cfg.rope_theta
         rscale = 1.0 if local else cfg.rope_scaling_factor
 
-        h = ops.rmsnorm(x, L.attn_norm, eps)
         q, k, v = ops.matmul_multi(h, (L.q, L.k, L.v))  # one job, h quantized once
-        q = ops.rmsnorm(q.reshape(n, H, hd), L.q_norm, eps)
-        k = ops.rmsnorm(k.reshape(n, KV, hd), L.k_norm, eps)
+        q = ops.rmsnorm_rope(q.reshape(n, H, hd), L.q_norm, eps, positions, theta, rscale)
+        k = ops.rmsnorm_rope(k.reshape(n, KV, hd), L.k_norm, eps, positions, theta, rscale)
         v = v.reshape(n, KV, hd)
-        q = ops.rope(q, positions, theta, rscale)
-        k = ops.rope(k, positions, theta, rscale)
         K, V, kpos = cache.update(k, v, positions)
         a = ops.attention(q, K, V, positions, kpos, cfg.sliding_window if local else 0, scale, cfg.attn_logit_softcap)
-        x = x + ops.rmsnorm(ops.matmul(a, L.o), L.post_attn_norm, eps)
+        # residual + post-attention norm, fused with the pre-FFW norm of the sum
+        x, h = ops.add_rmsnorm(x, ops.matmul(a, L.o), L.post_attn_norm, eps, L.ffn_norm)
 
-        h = ops.rmsnorm(x, L.ffn_norm, eps)
-        h = ops.matmul(ops.matmul_gelu_mul(h, L.gate, L.up), L.down)
-        x = x + ops.rmsnorm(h, L.post_ffw_norm, eps)
+        f = ops.matmul(ops.matmul_gelu_mul(h, L.gate, L.up), L.down)
+        # residual + post-FFW norm, fused with the next block's input norm (or the final norm)
+        nxt = layers[i + 1].attn_norm if i + 1 < len(layers) else (w.output_norm if logits != "none" else None)
+        x, h = ops.add_rmsnorm(x, f, L.post_ffw_norm, eps, nxt)
 
     if logits == "none":
         return None
     if logits == "last":
-        x = x[-1:]
+        h = h[-1:]
     elif not isinstance(logits, str):
-        x = x[int(logits):]
-    out = ops.matmul(ops.rmsnorm(x, w.output_norm, eps), w.embed)
+        h = h[int(logits):]
+    out = ops.matmul(h, w.embed)  # h = rmsnorm(x) * output_norm
     if cfg.final_logit_softcap:
         out = ops.softcap(out, cfg.final_logit_softcap)
     return out[0] if logits == "last" else out
