@@ -12,11 +12,13 @@ per round (paired) and summarised as median and min-max over rounds.
     python benchmarks/compare.py --peer litert -r 5 --json
     python benchmarks/compare.py --pair llama:Q4_0=int4-b32 --embed-scheme int8
     python benchmarks/compare.py --peer llama --only-peer      # peer halves alone
+    python benchmarks/compare.py --pair self:kv1280=int8 --max-tokens 4096   # edgelm 4096 vs 1280
 
 Pairs (peer model = edgelm scheme):
     llama:  Q4_0 = int4-b32, Q8_0 = int8, Q8_0 = int8-b32
     litert: int8 = int8, int4_b32 = int4-b32, int4_b128 = int4-b128
             (int8_kv4096 = int8 with --max-tokens 4096: the capacity comparison)
+    self:   kvC = S: edgelm at --max-tokens against edgelm at capacity C, same bundle
 
 Peers are set up by benchmarks/peers.py (cached in ~/.cache/edgelm-peers or
 $EDGELM_PEERS_DIR). edgelm bundles are converted there from the same source GGUF.
@@ -272,7 +274,13 @@ def default_embed(peer: str, scheme: str) -> str:
 
 def compare_pair(peer: str, peer_model: str, scheme: str, a) -> dict:
     capacity = a.max_tokens
-    if peer == "llama":
+    embed = a.embed_scheme or default_embed(peer, scheme)
+    if peer == "self":  # edgelm against itself at another KV capacity (peer_model "kv1280")
+        if not peer_model.startswith("kv") or not peer_model[2:].isdigit():
+            raise SystemExit(f"self pairs name a capacity, e.g. self:kv1280=int8, not {peer_model!r}")
+        pfile = edgelm_bundle(scheme, embed, a.reconvert)
+        peer_run = lambda: run_edgelm(pfile, a, int(peer_model[2:]))  # noqa: E731
+    elif peer == "llama":
         pfile = peers.llama_gguf(peer_model)
         if not pfile.exists():
             raise SystemExit(f"{pfile} missing: run python benchmarks/peers.py setup llama")
@@ -283,7 +291,6 @@ def compare_pair(peer: str, peer_model: str, scheme: str, a) -> dict:
             raise SystemExit(f"{pfile} missing: run python benchmarks/peers.py setup litert")
         capacity = LITERT_CAPACITY.get(peer_model, capacity)
         peer_run = lambda: run_litert(pfile, a, capacity)  # noqa: E731
-    embed = a.embed_scheme or default_embed(peer, scheme)
     sides = {"peer": peer_run}
     bundle = None
     if not a.only_peer:

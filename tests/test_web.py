@@ -38,7 +38,9 @@ def _browser_paths():
 
 @pytest.fixture(scope="module")
 def eng():
-    e = Engine(tiny_bundle(), max_tokens=1024)
+    # The numpy backend: the tiny model on the native kernels decodes 1000 tokens in under a
+    # second, which is less than selenium needs to click "stop" after the first token.
+    e = Engine(tiny_bundle(), max_tokens=1024, backend="numpy")
     yield e
     e.close()
 
