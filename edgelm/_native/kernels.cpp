@@ -194,16 +194,22 @@ bool use_qd8(int scheme, int mode, int64_t n) {
     return mode > 0;
 }
 
-void py_matmul(py::handle x_h, int scheme, py::handle w_h, py::handle scale_h, int64_t rows, int64_t cols,
-               py::handle out_h, int qd8) {
-    const char* fn = "matmul";
-    Weights W = check_weights(fn, scheme, w_h, scale_h, rows, cols);
+// x: float32 [n, cols], C-contiguous and aligned.
+py::array check_input(const char* fn, py::handle x_h, int64_t cols) {
     py::array x = as_array(fn, "x", x_h);
     if (!dtype_is(x, kF32)) throw py::type_error(std::string(fn) + ": x must be float32, got " + dtype_str(x));
     if (x.ndim() != 2 || x.shape(1) != cols)
         throw py::value_error(std::string(fn) + ": x must have shape (n, " + std::to_string(cols) + "), got " +
                               shape_str(x));
     check_layout(fn, "x", x, false);
+    return x;
+}
+
+void py_matmul(py::handle x_h, int scheme, py::handle w_h, py::handle scale_h, int64_t rows, int64_t cols,
+               py::handle out_h, int qd8) {
+    const char* fn = "matmul";
+    Weights W = check_weights(fn, scheme, w_h, scale_h, rows, cols);
+    py::array x = check_input(fn, x_h, cols);
     const int64_t n = x.shape(0);
     py::array out = check_array(fn, "out", out_h, kF32, {n, rows}, true);
     check_no_overlap(fn, "out", out, "x", x);
@@ -226,16 +232,6 @@ Weights weight_from_tuple(const char* fn, py::handle h) {
     py::tuple t = py::reinterpret_borrow<py::object>(h).cast<py::tuple>();
     if (t.size() != 5) throw py::value_error(std::string(fn) + ": each weight is (scheme_id, w, scale, rows, cols)");
     return check_weights(fn, t[0].cast<int>(), t[1], t[2], t[3].cast<int64_t>(), t[4].cast<int64_t>());
-}
-
-py::array check_input(const char* fn, py::handle x_h, int64_t cols) {
-    py::array x = as_array(fn, "x", x_h);
-    if (!dtype_is(x, kF32)) throw py::type_error(std::string(fn) + ": x must be float32, got " + dtype_str(x));
-    if (x.ndim() != 2 || x.shape(1) != cols)
-        throw py::value_error(std::string(fn) + ": x must have shape (n, " + std::to_string(cols) + "), got " +
-                              shape_str(x));
-    check_layout(fn, "x", x, false);
-    return x;
 }
 
 void check_out(const char* fn, const char* name, const py::array& out, const py::array& x,

@@ -34,37 +34,7 @@ void parallel_range(int64_t total, int64_t grain, F&& f, int64_t par_min = 65536
 
 // ----------------------------------------------------------------------------- rmsnorm
 
-// out[r, :] = x[r, :] * (1 / sqrt(mean(x[r]^2) + eps)) * w, for rows r of length d.
-inline void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out) {
-    auto rowfn = [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            const float* xr = x + r * d;
-            float* o = out + r * d;
-            VF a0 = vzero(), a1 = vzero();
-            int64_t k = 0;
-            for (; k + 16 <= d; k += 16) {
-                const VF u = vloadu(xr + k), v = vloadu(xr + k + 8);
-                a0 = vfma(u, u, a0);
-                a1 = vfma(v, v, a1);
-            }
-            for (; k + 8 <= d; k += 8) {
-                const VF u = vloadu(xr + k);
-                a0 = vfma(u, u, a0);
-            }
-            float ss = vhsum(vadd(a0, a1));
-            for (; k < d; ++k) ss += xr[k] * xr[k];
-            const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-            const VF vi = vset1(inv);
-            k = 0;
-            for (; k + 8 <= d; k += 8) vstoreu(o + k, vmul(vmul(vloadu(xr + k), vi), vloadu(w + k)));
-            for (; k < d; ++k) o[k] = (xr[k] * inv) * w[k];
-        }
-    };
-    parallel_range(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)),
-                   [&](int64_t a, int64_t b) { rowfn(a, b); }, 65536 / std::max<int64_t>(1, d));
-}
-
-// inv rms of one row of length d (same summation as rmsnorm)
+// 1 / sqrt(mean(x^2) + eps) of one row of length d
 inline float inv_rms(const float* xr, int64_t d, float eps) {
     VF a0 = vzero(), a1 = vzero();
     int64_t k = 0;
@@ -82,6 +52,26 @@ inline float inv_rms(const float* xr, int64_t d, float eps) {
     return 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
 }
 
+// o = x * inv * w over one row of length d
+inline void scale_row(const float* xr, float inv, const float* w, int64_t d, float* o) {
+    const VF vi = vset1(inv);
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) vstoreu(o + k, vmul(vmul(vloadu(xr + k), vi), vloadu(w + k)));
+    for (; k < d; ++k) o[k] = (xr[k] * inv) * w[k];
+}
+
+// out[r, :] = x[r, :] * (1 / sqrt(mean(x[r]^2) + eps)) * w, for rows r of length d.
+inline void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out) {
+    auto rowfn = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = x + r * d;
+            scale_row(xr, inv_rms(xr, d, eps), w, d, out + r * d);
+        }
+    };
+    parallel_range(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)),
+                   [&](int64_t a, int64_t b) { rowfn(a, b); }, 65536 / std::max<int64_t>(1, d));
+}
+
 // The residual step of a block, fused: x[r] += rmsnorm(h[r]) * w_post, then (when w_next is
 // given) next[r] = rmsnorm(x[r]) * w_next, the input of the following block.
 inline void add_rmsnorm(float* x, const float* h, const float* w_post, const float* w_next, int64_t rows,
@@ -96,14 +86,7 @@ inline void add_rmsnorm(float* x, const float* h, const float* w_post, const flo
             for (; k + 8 <= d; k += 8)
                 vstoreu(xr + k, vadd(vloadu(xr + k), vmul(vmul(vloadu(hr + k), vi), vloadu(w_post + k))));
             for (; k < d; ++k) xr[k] = xr[k] + (hr[k] * inv) * w_post[k];
-            if (w_next) {
-                const float inv2 = inv_rms(xr, d, eps);
-                const VF v2 = vset1(inv2);
-                float* o = next + r * d;
-                k = 0;
-                for (; k + 8 <= d; k += 8) vstoreu(o + k, vmul(vmul(vloadu(xr + k), v2), vloadu(w_next + k)));
-                for (; k < d; ++k) o[k] = (xr[k] * inv2) * w_next[k];
-            }
+            if (w_next) scale_row(xr, inv_rms(xr, d, eps), w_next, d, next + r * d);
         }
     };
     parallel_range(rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, d)),
@@ -488,9 +471,11 @@ inline void attention(const AttnParams& P) {
     const int64_t ntiles = ceil_div(P.n, QT);
     const int64_t units = P.KV * ntiles;
     ThreadPool& pool = ThreadPool::instance();
-    const int64_t nth = pool.threads();
     int64_t S = 1;
-    if (units < 4 * nth && P.T >= 512) S = std::min<int64_t>(ceil_div(4 * nth, units), P.T / 256);
+    // Few query tiles (decode): split the keys into parts of 64+ so threads share the work.
+    // The split depends on the shapes only, never on the thread count, so results are the
+    // same for any --threads.
+    if (units < 8 && P.T >= 128) S = std::min<int64_t>(ceil_div(8, units), P.T / 64);
     S = std::max<int64_t>(1, S);
     const int64_t span = ceil_div(std::max<int64_t>(P.T, 1), S);
     const int64_t Rmax = QT * G;

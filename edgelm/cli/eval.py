@@ -10,6 +10,17 @@ import click
 from ..errors import BadInputError
 
 
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file's content, or a BadInputError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{path}: no such text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 @click.group(name="eval")
 def eval_group():
     """Measure model quality."""
@@ -30,13 +41,7 @@ def ppl(model, text, ctx, max_chunks, kl_base, threads, backend, as_json):
     from ..eval.ppl import perplexity
     from ..runtime.engine import Engine
 
-    p = Path(text)
-    if not p.is_file():
-        raise BadInputError(f"{text}: no such text file")
-    try:
-        content = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    content = read_text_file(text)
     eng = Engine(model, backend=backend, threads=threads, max_tokens=ctx, prefill_chunk=ctx)
     base = Engine(kl_base, backend=backend, threads=threads, max_tokens=ctx, prefill_chunk=ctx) if kl_base else None
     r = perplexity(eng, content, ctx=ctx, max_chunks=max_chunks, kl_base=base, progress=not as_json)

@@ -145,15 +145,10 @@ def imatrix(model, output, text, tokens, seed, threads, quiet):
     eng = Engine(model, threads=threads, max_tokens=512, prefill_chunk=512)
     t0 = time.perf_counter()
     if text is not None:
-        p = Path(text)
-        if not p.is_file():
-            raise BadInputError(f"{text}: no such text file")
-        try:
-            content = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise BadInputError(f"{text}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        seqs = im.text_calibration(eng, content, tokens)
-        source = {"text": p.name}
+        from .eval import read_text_file
+
+        seqs = im.text_calibration(eng, read_text_file(text), tokens)
+        source = {"text": Path(text).name}
     else:
         with tqdm(total=tokens, desc="generating calibration text", unit="tok", disable=quiet, leave=False) as bar:
             seqs = im.self_generated_calibration(eng, tokens, seed=seed, progress=bar.update)

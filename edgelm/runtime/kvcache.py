@@ -29,6 +29,16 @@ class KVCache:
 
     def update(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray):
         n = k.shape[0]
+        if n == 1:  # decode: one slot, plain indexing (no fancy-index machinery)
+            p = int(positions[0])
+            i = p % self.slots
+            self.k[i] = k[0]
+            self.v[i] = v[0]
+            self.pos[i] = p
+            if i >= self.filled:
+                self.filled = i + 1
+            f = self.filled
+            return self.k[:f], self.v[:f], self.pos[:f]
         if n > self.slots:  # only the newest `slots` entries can be kept
             k, v, positions = k[-self.slots:], v[-self.slots:], positions[-self.slots:]
             n = self.slots
