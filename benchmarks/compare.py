@@ -27,7 +27,8 @@ Per-run commands:
     llama.cpp  llama-bench -m F -p P -n N -t T -r 1 -o json
     LiteRT-LM  litert_lm.Benchmark(F, backend=Backend.CPU(thread_count=T), prefill_tokens=P,
                decode_tokens=N, max_num_tokens=C).run()   (in the LiteRT venv)
-    edgelm     edgelm bench --model F -p P -n N --threads T --repeat 1 --max-tokens C --json
+    edgelm     edgelm bench --model F -p P -n N --threads T --repeat 1 --max-tokens C --json --no-probe
+               (--no-probe: the bandwidth probe's child would count in this process's ru_maxrss)
 Peak RSS of every run is the child's ru_maxrss (os.wait4), for all three alike.
 """
 from __future__ import annotations
@@ -146,7 +147,8 @@ def edgelm_bundle(scheme: str, embed: str, reconvert: bool = False) -> Path:
 
 def run_edgelm(bundle: Path, a, capacity: int) -> dict:
     so, _, wall, rss = run_child([*edgelm_cmd(), "bench", "--model", bundle, "-p", a.prompt, "-n", a.gen,
-                                  "--threads", a.threads, "--repeat", 1, "--max-tokens", capacity, "--json"])
+                                  "--threads", a.threads, "--repeat", 1, "--max-tokens", capacity, "--json",
+                                  "--no-probe"])
     res = _last_json(so)
     m = res["metrics"]
     med = lambda k: m[k]["median"] if isinstance(m.get(k), dict) else m.get(k)  # noqa: E731

@@ -109,7 +109,9 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
 
 
 def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, repeat: int = 3,
-          max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True) -> dict:
+          max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True,
+          probe: bool = True) -> dict:
+    """probe: also measure STREAM-style read GB/s (in a child process, after the runs)."""
     for name, v, lo in (("-p", prompt_tokens, 1), ("-n", gen_tokens, 1), ("--repeat", repeat, 1), ("--max-tokens", max_tokens, 2)):
         if not isinstance(v, int) or v < lo:
             raise BadInputError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -127,7 +129,7 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
             runs.append(r)
     rss = peak_rss_mib()
     stream = None
-    if runs[0]["backend"] == "cpu":  # measured in the same run, as the bound for "% of bound"
+    if probe and runs[0]["backend"] == "cpu":  # measured in the same run, as the bound for "% of bound"
         stream = _stream_read_gbs_in_child(runs[0]["threads"])
     meta = runs[0]["meta"]
     q = meta.get("quantization", {})

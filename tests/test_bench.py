@@ -36,6 +36,18 @@ def test_bench_table():
         assert col in p.stdout, col
 
 
+def test_bench_no_probe_skips_the_bandwidth_child():
+    """--no-probe (what benchmarks/compare.py passes) skips the probe child, whose 512 MiB
+    buffer a parent's wait4 ru_maxrss would count as edgelm's."""
+    for flag, has_probe in (((), True), (("--no-probe",), False)):
+        p = run_cli("bench", "--model", tiny_bundle(), "-p", "8", "-n", "4", "--repeat", "1", "--max-tokens", "32",
+                    "--json", *flag)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)
+        if r["backend"] == "cpu":
+            assert (r["stream_read_gb_s"] is not None) == has_probe
+
+
 @pytest.mark.slow
 def test_bench_synthetic_is_labelled(tmp_path):
     env = {"EDGELM_CACHE": str(tmp_path)}

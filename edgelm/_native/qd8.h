@@ -164,6 +164,8 @@ using QTileFn = void (*)(const WView&, int64_t, int64_t, const QAct&, int64_t, f
 
 EDGELM_INLINE float hsum8(__m256 a) { return vhsum(VF{a}); }
 
+constexpr int64_t kPrefetchRows = 4;
+
 // int4 (BS = 32 or 128), pair layout. NX activation rows from i0.
 template <int BS, int NX>
 void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
@@ -179,6 +181,10 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wq = Q + r * (cols / 2);
         const uint16_t* ws = S + r * (cols / BS);
+        if (NX == 1 && r + kPrefetchRows < r1) {  // GEMV streams weights once: fetch ahead
+            const char* ahead = reinterpret_cast<const char*>(wq + kPrefetchRows * (cols / 2));
+            for (int64_t o = 0; o < cols / 2; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+        }
         __m256 acc[NX][NACC];
         for (int i = 0; i < NX; ++i)
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();

@@ -100,8 +100,12 @@ class CpuOps(NumpyOps):
         # cos/sin table once per (positions, theta, scale, hd).
         key = (hd, float(theta), float(scale))
         hit = self._rope_cache.get(key)
-        if hit is not None and hit[0].shape == positions.shape and np.array_equal(hit[0], positions):
-            return hit[1]
+        if hit is not None:
+            old = hit[0]
+            if old.shape == positions.shape and (
+                (positions.size == 1 and old[0] == positions[0]) or np.array_equal(old, positions)
+            ):
+                return hit[1]
         table = self._k.rope_table(positions, hd, theta, scale)
         if len(self._rope_cache) > 8:
             self._rope_cache.clear()

@@ -46,8 +46,11 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
 @click.option("--max-tokens", type=int, default=1280, show_default=True, help="KV-cache capacity.")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--no-probe", is_flag=True,
+              help="Skip the bandwidth probe (a child process with a 512 MiB buffer: a parent's "
+                   "wait4 ru_maxrss would count it).")
 def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend,
-          as_json):
+          as_json, no_probe):
     """Benchmark a bundle with the seed's columns (docs/benchmarks.md)."""
     from ..bench import bench as run_bench
     from ..bench import format_table
@@ -61,5 +64,5 @@ def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, thr
 
         model = ensure_default_model(quiet=as_json)
     res = run_bench(model, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend, synthetic,
-                    progress=not as_json)
+                    progress=not as_json, probe=not no_probe)
     click.echo(json.dumps(res, indent=2) if as_json else format_table(res))
