@@ -164,7 +164,8 @@ using QTileFn = void (*)(const WView&, int64_t, int64_t, const QAct&, int64_t, f
 
 EDGELM_INLINE float hsum8(__m256 a) { return vhsum(VF{a}); }
 
-constexpr int64_t kPrefetchRows = 4;
+// GEMV software prefetch distance: measured best near 2.5 KB ahead on this host (int4 and int8).
+constexpr int64_t kPrefetchBytes = 2560;
 
 // int4 (BS = 32 or 128), pair layout. NX activation rows from i0.
 template <int BS, int NX>
@@ -178,11 +179,12 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     const __m256i pidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     const uint8_t* xr[NX];
     for (int i = 0; i < NX; ++i) xr[i] = A.unit(i0 + i, 0);
+    const int64_t ahead_rows = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, cols / 2));
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wq = Q + r * (cols / 2);
         const uint16_t* ws = S + r * (cols / BS);
-        if (NX == 1 && r + kPrefetchRows < r1) {  // GEMV streams weights once: fetch ahead
-            const char* ahead = reinterpret_cast<const char*>(wq + kPrefetchRows * (cols / 2));
+        if (NX == 1 && r + ahead_rows < r1) {  // GEMV streams weights once: fetch ahead
+            const char* ahead = reinterpret_cast<const char*>(wq + ahead_rows * (cols / 2));
             for (int64_t o = 0; o < cols / 2; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
         }
         __m256 acc[NX][NACC];
@@ -247,8 +249,13 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
         xq[i] = A.q(i0 + i);
         xd[i] = A.d(i0 + i);
     }
+    const int64_t ahead_rows = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, cols));
     for (int64_t r = r0; r < r1; ++r) {
         const int8_t* wq = Q + r * cols;
+        if (NX == 1 && r + ahead_rows < r1) {  // GEMV streams weights once: fetch ahead
+            const char* ahead = reinterpret_cast<const char*>(wq + ahead_rows * cols);
+            for (int64_t o = 0; o < cols; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+        }
         __m256 acc[NX][NACC];
         for (int i = 0; i < NX; ++i)
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
