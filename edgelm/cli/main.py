@@ -74,7 +74,7 @@ def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads,
 @cli.command()
 @click.argument("src", type=click.Path())
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .edgelm file to write.")
-@click.option("--scheme", "-s", default="int8", show_default=True,
+@click.option("--scheme", "-s", default="int8-b32", show_default=True,
               help="Scheme for linear layers: fp32, fp16, int8, int8-b32, int4-b32, int4-b128.")
 @click.option("--embed-scheme", default=None, help="Scheme for the embedding / tied output head (default: --scheme).")
 @click.option("--requantize", is_flag=True, help="Requantize GGUF Q4_0/Q8_0 blocks even where they map losslessly.")

@@ -128,7 +128,7 @@ def summarize(plans: list[TensorPlan]) -> list[tuple[str, int, int, int]]:
 def convert(
     src: Source,
     out: str | os.PathLike,
-    scheme: str = "int8",
+    scheme: str = "int8-b32",
     embed_scheme: str | None = None,
     requantize: bool = False,
     progress: bool = True,
