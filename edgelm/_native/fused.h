@@ -21,7 +21,7 @@ struct RowTask {
 };
 
 inline int64_t band_rows(const WView& W, int64_t n, int64_t T) {
-    if (n == 1) return std::max<int64_t>(16, ceil_div(W.rows, 8 * T));
+    if (n == 1) return std::max<int64_t>(16, ceil_div(W.rows, T));
     constexpr int64_t kL2Band = 160 * 1024;
     int64_t chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, W.cols)));
     return std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));

@@ -230,7 +230,7 @@ inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
     const int64_t rows = W.rows, cols = W.cols;
     int64_t chunk;
     if (n == 1) {
-        chunk = std::max<int64_t>(16, ceil_div(rows, 8 * T));
+        chunk = std::max<int64_t>(16, ceil_div(rows, T));
     } else {
         constexpr int64_t kL2Band = 160 * 1024;
         chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, cols)));
