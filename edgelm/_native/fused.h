@@ -20,13 +20,6 @@ struct RowTask {
     int64_t r0, r1;
 };
 
-inline int64_t band_rows(const WView& W, int64_t n, int64_t T) {
-    if (n == 1) return std::max<int64_t>(16, ceil_div(W.rows, T));
-    constexpr int64_t kL2Band = 160 * 1024;
-    int64_t chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, W.cols)));
-    return std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
-}
-
 // Runs tile(w, r0, r1) over the row bands of every weight (and then `after(w, r0, r1)`).
 template <class Tile>
 inline void run_row_tasks(const WView* Ws, int nw, int64_t n, int64_t band_of_w0_only, Tile& tile) {
@@ -42,16 +35,6 @@ inline void run_row_tasks(const WView* Ws, int nw, int64_t n, int64_t band_of_w0
     }
     auto task = [&](int64_t t) { tile(tasks[t].w, tasks[t].r0, tasks[t].r1); };
     pool.run(static_cast<int64_t>(tasks.size()), task, work >= 65536.0);
-}
-
-inline void quantize_input(QAct& A, int scheme, const float* x, int64_t n, int64_t cols) {
-    qact_prepare(A, scheme, n, cols);
-    const int64_t qchunk = std::max<int64_t>(1, 32768 / cols);
-    auto qtask = [&](int64_t t) {
-        const int64_t a = t * qchunk, b = std::min(n, a + qchunk);
-        for (int64_t i = a; i < b; ++i) quant_row(x + i * cols, A, i);
-    };
-    ThreadPool::instance().run(ceil_div(n, qchunk), qtask, static_cast<double>(n) * cols >= 65536.0);
 }
 
 // One band of rows [r0, r1) of W into out (leading dimension ldo), all n activation rows.

@@ -219,6 +219,16 @@ inline const SchemeKernels& scheme_kernels(int id) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Output rows per task. GEMV (n = 1): one contiguous range per thread, so each thread's
+// reads form one long stream the hardware prefetcher follows. GEMM: a band of weight rows
+// small enough to stay in L2 while every activation tile sweeps over it.
+inline int64_t band_rows(const WView& W, int64_t n, int64_t T) {
+    if (n == 1) return std::max<int64_t>(16, ceil_div(W.rows, T));
+    constexpr int64_t kL2Band = 160 * 1024;
+    const int64_t chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, W.cols)));
+    return std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
+}
+
 // out[n, rows] = x[n, cols] @ W^T. Work is split over output rows. For n > 1, each task
 // owns a band of weight rows small enough to stay in L2 and sweeps all activation tiles
 // over it, so weights come from memory once per call.
@@ -228,14 +238,7 @@ inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
     ThreadPool& pool = ThreadPool::instance();
     const int64_t T = pool.threads();
     const int64_t rows = W.rows, cols = W.cols;
-    int64_t chunk;
-    if (n == 1) {
-        chunk = std::max<int64_t>(16, ceil_div(rows, T));
-    } else {
-        constexpr int64_t kL2Band = 160 * 1024;
-        chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, cols)));
-        chunk = std::min(chunk, std::max<int64_t>(1, ceil_div(rows, 4 * T)));
-    }
+    const int64_t chunk = band_rows(W, n, T);
     const int64_t ntasks = ceil_div(rows, chunk);
     auto task = [&](int64_t t) {
         const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);

@@ -167,6 +167,12 @@ EDGELM_INLINE float hsum8(__m256 a) { return vhsum(VF{a}); }
 // GEMV software prefetch distance: measured best near 2.5 KB ahead on this host (int4 and int8).
 constexpr int64_t kPrefetchBytes = 2560;
 
+// GEMV streams each weight once: fetch the row `ahead_rows` rows on into L1.
+EDGELM_INLINE void prefetch_bytes(const void* p, int64_t nbytes) {
+    const char* c = static_cast<const char*>(p);
+    for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // int4 (BS = 32 or 128), pair layout. NX activation rows from i0.
 template <int BS, int NX>
 void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
@@ -183,10 +189,7 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wq = Q + r * (cols / 2);
         const uint16_t* ws = S + r * (cols / BS);
-        if (NX == 1 && r + ahead_rows < r1) {  // GEMV streams weights once: fetch ahead
-            const char* ahead = reinterpret_cast<const char*>(wq + ahead_rows * (cols / 2));
-            for (int64_t o = 0; o < cols / 2; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
-        }
+        if (NX == 1 && r + ahead_rows < r1) prefetch_bytes(wq + ahead_rows * (cols / 2), cols / 2);
         __m256 acc[NX][NACC];
         for (int i = 0; i < NX; ++i)
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
@@ -252,10 +255,7 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     const int64_t ahead_rows = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, cols));
     for (int64_t r = r0; r < r1; ++r) {
         const int8_t* wq = Q + r * cols;
-        if (NX == 1 && r + ahead_rows < r1) {  // GEMV streams weights once: fetch ahead
-            const char* ahead = reinterpret_cast<const char*>(wq + ahead_rows * cols);
-            for (int64_t o = 0; o < cols; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
-        }
+        if (NX == 1 && r + ahead_rows < r1) prefetch_bytes(wq + ahead_rows * cols, cols);
         __m256 acc[NX][NACC];
         for (int i = 0; i < NX; ++i)
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
@@ -407,6 +407,17 @@ inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
     A.base = qact_buffer(static_cast<size_t>(A.stride * n));
 }
 
+// Quantizes the n activation rows of x into A (threaded when large).
+inline void quantize_input(QAct& A, int scheme, const float* x, int64_t n, int64_t cols) {
+    qact_prepare(A, scheme, n, cols);
+    const int64_t qchunk = std::max<int64_t>(1, 32768 / cols);
+    auto qtask = [&](int64_t t) {
+        const int64_t a = t * qchunk, b = std::min(n, a + qchunk);
+        for (int64_t i = a; i < b; ++i) quant_row(x + i * cols, A, i);
+    };
+    ThreadPool::instance().run(ceil_div(n, qchunk), qtask, static_cast<double>(n) * cols >= 65536.0);
+}
+
 // out[n, rows] = x[n, cols] @ W^T through quantized activations. W.scheme must be integer.
 inline void matmul_qd8(const WView& W, const float* x, int64_t n, float* out) {
     if (n <= 0) return;
@@ -415,23 +426,8 @@ inline void matmul_qd8(const WView& W, const float* x, int64_t n, float* out) {
     const int64_t T = pool.threads();
     const int64_t rows = W.rows, cols = W.cols;
     QAct A;
-    qact_prepare(A, W.scheme, n, cols);
-    {
-        const int64_t qchunk = std::max<int64_t>(1, 32768 / cols);
-        auto qtask = [&](int64_t t) {
-            const int64_t a = t * qchunk, b = std::min(n, a + qchunk);
-            for (int64_t i = a; i < b; ++i) quant_row(x + i * cols, A, i);
-        };
-        pool.run(ceil_div(n, qchunk), qtask, static_cast<double>(n) * cols >= 65536.0);
-    }
-    int64_t chunk;
-    if (n == 1) {
-        chunk = std::max<int64_t>(16, ceil_div(rows, T));
-    } else {
-        constexpr int64_t kL2Band = 160 * 1024;
-        chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, cols)));
-        chunk = std::min(chunk, std::max<int64_t>(1, ceil_div(rows, 4 * T)));
-    }
+    quantize_input(A, W.scheme, x, n, cols);
+    const int64_t chunk = band_rows(W, n, T);
     const int64_t ntasks = ceil_div(rows, chunk);
     auto task = [&](int64_t t) {
         const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
