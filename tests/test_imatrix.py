@@ -112,4 +112,12 @@ def test_bad_importance_files(tiny, tmp_path):
     assert_clean_error(r, "names none of this model's tensors")
     r = run_cli("convert", str(tiny["hf"]), "-o", str(tmp_path / "z.edgelm"), "--imatrix", str(bad), "-q")
     assert_clean_error(r, "not an edgelm importance")
+    r = run_cli("imatrix", "-m", str(tiny["fp32"]), "-o", str(tmp_path / "no" / "dir" / "im.npz"), "-q")
+    assert_clean_error(r, "does not exist")
+    r = run_cli("imatrix", "-m", str(tiny["fp32"]), "-o", str(tmp_path / "im.npz"), "--tokens", "3", "-q")
+    assert_clean_error(r, "--tokens must be at least 16")
+    r = run_cli("imatrix", "-m", str(tiny["fp32"]), "-o", str(tmp_path / "im.npz"), "--text", str(tmp_path / "nope.txt"))
+    assert_clean_error(r, "no such text file")
+    with pytest.raises(BadInputError, match="cannot write"):
+        im.save(tmp_path / "missing-dir" / "x.npz", {"a": np.ones(2, np.float32)}, {})
     assert json.loads(json.dumps(im.load(other)[1])) == {"model": "x"}

@@ -142,6 +142,9 @@ def imatrix(model, output, text, tokens, seed, threads, quiet):
 
     if tokens < 16:
         raise BadInputError(f"--tokens must be at least 16, got {tokens}")
+    out_dir = Path(output).resolve().parent
+    if not out_dir.is_dir():
+        raise BadInputError(f"{output}: the directory {out_dir} does not exist")
     eng = Engine(model, threads=threads, max_tokens=512, prefill_chunk=512)
     t0 = time.perf_counter()
     if text is not None:

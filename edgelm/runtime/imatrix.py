@@ -143,10 +143,14 @@ def text_calibration(engine, text: str, n_tokens: int = 4096, seq_len: int = 512
 def save(path: str | os.PathLike, imatrix: dict[str, np.ndarray], meta: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v, dtype=np.float32) for k, v in imatrix.items()},
-                 **{META_KEY: np.asarray(json.dumps(meta))})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v, dtype=np.float32) for k, v in imatrix.items()},
+                     **{META_KEY: np.asarray(json.dumps(meta))})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BadInputError(f"{path}: cannot write the importance file: {e.strerror or e}") from None
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
