@@ -31,7 +31,8 @@ def kv_bytes_read(engine, context: int) -> int:
     """Bytes of K and V one decode step reads at a given context length."""
     total = 0
     cfg = engine.config
-    per_tok = 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32
+    itemsize = np.dtype(getattr(engine, "kv_dtype", "float32")).itemsize
+    per_tok = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize  # K and V
     for kind in getattr(cfg, "layer_types", ()):
         span = min(context, cfg.sliding_window) if kind == "local" else context
         total += span * per_tok
@@ -61,12 +62,13 @@ def _threads_used(eng, requested):
     return requested
 
 
-def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int, backend: str, seed: int = 0) -> dict:
-    from .runtime.engine import Engine
+def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int, backend: str, seed: int = 0,
+             kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
+    from .runtime.engine import DEFAULT_PREFILL_CHUNK, Engine
 
     t0 = time.perf_counter()
     eng = Engine(path, backend=backend, threads=threads, max_tokens=max_tokens,
-                 prefill_chunk=min(max_tokens, 512))
+                 prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, kv_dtype=kv_dtype)
     init_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     specials = {eng.tokenizer.bos_id, *eng.stop_ids}
@@ -98,6 +100,8 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
         "backend": eng.backend,
         "isa": getattr(eng.ops, "isa", "-"),
         "threads": _threads_used(eng, threads),
+        "kv_dtype": eng.kv_dtype_name,
+        "prefill_chunk": eng.prefill_chunk,
         "meta": eng.bundle.header,
         "bytes_per_token": bytes_per_tok,
     }
@@ -110,11 +114,14 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
 
 def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, repeat: int = 3,
           max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True,
-          probe: bool = True) -> dict:
-    """probe: also measure STREAM-style read GB/s (in a child process, after the runs)."""
+          probe: bool = True, kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
+    """probe: also measure STREAM-style read GB/s (in a child process, after the runs).
+    kv_dtype / prefill_chunk: as Engine's (None = its defaults: f16 on cpu, 256)."""
     for name, v, lo in (("-p", prompt_tokens, 1), ("-n", gen_tokens, 1), ("--repeat", repeat, 1), ("--max-tokens", max_tokens, 2)):
         if not isinstance(v, int) or v < lo:
             raise BadInputError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise BadInputError(f"--prefill-chunk must be an integer >= 1, got {prefill_chunk!r}")
     if prompt_tokens + gen_tokens > max_tokens:
         raise BadInputError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds --max-tokens {max_tokens}")
     runs = []
@@ -124,7 +131,8 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
 
         it = tqdm(it, desc="bench (first run is warm-up)", unit="run", leave=False)
     for i in it:
-        r = run_once(path, prompt_tokens, gen_tokens, threads, max_tokens, backend, seed=i)
+        r = run_once(path, prompt_tokens, gen_tokens, threads, max_tokens, backend, seed=i, kv_dtype=kv_dtype,
+                     prefill_chunk=prefill_chunk)
         if i > 0:
             runs.append(r)
     rss = peak_rss_mib()
@@ -143,6 +151,8 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         "synthetic": synthetic is not None,
         "synthetic_geometry": synthetic,
         "capacity": max_tokens,
+        "kv_dtype": runs[0]["kv_dtype"],
+        "prefill_chunk": runs[0]["prefill_chunk"],
         "threads": runs[0]["threads"],
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -171,7 +181,8 @@ def format_table(res: dict) -> str:
         ("model", res["model"] + ("  [SYNTHETIC random weights: " + res["synthetic_geometry"] + "]" if res["synthetic"] else "")),
         ("backend", f"{res['backend']} ({res['isa']}), {res['threads']} threads"),
         ("scheme", label),
-        ("context capacity", str(res["capacity"])),
+        ("context capacity", f"{res['capacity']} (KV cache {res.get('kv_dtype', 'f32')}, prefill chunk "
+                             f"{res.get('prefill_chunk', '-')})"),
         (f"prefill tok/s (p{res['prompt_tokens']})", f("prefill_tok_s", "{:.1f}")),
         (f"decode tok/s (n{res['gen_tokens']})", f("decode_tok_s", "{:.1f}")),
         ("time to first token s", f("ttft_s", "{:.3f}")),

@@ -28,6 +28,21 @@ def test_bench_json_columns():
         r["bytes_per_token"] * sorted(m_["decode_tok_s"]["values"])[0] / 1e9, rel=1.0)
 
 
+def test_bench_kv_dtype_and_prefill_chunk():
+    m = tiny_bundle()
+    base = ("bench", "--model", m, "-p", "16", "-n", "4", "--repeat", "1", "--max-tokens", "64", "--no-probe", "--json")
+    r16 = json.loads(run_cli(*base).stdout)
+    r32 = json.loads(run_cli(*base, "--kv-dtype", "f32", "--prefill-chunk", "5").stdout)
+    assert r32["kv_dtype"] == "f32" and r32["prefill_chunk"] == 5
+    if r16["backend"] == "cpu":
+        assert r16["kv_dtype"] == "f16"  # the cpu default
+        # the K/V bytes read per decoded token halve: bytes(f32) - bytes(f16) = the f16 K/V bytes
+        kv16 = r32["bytes_per_token"] - r16["bytes_per_token"]
+        assert kv16 > 0 and (r16["bytes_per_token"] - kv16) > 0
+    assert_clean_error(run_cli(*base, "--prefill-chunk", "0"), "--prefill-chunk")
+    assert run_cli(*base, "--kv-dtype", "f8").returncode == 2
+
+
 def test_bench_table():
     p = run_cli("bench", "--model", tiny_bundle(), "-p", "8", "-n", "4", "--repeat", "1", "--max-tokens", "32")
     assert p.returncode == 0, p.stderr

@@ -426,3 +426,23 @@ def test_real_model_chat_smoke(real_int8_bundle):
     n_prompt = s.n_tokens - (len(s.generated_ids) - 1)
     assert greedy_ids(e, s.tokens[:n_prompt], 12) == s.generated_ids
     e.close()
+
+
+def test_kv_cache_dtype_choice():
+    """f16 on the native backend by default (half the memory), f32 on numpy; rewinds and
+    clones keep the dtype; anything else is a clear error."""
+    from edgelm.backends import cpu
+
+    path = tiny_bundle()
+    backends = ["numpy"] + (["cpu"] if cpu.available() else [])
+    for backend in backends:
+        e = Engine(path, backend=backend, max_tokens=64)
+        want = "float16" if backend == "cpu" else "float32"
+        s = e.create_session({"temperature": 0.0})
+        s.prefill(e.tokenize("hello world"))
+        assert all(c.k.dtype == want and c.v.dtype == want for c in s.caches)
+        assert all(c.k.dtype == want for c in s.clone().caches)
+        e32 = Engine(path, backend=backend, max_tokens=64, kv_dtype="f32")
+        assert all(c.k.dtype == np.float32 for c in e32.create_session().caches)
+    with pytest.raises(BadInputError, match="kv_dtype"):
+        Engine(path, backend="numpy", max_tokens=64, kv_dtype="bf16")

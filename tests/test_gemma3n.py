@@ -89,6 +89,7 @@ def _ref_logits(model, ids) -> np.ndarray:
 
 
 def _score(bundle, ids, backend="numpy", **kw) -> np.ndarray:
+    kw.setdefault("kv_dtype", "f32")  # parity checks compare the model's math (fp16 KV: its own test)
     eng = Engine(bundle, backend=backend, max_tokens=128, **kw)
     try:
         return eng.score(ids)
@@ -146,6 +147,13 @@ def test_logits_parity_with_transformers(ckpts, plain_bundle, reference, backend
     ref = _ref_logits(ref_model, ids)
     got = _score(plain_bundle, ids, backend)
     _assert_rows_close(got, ref, what=backend)
+    if backend == "cpu":  # the default fp16 KV cache (shared layers read it too): K/V rounded to fp16
+        got16 = _score(plain_bundle, ids, backend, kv_dtype="f16")
+        assert not np.array_equal(got16, got)  # the cache really is fp16
+        # the kernels agree with the numpy reference given the same fp16 cache ...
+        _assert_rows_close(got16, _score(plain_bundle, ids, "numpy", kv_dtype="f16"), what="cpu vs numpy, fp16 KV")
+        # ... and the rounding moves this random model's logits by < 2% of their range
+        _assert_rows_close(got16, ref, rel=2e-2, what="cpu, fp16 KV")
 
 
 def test_cli_convert_multimodal_checkpoint_parity(ckpts, reference, tmp_path):

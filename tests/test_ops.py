@@ -162,6 +162,27 @@ def test_attention_gqa_ratios_and_threads(ops):
         np.testing.assert_array_equal(y1, y2)  # no split differs between thread counts here
 
 
+@pytest.mark.parametrize("n,T,H,KV,hd,window", [c for c in CASES if c[1] >= 17])
+def test_attention_fp16_cache(ops, n, T, H, KV, hd, window):
+    """An fp16 KV cache: the kernel widens each key block, so the result is exactly the fp32
+    kernel's on the rounded keys/values, and within the usual bound of the numpy reference."""
+    r = rng(8, n, T, H, KV, hd, window)
+    q = r.standard_normal((n, H, hd)).astype(np.float32)
+    k16 = r.standard_normal((T, KV, hd)).astype(np.float16)
+    v16 = r.standard_normal((T, KV, hd)).astype(np.float16)
+    kp = np.arange(T, dtype=np.int64)
+    r.shuffle(kp)
+    qp = np.arange(T - n, T, dtype=np.int64)
+    y16 = ops.attention(q, k16, v16, qp, kp, window, hd**-0.5)
+    y32 = check_attention(ops, q, k16.astype(np.float32), v16.astype(np.float32), qp, kp, window, hd**-0.5, None)
+    np.testing.assert_array_equal(y16, y32)
+    ref = REF.attention(q, k16, v16, qp, kp, window, hd**-0.5)  # the reference widens too
+    assert np.max(np.abs(y16 - ref)) <= 2e-5 * np.max(np.abs(v16.astype(np.float32)))
+    with pytest.raises(TypeError, match="v must be float16"):
+        ops._m.attention(q, k16, v16.astype(np.float32), qp, kp, window, 1.0, 0.0,
+                         np.empty((n, H * hd), np.float32))
+
+
 def test_attention_masking_edges(ops):
     r = rng(7)
     H, KV, hd = 4, 2, 16

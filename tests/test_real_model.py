@@ -34,7 +34,9 @@ def fp32_engines(real_fp32_bundle):
 
     engines = {"numpy": Engine(real_fp32_bundle, backend="numpy", max_tokens=1024)}
     if cpu.available():
-        engines["cpu"] = Engine(real_fp32_bundle, backend="cpu", max_tokens=1024)
+        # the model's math against transformers: an fp32 KV cache, like transformers'
+        engines["cpu"] = Engine(real_fp32_bundle, backend="cpu", max_tokens=1024, kv_dtype="f32")
+        engines["cpu-f16kv"] = Engine(real_fp32_bundle, backend="cpu", max_tokens=1024)  # the default
     return engines
 
 
@@ -43,19 +45,22 @@ def test_long_prompt_crosses_the_window(fp32_engines):
     assert len(eng.tokenize(LONG_TEXT)) > 600 > eng.config.sliding_window
 
 
-@pytest.mark.parametrize("backend", ["numpy", "cpu"])
-def test_logits_match_transformers(fp32_engines, hf_reference, backend):
+@pytest.mark.parametrize("backend,tol", [("numpy", 1e-3), ("cpu", 1e-3), ("cpu-f16kv", 4e-3)])
+def test_logits_match_transformers(fp32_engines, hf_reference, backend, tol):
+    """fp32 weights: within 1e-3 of transformers' logits with an fp32 KV cache; the default fp16
+    cache rounds K and V to 11 significant bits, which moves logits ~1e-3 (bound 4e-3)."""
     if backend not in fp32_engines:
         pytest.fail("native CPU backend did not build")
     eng = fp32_engines[backend]
+    assert eng.kv_dtype_name == ("f16" if backend == "cpu-f16kv" else "f32")
     for prompt in PROMPTS:
         ids = eng.tokenize(prompt)
         ours = eng.score(ids)
         ref = _ref_logits(hf_reference, ids)
         assert ours.shape == ref.shape == (len(ids), eng.config.vocab_size)
-        # within 1e-3 relative at every position (relative to that position's largest logit)
+        # relative to that position's largest logit
         err = np.abs(ours - ref).max(axis=1) / np.abs(ref).max(axis=1)
-        assert err.max() < 1e-3, (prompt[:30], err.max())
+        assert err.max() < tol, (prompt[:30], err.max())
         # teacher-forced top-1 agreement is 100%
         assert (ours.argmax(axis=1) == ref.argmax(axis=1)).all()
 

@@ -474,7 +474,13 @@ void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpo
     const char* fn = "attention";
     py::array q = check_f32(fn, "q", q_h);
     if (q.ndim() != 3) throw py::value_error("attention: q must have shape (n, heads, head_dim), got " + shape_str(q));
-    py::array k = check_f32(fn, "k", k_h);
+    // k/v: float32, or float16 (an fp16 KV cache; widened block by block inside the kernel)
+    py::array k = as_array(fn, "k", k_h);
+    const bool half = dtype_is(k, kF16);
+    if (half)
+        check_layout(fn, "k", k, false);
+    else
+        k = check_f32(fn, "k", k_h);
     if (k.ndim() != 3)
         throw py::value_error("attention: k must have shape (T, kv_heads, head_dim), got " + shape_str(k));
     const int64_t n = q.shape(0), H = q.shape(1), hd = q.shape(2), T = k.shape(0), KV = k.shape(1);
@@ -485,7 +491,7 @@ void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpo
     if (H % KV)
         throw py::value_error("attention: " + std::to_string(H) + " query heads do not group over " +
                               std::to_string(KV) + " kv heads");
-    py::array v = check_array(fn, "v", v_h, kF32, {T, KV, hd});
+    py::array v = check_array(fn, "v", v_h, half ? kF16 : kF32, {T, KV, hd});
     const DT kI64{'i', 8, "int64"};
     py::array qp = check_array(fn, "q_pos", qpos_h, kI64, {n});
     py::array kp = check_array(fn, "k_pos", kpos_h, kI64, {T});
@@ -496,8 +502,14 @@ void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpo
     if (!(cap >= 0.0) || !std::isfinite(cap)) throw py::value_error("attention: softcap must be finite and >= 0");
     edgelm::AttnParams P;
     P.q = static_cast<const float*>(q.data());
-    P.k = static_cast<const float*>(k.data());
-    P.v = static_cast<const float*>(v.data());
+    if (half) {
+        P.k = P.v = nullptr;
+        P.k16 = static_cast<const uint16_t*>(k.data());
+        P.v16 = static_cast<const uint16_t*>(v.data());
+    } else {
+        P.k = static_cast<const float*>(k.data());
+        P.v = static_cast<const float*>(v.data());
+    }
     P.qpos = static_cast<const int64_t*>(qp.data());
     P.kpos = static_cast<const int64_t*>(kp.data());
     P.n = n;
@@ -646,7 +658,7 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
     m.def("softcap", &py_softcap, "x"_a, "cap"_a, "out"_a, "out = tanh(x / cap) * cap.");
     m.def("attention", &py_attention, "q"_a, "k"_a, "v"_a, "q_pos"_a, "k_pos"_a, "window"_a, "scale"_a,
           "softcap"_a, "out"_a,
-          "Softmax attention over a KV cache. q [n,H,hd], k/v [T,KV,hd] float32; q_pos [n], k_pos [T]\n"
+          "Softmax attention over a KV cache. q [n,H,hd], k/v [T,KV,hd] float32 or float16 (both the same); q_pos [n], k_pos [T]\n"
           "int64 (k_pos -1 = empty); key t visible to query i iff k_pos >= 0 and\n"
           "0 <= q_pos - k_pos < window (window 0 = no upper limit); softcap 0 = none.\n"
           "out [n, H*hd]; a query that sees no key gets zeros.");

@@ -198,8 +198,10 @@ inline void softcap(const float* x, int64_t size, float cap, float* out) {
 
 struct AttnParams {
     const float* q;  // [n, H, hd]
-    const float* k;  // [T, KV, hd]
-    const float* v;  // [T, KV, hd]
+    const float* k;  // [T, KV, hd] float32, or null when k16 is set
+    const float* v;  // [T, KV, hd] float32, or null when v16 is set
+    const uint16_t* k16 = nullptr;  // [T, KV, hd] IEEE half (an fp16 KV cache)
+    const uint16_t* v16 = nullptr;
     const int64_t* qpos;  // [n]
     const int64_t* kpos;  // [T], -1 = empty
     int64_t n, H, KV, hd, T;
@@ -311,8 +313,19 @@ EDGELM_INLINE void pv1(const float* p0, const float* const* vp, int64_t na, int6
     for (int j = 0; j < W; ++j) vstoreu(o0 + c + 8 * j, a0[j]);
 }
 
+// n halves -> floats (an fp16 KV row into the fp32 block scratch)
+EDGELM_INLINE void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        VF w[4];
+        load32_f16(src + j, w);
+        for (int i = 0; i < 4; ++i) vstoreu(dst + j + 8 * i, w[i]);
+    }
+    for (; j < n; ++j) dst[j] = half_to_float(src[j]);
+}
+
 struct Scratch {
-    std::vector<float> o, m, l, s;
+    std::vector<float> o, m, l, s, kbuf, vbuf;
     std::vector<int64_t> act;
     std::vector<const float*> qr, kp, vp;
     std::vector<int64_t> rpos;
@@ -337,6 +350,10 @@ inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, i
     sc.vp.resize(KB);
     sc.qr.resize(static_cast<size_t>(R));
     sc.rpos.resize(static_cast<size_t>(R));
+    if (P.k16) {
+        sc.kbuf.resize(static_cast<size_t>(KB * hd));
+        sc.vbuf.resize(static_cast<size_t>(KB * hd));
+    }
     float* S = sc.s.data();
     int64_t* act = sc.act.data();
     int64_t qmin = std::numeric_limits<int64_t>::max(), qmax = std::numeric_limits<int64_t>::min();
@@ -368,9 +385,20 @@ inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, i
         const int64_t nap = (na + 7) & ~int64_t(7);
         const float** kp = sc.kp.data();
         const float** vp = sc.vp.data();
-        for (int64_t a = 0; a < na; ++a) {
-            kp[a] = P.k + (act[a] * P.KV + g) * hd;
-            vp[a] = P.v + (act[a] * P.KV + g) * hd;
+        if (P.k16) {  // fp16 cache: widen this block's visible keys/values once (L1/L2-resident)
+            float* kb = sc.kbuf.data();
+            float* vb = sc.vbuf.data();
+            for (int64_t a = 0; a < na; ++a) {
+                halves_to_floats(P.k16 + (act[a] * P.KV + g) * hd, kb + a * hd, hd);
+                halves_to_floats(P.v16 + (act[a] * P.KV + g) * hd, vb + a * hd, hd);
+                kp[a] = kb + a * hd;
+                vp[a] = vb + a * hd;
+            }
+        } else {
+            for (int64_t a = 0; a < na; ++a) {
+                kp[a] = P.k + (act[a] * P.KV + g) * hd;
+                vp[a] = P.v + (act[a] * P.KV + g) * hd;
+            }
         }
         // scores
         {

@@ -286,10 +286,15 @@ class Kernels:
 
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None,
                   out: np.ndarray | None = None) -> np.ndarray:
-        """q [n, H, hd], k/v [T, KV, hd], q_pos [n], k_pos [T] (-1 = empty) -> [n, H*hd].
+        """q [n, H, hd], k/v [T, KV, hd] (float32, or both float16: an fp16 KV cache), q_pos [n],
+        k_pos [T] (-1 = empty) -> [n, H*hd].
         Key t is visible to query i iff k_pos[t] >= 0 and 0 <= q_pos[i] - k_pos[t] < window
         (window 0 = unlimited). A query that sees no key gets zeros (numpy gives nan)."""
-        q, k, v = _f32(q), _f32(k), _f32(v)
+        q, k, v = _f32(q), np.asarray(k), np.asarray(v)
+        if k.dtype == np.float16 and v.dtype == np.float16:  # an fp16 KV cache: read as is
+            k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+        else:
+            k, v = _f32(k), _f32(v)
         q_pos, k_pos = _i64(q_pos), _i64(k_pos)
         if q.ndim != 3:
             raise ValueError(f"attention: q must have shape (n, heads, head_dim), got {q.shape}")

@@ -93,6 +93,8 @@ class NumpyOps:
         n, H, hd = q.shape
         T, KV, _ = k.shape
         G = H // KV
+        k = np.asarray(k).astype(np.float32, copy=False)  # an fp16 KV cache is widened here
+        v = np.asarray(v).astype(np.float32, copy=False)
         qg = q.reshape(n, KV, G, hd).transpose(1, 2, 0, 3)  # [KV, G, n, hd]
         kt = k.transpose(1, 2, 0)  # [KV, hd, T]
         s = np.matmul(qg, kt[:, None]) * np.float32(scale)  # [KV, G, n, T]

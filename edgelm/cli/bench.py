@@ -45,12 +45,15 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
 @click.option("--repeat", "-r", type=int, default=3, show_default=True, help="Measured runs (after one warm-up).")
 @click.option("--max-tokens", type=int, default=1280, show_default=True, help="KV-cache capacity.")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@click.option("--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
+              help="KV-cache storage (default: f16 on cpu, f32 on numpy).")
+@click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per forward pass (default 256).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--no-probe", is_flag=True,
               help="Skip the bandwidth probe (a child process with a 512 MiB buffer: a parent's "
                    "wait4 ru_maxrss would count it).")
 def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend,
-          as_json, no_probe):
+          kv_dtype, prefill_chunk, as_json, no_probe):
     """Benchmark a bundle with the seed's columns (docs/benchmarks.md)."""
     from ..bench import bench as run_bench
     from ..bench import format_table
@@ -64,5 +67,5 @@ def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, thr
 
         model = ensure_default_model(quiet=as_json)
     res = run_bench(model, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend, synthetic,
-                    progress=not as_json, probe=not no_probe)
+                    progress=not as_json, probe=not no_probe, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk)
     click.echo(json.dumps(res, indent=2) if as_json else format_table(res))

@@ -10,6 +10,8 @@ import threading
 
 import click
 
+from .options import kv_dtype_option
+
 HELP = "commands: /reset (new conversation), /exit or Ctrl-D (quit), /help; Ctrl-C stops a reply"
 
 
@@ -115,13 +117,15 @@ def _reply(conv, text: str, out, quiet: bool) -> None:
               help="When the context is full: drop the oldest turns, or stop with an error.")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@kv_dtype_option
 @click.option("--quiet", "-q", is_flag=True, help="No banner or stats lines.")
 def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, overflow,
-         threads, backend, quiet):
+         threads, backend, kv_dtype, quiet):
     """Chat with a model in the terminal."""
     from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
 
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+                 kv_dtype=kv_dtype)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                            repetition_penalty=repetition_penalty)
     conv = eng.create_conversation(system=system, sampler=sampler, max_new_tokens=max_new_tokens,

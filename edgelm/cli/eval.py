@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .options import kv_dtype_option
+
 from ..errors import BadInputError
 
 
@@ -35,15 +37,17 @@ def eval_group():
               help="A reference bundle: also report mean KL(base || model) and top-1 agreement.")
 @click.option("--threads", "-t", type=int, default=None)
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@kv_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def ppl(model, text, ctx, max_chunks, kl_base, threads, backend, as_json):
+def ppl(model, text, ctx, max_chunks, kl_base, threads, backend, kv_dtype, as_json):
     """Perplexity of MODEL over TEXT, computed the way llama-perplexity does (docs/quality.md)."""
     from ..eval.ppl import perplexity
     from ..runtime.engine import Engine
 
     content = read_text_file(text)
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=ctx, prefill_chunk=ctx)
-    base = Engine(kl_base, backend=backend, threads=threads, max_tokens=ctx, prefill_chunk=ctx) if kl_base else None
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=ctx, prefill_chunk=ctx, kv_dtype=kv_dtype)
+    base = (Engine(kl_base, backend=backend, threads=threads, max_tokens=ctx, prefill_chunk=ctx, kv_dtype=kv_dtype)
+            if kl_base else None)
     r = perplexity(eng, content, ctx=ctx, max_chunks=max_chunks, kl_base=base, progress=not as_json)
     if as_json:
         click.echo(json.dumps({"model": model, "text": text, "kl_base": kl_base, **r.to_dict()}, indent=2))

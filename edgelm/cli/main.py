@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..errors import BadInputError, EdgelmError
+from .options import kv_dtype_option
 
 EXIT_INTERNAL = 70
 
@@ -41,13 +42,15 @@ def cli():
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@kv_dtype_option
 @click.option("--quiet", "-q", is_flag=True, help="Do not print stats to stderr.")
-def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads, max_tokens, backend, quiet):
+def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads, max_tokens, backend, kv_dtype, quiet):
     """Generate a continuation of PROMPT, streamed to stdout."""
     from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
     from ..runtime.session import GenerationStats
 
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+                 kv_dtype=kv_dtype)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     session = eng.create_session(sampler)
     out = sys.stdout

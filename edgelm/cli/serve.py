@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import kv_dtype_option
+
 
 @click.command()
 @click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
@@ -20,10 +22,12 @@ import click
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@kv_dtype_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(model, host, port, api_key, max_queue, max_body, max_tokens, threads, backend, model_name, log_level):
+def serve(model, host, port, api_key, max_queue, max_body, max_tokens, threads, backend, kv_dtype, model_name,
+          log_level):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
     from ..errors import BadInputError
@@ -32,7 +36,8 @@ def serve(model, host, port, api_key, max_queue, max_body, max_tokens, threads, 
 
     if not 0 <= port <= 65535:
         raise BadInputError(f"--port must be in 0..65535, got {port}")
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS)
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+                 kv_dtype=kv_dtype)
 
     def ready(actual_port):
         shown = f"[{host}]" if ":" in host else host

@@ -125,12 +125,12 @@ def load_weights(cfg: Gemma3Config, bundle) -> Weights:
 
 # ----------------------------------------------------------------------------- forward
 
-def make_caches(cfg: Gemma3Config, capacity: int, max_chunk: int):
+def make_caches(cfg: Gemma3Config, capacity: int, max_chunk: int, kv_dtype="float32"):
     from ..runtime.kvcache import KVCache
 
     local_slots = min(capacity, cfg.sliding_window - 1 + max_chunk)
     return [
-        KVCache(local_slots if t == LOCAL else capacity, cfg.num_kv_heads, cfg.head_dim)
+        KVCache(local_slots if t == LOCAL else capacity, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         for t in cfg.layer_types
     ]
 

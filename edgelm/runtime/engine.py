@@ -20,6 +20,7 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_PREFILL_CHUNK = 256
+KV_DTYPES = {"f16": "float16", "f32": "float32"}
 
 
 class Engine:
@@ -29,6 +30,9 @@ class Engine:
     backend: "cpu" (native kernels) or "numpy" (the reference).
     threads: worker threads for the native kernels (default: physical cores).
     max_tokens: KV-cache capacity per session, chosen here (e.g. 1280 or 4096).
+    kv_dtype: "f16" or "f32" storage for the KV cache. Default: f16 on the native cpu
+        backend (half the cache's memory and bandwidth; the kernel widens each key block to
+        fp32, so the arithmetic stays fp32), f32 on the numpy reference.
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class Engine:
         threads: int | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        kv_dtype: str | None = None,
     ):
         if path is None:
             from .defaults import ensure_default_model
@@ -56,8 +61,12 @@ class Engine:
                 f"max_tokens {max_tokens} exceeds the model's context of {self.config.max_position_embeddings}")
         self.max_tokens = max_tokens
         self.prefill_chunk = min(prefill_chunk, max_tokens)
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.ops = get_backend(backend, threads)
         self.backend = self.ops.name
+        self.kv_dtype_name = kv_dtype or ("f32" if self.backend == "numpy" else "f16")
+        self.kv_dtype = KV_DTYPES[self.kv_dtype_name]
         self.weights = self.model.load_weights(self.config, self.bundle)
         meta = self.bundle.header
         tok = meta.get("tokenizer", {})

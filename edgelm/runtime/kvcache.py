@@ -16,7 +16,8 @@ import numpy as np
 
 
 class KVCache:
-    def __init__(self, slots: int, kv_heads: int, head_dim: int, dtype=np.float32):
+    def __init__(self, slots: int, kv_heads: int, head_dim: int, dtype="float32"):
+        # dtype float16 halves the cache (writes round to nearest); attention widens it again.
         self.slots = slots
         # np.zeros maps untouched pages lazily, so resident memory grows with use.
         self.k = np.zeros((slots, kv_heads, head_dim), dtype=dtype)  # [slots, KV, hd]

@@ -105,7 +105,7 @@ class Session:
         self.engine = engine
         self.sampler = sampler
         self.rng = np.random.default_rng(sampler.seed)
-        self.caches = engine.model.make_caches(engine.config, engine.max_tokens, engine.prefill_chunk)
+        self.caches = engine.model.make_caches(engine.config, engine.max_tokens, engine.prefill_chunk, engine.kv_dtype)
         window = getattr(engine.config, "sliding_window", None)
         kinds = getattr(engine.config, "layer_types", ())
         if window and len(kinds) == len(self.caches):
