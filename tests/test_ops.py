@@ -164,8 +164,9 @@ def test_attention_gqa_ratios_and_threads(ops):
 
 @pytest.mark.parametrize("n,T,H,KV,hd,window", [c for c in CASES if c[1] >= 17])
 def test_attention_fp16_cache(ops, n, T, H, KV, hd, window):
-    """An fp16 KV cache: the kernel widens each key block, so the result is exactly the fp32
-    kernel's on the rounded keys/values, and within the usual bound of the numpy reference."""
+    """An fp16 KV cache: the kernel widens K/V as it loads them, so the result is the fp32
+    kernel's on the rounded keys/values (up to FMA contraction in the odd-head_dim tail), and
+    within the usual bound of the numpy reference."""
     r = rng(8, n, T, H, KV, hd, window)
     q = r.standard_normal((n, H, hd)).astype(np.float32)
     k16 = r.standard_normal((T, KV, hd)).astype(np.float16)
@@ -175,7 +176,7 @@ def test_attention_fp16_cache(ops, n, T, H, KV, hd, window):
     qp = np.arange(T - n, T, dtype=np.int64)
     y16 = ops.attention(q, k16, v16, qp, kp, window, hd**-0.5)
     y32 = check_attention(ops, q, k16.astype(np.float32), v16.astype(np.float32), qp, kp, window, hd**-0.5, None)
-    np.testing.assert_array_equal(y16, y32)
+    assert np.max(np.abs(y16 - y32)) <= 1e-6 * np.max(np.abs(v16.astype(np.float32)))
     ref = REF.attention(q, k16, v16, qp, kp, window, hd**-0.5)  # the reference widens too
     assert np.max(np.abs(y16 - ref)) <= 2e-5 * np.max(np.abs(v16.astype(np.float32)))
     with pytest.raises(TypeError, match="v must be float16"):

@@ -215,119 +215,93 @@ namespace attn_detail {
 
 constexpr int KB = 64;  // keys per block
 
-EDGELM_INLINE float dot1(const float* a, const float* b, int64_t hd) {
-    VF s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
-    int64_t j = 0;
-    for (; j + 32 <= hd; j += 32) {
-        s0 = vfma(vloadu(a + j), vloadu(b + j), s0);
-        s1 = vfma(vloadu(a + j + 8), vloadu(b + j + 8), s1);
-        s2 = vfma(vloadu(a + j + 16), vloadu(b + j + 16), s2);
-        s3 = vfma(vloadu(a + j + 24), vloadu(b + j + 24), s3);
-    }
-    for (; j + 8 <= hd; j += 8) s0 = vfma(vloadu(a + j), vloadu(b + j), s0);
-    float s = vhsum(vadd(vadd(s0, s1), vadd(s2, s3)));
-    for (; j < hd; ++j) s += a[j] * b[j];
-    return s;
-}
+// K/V rows are float32 or IEEE half (an fp16 KV cache, widened in registers as they load).
+EDGELM_INLINE VF ld8(const float* p) { return vloadu(p); }
+EDGELM_INLINE VF ld8(const uint16_t* p) { return vload8h(p); }
+EDGELM_INLINE float ld1(const float* p) { return *p; }
+EDGELM_INLINE float ld1(const uint16_t* p) { return half_to_float(*p); }
 
-// 4 query rows against one key.
-EDGELM_INLINE void dot4(const float* const* qr, const float* kt, int64_t hd, float* s, int64_t ld) {
-    VF a[4][2];
-    for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = vzero();
-    int64_t j = 0;
-    for (; j + 16 <= hd; j += 16) {
-        const VF k0 = vloadu(kt + j), k1 = vloadu(kt + j + 8);
-        for (int i = 0; i < 4; ++i) {
-            a[i][0] = vfma(vloadu(qr[i] + j), k0, a[i][0]);
-            a[i][1] = vfma(vloadu(qr[i] + j + 8), k1, a[i][1]);
-        }
-    }
-    for (; j + 8 <= hd; j += 8) {
-        const VF k0 = vloadu(kt + j);
-        for (int i = 0; i < 4; ++i) a[i][0] = vfma(vloadu(qr[i] + j), k0, a[i][0]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        float t = vhsum(vadd(a[i][0], a[i][1]));
-        for (int64_t jj = j; jj < hd; ++jj) t += qr[i][jj] * kt[jj];
-        s[i * ld] = t;
-    }
-}
-
-// 4 query rows against two keys (8 dot products; each q load feeds 2 FMAs).
-EDGELM_INLINE void dot4x2(const float* const* qr, const float* k0, const float* k1, int64_t hd, float* s, int64_t ld) {
-    VF a[4][2];
-    for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = vzero();
+// Scores of NR query rows against NK keys: s[i*ld + c] = q_i . k_c. Lanes run along
+// head_dim; each key load feeds NR FMAs and each query load NK. The register tile is at most
+// 4 x 3 (12 accumulators + 3 keys + 1 query = 16 AVX2 registers).
+template <int NR, int NK, class T>
+EDGELM_INLINE void qk_tile(const float* const* qr, const T* const* kt, int64_t hd, float* s, int64_t ld) {
+    VF a[NR][NK];
+    for (int i = 0; i < NR; ++i)
+        for (int c = 0; c < NK; ++c) a[i][c] = vzero();
     int64_t j = 0;
     for (; j + 8 <= hd; j += 8) {
-        const VF x0 = vloadu(k0 + j), x1 = vloadu(k1 + j);
-        for (int i = 0; i < 4; ++i) {
+        VF x[NK];
+        for (int c = 0; c < NK; ++c) x[c] = ld8(kt[c] + j);
+        for (int i = 0; i < NR; ++i) {
             const VF qv = vloadu(qr[i] + j);
-            a[i][0] = vfma(qv, x0, a[i][0]);
-            a[i][1] = vfma(qv, x1, a[i][1]);
+            for (int c = 0; c < NK; ++c) a[i][c] = vfma(qv, x[c], a[i][c]);
         }
     }
-    for (int i = 0; i < 4; ++i) {
-        float t0 = vhsum(a[i][0]), t1 = vhsum(a[i][1]);
-        for (int64_t jj = j; jj < hd; ++jj) {
-            t0 += qr[i][jj] * k0[jj];
-            t1 += qr[i][jj] * k1[jj];
+    for (int i = 0; i < NR; ++i)
+        for (int c = 0; c < NK; ++c) {
+            float t = vhsum(a[i][c]);
+            for (int64_t jj = j; jj < hd; ++jj) t += qr[i][jj] * ld1(kt[c] + jj);
+            s[i * ld + c] = t;
         }
-        s[i * ld] = t0;
-        s[i * ld + 1] = t1;
-    }
 }
 
-// o[r0/r1][0:W*8] += sum_a p[r][a] * v_a[0:W*8] for two rows (each v load feeds 2 FMAs).
-template <int W>
-EDGELM_INLINE void pv2(const float* p0, const float* p1, const float* const* vp, int64_t na, int64_t c, float* o0,
-                       float* o1) {
-    VF a0[W], a1[W];
-    for (int j = 0; j < W; ++j) {
-        a0[j] = vloadu(o0 + c + 8 * j);
-        a1[j] = vloadu(o1 + c + 8 * j);
-    }
+// o_i[c : c + 8W] += sum_a p_i[a] * v_a[c : c + 8W] for NR rows (p_i = p0 + i * KB, o_i = o0 +
+// i * hd). Each V load feeds NR FMAs; 4 rows x 3 vectors is the largest tile that fits.
+template <int NR, int W, class T>
+EDGELM_INLINE void pv_tile(const float* p0, const T* const* vp, int64_t na, int64_t c, float* o0, int64_t hd) {
+    VF acc[NR][W];
+    for (int i = 0; i < NR; ++i)
+        for (int w = 0; w < W; ++w) acc[i][w] = vloadu(o0 + i * hd + c + 8 * w);
     for (int64_t a = 0; a < na; ++a) {
-        const VF b0 = vset1(p0[a]), b1 = vset1(p1[a]);
-        const float* vt = vp[a] + c;
-        for (int j = 0; j < W; ++j) {
-            const VF vv = vloadu(vt + 8 * j);
-            a0[j] = vfma(b0, vv, a0[j]);
-            a1[j] = vfma(b1, vv, a1[j]);
+        const T* vt = vp[a] + c;
+        VF x[W];
+        for (int w = 0; w < W; ++w) x[w] = ld8(vt + 8 * w);
+        for (int i = 0; i < NR; ++i) {
+            const VF b = vset1(p0[i * KB + a]);
+            for (int w = 0; w < W; ++w) acc[i][w] = vfma(b, x[w], acc[i][w]);
         }
     }
-    for (int j = 0; j < W; ++j) {
-        vstoreu(o0 + c + 8 * j, a0[j]);
-        vstoreu(o1 + c + 8 * j, a1[j]);
-    }
+    for (int i = 0; i < NR; ++i)
+        for (int w = 0; w < W; ++w) vstoreu(o0 + i * hd + c + 8 * w, acc[i][w]);
 }
 
-template <int W>
-EDGELM_INLINE void pv1(const float* p0, const float* const* vp, int64_t na, int64_t c, float* o0) {
-    VF a0[W];
-    for (int j = 0; j < W; ++j) a0[j] = vloadu(o0 + c + 8 * j);
-    for (int64_t a = 0; a < na; ++a) {
-        const VF b0 = vset1(p0[a]);
-        const float* vt = vp[a] + c;
-        for (int j = 0; j < W; ++j) a0[j] = vfma(b0, vloadu(vt + 8 * j), a0[j]);
+template <int NR, class T>
+EDGELM_INLINE void pv_rows(const float* p0, const T* const* vp, int64_t na, float* o0, int64_t hd) {
+    int64_t c = 0;
+    for (; c + 24 <= hd; c += 24) pv_tile<NR, 3>(p0, vp, na, c, o0, hd);
+    if (c + 16 <= hd) {
+        pv_tile<NR, 2>(p0, vp, na, c, o0, hd);
+        c += 16;
     }
-    for (int j = 0; j < W; ++j) vstoreu(o0 + c + 8 * j, a0[j]);
+    if (c + 8 <= hd) {
+        pv_tile<NR, 1>(p0, vp, na, c, o0, hd);
+        c += 8;
+    }
+    for (; c < hd; ++c)
+        for (int i = 0; i < NR; ++i) {
+            float x = o0[i * hd + c];
+            for (int64_t a = 0; a < na; ++a) x += p0[i * KB + a] * ld1(vp[a] + c);
+            o0[i * hd + c] = x;
+        }
 }
 
-// n halves -> floats (an fp16 KV row into the fp32 block scratch)
-EDGELM_INLINE void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-        VF w[4];
-        load32_f16(src + j, w);
-        for (int i = 0; i < 4; ++i) vstoreu(dst + j + 8 * i, w[i]);
+template <int NR, class T>
+EDGELM_INLINE void qk_rows(const float* const* qr, const T* const* kp, int64_t na, int64_t hd, float* S) {
+    int64_t a = 0;
+    for (; a + 3 <= na; a += 3) qk_tile<NR, 3>(qr, kp + a, hd, S + a, KB);
+    if (a + 2 <= na) {
+        qk_tile<NR, 2>(qr, kp + a, hd, S + a, KB);
+        a += 2;
     }
-    for (; j < n; ++j) dst[j] = half_to_float(src[j]);
+    if (a < na) qk_tile<NR, 1>(qr, kp + a, hd, S + a, KB);
 }
 
 struct Scratch {
-    std::vector<float> o, m, l, s, kbuf, vbuf;
+    std::vector<float> o, m, l, s;
     std::vector<int64_t> act;
-    std::vector<const float*> qr, kp, vp;
+    std::vector<const void*> kp, vp;
+    std::vector<const float*> qr;
     std::vector<int64_t> rpos;
 };
 
@@ -336,12 +310,10 @@ inline Scratch& scratch() {
     return sc;
 }
 
-}  // namespace attn_detail
-
 // One (kv group, query tile, key range) unit: fills o (unnormalized), m, l for its R rows.
-inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, int64_t t0, int64_t t1, float* o,
-                      float* m, float* l) {
-    using namespace attn_detail;
+template <class T>
+void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t qi0, int64_t qn, int64_t t0,
+                 int64_t t1, float* o, float* m, float* l) {
     const int64_t G = P.H / P.KV, hd = P.hd, R = qn * G;
     Scratch& sc = scratch();
     sc.s.resize(static_cast<size_t>(R * KB));
@@ -350,16 +322,15 @@ inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, i
     sc.vp.resize(KB);
     sc.qr.resize(static_cast<size_t>(R));
     sc.rpos.resize(static_cast<size_t>(R));
-    if (P.k16) {
-        sc.kbuf.resize(static_cast<size_t>(KB * hd));
-        sc.vbuf.resize(static_cast<size_t>(KB * hd));
-    }
     float* S = sc.s.data();
     int64_t* act = sc.act.data();
+    const T** kp = reinterpret_cast<const T**>(sc.kp.data());
+    const T** vp = reinterpret_cast<const T**>(sc.vp.data());
+    const float** qr = sc.qr.data();
     int64_t qmin = std::numeric_limits<int64_t>::max(), qmax = std::numeric_limits<int64_t>::min();
     for (int64_t r = 0; r < R; ++r) {
         const int64_t qi = qi0 + r / G, h = g * G + r % G;
-        sc.qr[r] = P.q + (qi * P.H + h) * hd;
+        qr[r] = P.q + (qi * P.H + h) * hd;
         sc.rpos[r] = P.qpos[qi];
         qmin = std::min(qmin, P.qpos[qi]);
         qmax = std::max(qmax, P.qpos[qi]);
@@ -375,47 +346,29 @@ inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, i
     for (int64_t tb = t0; tb < t1; tb += KB) {
         const int64_t te = std::min(t1, tb + KB);
         int64_t na = 0;
+        int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = -1;
         for (int64_t t = tb; t < te; ++t) {
-            const int64_t kp = P.kpos[t];
-            if (kp < 0 || qmax - kp < 0) continue;
-            if (W > 0 && qmin - kp >= W) continue;
+            const int64_t kpos = P.kpos[t];
+            if (kpos < 0 || qmax - kpos < 0) continue;
+            if (W > 0 && qmin - kpos >= W) continue;
             act[na++] = t;
+            kmin = std::min(kmin, kpos);
+            kmax = std::max(kmax, kpos);
         }
         if (na == 0) continue;
+        // every active key visible to every row: no per-element mask
+        const bool all_visible = kmax <= qmin && (W == 0 || qmax - kmin < W);
         const int64_t nap = (na + 7) & ~int64_t(7);
-        const float** kp = sc.kp.data();
-        const float** vp = sc.vp.data();
-        if (P.k16) {  // fp16 cache: widen this block's visible keys/values once (L1/L2-resident)
-            float* kb = sc.kbuf.data();
-            float* vb = sc.vbuf.data();
-            for (int64_t a = 0; a < na; ++a) {
-                halves_to_floats(P.k16 + (act[a] * P.KV + g) * hd, kb + a * hd, hd);
-                halves_to_floats(P.v16 + (act[a] * P.KV + g) * hd, vb + a * hd, hd);
-                kp[a] = kb + a * hd;
-                vp[a] = vb + a * hd;
-            }
-        } else {
-            for (int64_t a = 0; a < na; ++a) {
-                kp[a] = P.k + (act[a] * P.KV + g) * hd;
-                vp[a] = P.v + (act[a] * P.KV + g) * hd;
-            }
+        for (int64_t a = 0; a < na; ++a) {
+            kp[a] = K + (act[a] * P.KV + g) * hd;
+            vp[a] = V + (act[a] * P.KV + g) * hd;
         }
         // scores
         {
-            int64_t a = 0;
-            for (; a + 2 <= na; a += 2) {
-                int64_t r = 0;
-                for (; r + 4 <= R; r += 4) dot4x2(sc.qr.data() + r, kp[a], kp[a + 1], hd, S + r * KB + a, KB);
-                for (; r < R; ++r) {
-                    S[r * KB + a] = dot1(sc.qr[r], kp[a], hd);
-                    S[r * KB + a + 1] = dot1(sc.qr[r], kp[a + 1], hd);
-                }
-            }
-            for (; a < na; ++a) {
-                int64_t r = 0;
-                for (; r + 4 <= R; r += 4) dot4(sc.qr.data() + r, kp[a], hd, S + r * KB + a, KB);
-                for (; r < R; ++r) S[r * KB + a] = dot1(sc.qr[r], kp[a], hd);
-            }
+            int64_t r = 0;
+            for (; r + 4 <= R; r += 4) qk_rows<4>(qr + r, kp, na, hd, S + r * KB);
+            for (; r + 2 <= R; r += 2) qk_rows<2>(qr + r, kp, na, hd, S + r * KB);
+            for (; r < R; ++r) qk_rows<1>(qr + r, kp, na, hd, S + r * KB);
         }
         // scale, softcap, mask, online softmax
         for (int64_t r = 0; r < R; ++r) {
@@ -427,13 +380,17 @@ inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, i
                 if (P.cap > 0.f) x = vmul(vtanh(vmul(x, vset1(inv_cap))), vset1(P.cap));
                 vstoreu(s + a, x);
             }
-            const int64_t qp = sc.rpos[r];
             float bm = ninf;
-            for (int64_t a = 0; a < na; ++a) {
-                const int64_t dd = qp - P.kpos[act[a]];
-                const bool vis = dd >= 0 && (W == 0 || dd < W);
-                if (!vis) s[a] = ninf;
-                bm = s[a] > bm ? s[a] : bm;
+            if (all_visible) {
+                for (int64_t a = 0; a < na; ++a) bm = s[a] > bm ? s[a] : bm;
+            } else {
+                const int64_t qp = sc.rpos[r];
+                for (int64_t a = 0; a < na; ++a) {
+                    const int64_t dd = qp - P.kpos[act[a]];
+                    const bool vis = dd >= 0 && (W == 0 || dd < W);
+                    if (!vis) s[a] = ninf;
+                    bm = s[a] > bm ? s[a] : bm;
+                }
             }
             if (bm == ninf) {  // nothing visible to this row in this block
                 for (int64_t a = 0; a < nap; ++a) s[a] = 0.f;
@@ -455,41 +412,24 @@ inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, i
                 for (int64_t j = 0; j < hd; ++j) orow[j] *= alpha;
             }
         }
-        // o += P V (rows in pairs: each V load feeds two rows)
+        // o += P V
         {
             int64_t r = 0;
-            for (; r + 2 <= R; r += 2) {
-                const float* p0 = S + r * KB;
-                const float* p1 = p0 + KB;
-                float* o0 = o + r * hd;
-                float* o1 = o0 + hd;
-                int64_t c = 0;
-                for (; c + 32 <= hd; c += 32) pv2<4>(p0, p1, vp, na, c, o0, o1);
-                for (; c + 8 <= hd; c += 8) pv2<1>(p0, p1, vp, na, c, o0, o1);
-                for (; c < hd; ++c) {
-                    float x0 = o0[c], x1 = o1[c];
-                    for (int64_t a = 0; a < na; ++a) {
-                        x0 += p0[a] * vp[a][c];
-                        x1 += p1[a] * vp[a][c];
-                    }
-                    o0[c] = x0;
-                    o1[c] = x1;
-                }
-            }
-            for (; r < R; ++r) {
-                const float* p0 = S + r * KB;
-                float* o0 = o + r * hd;
-                int64_t c = 0;
-                for (; c + 32 <= hd; c += 32) pv1<4>(p0, vp, na, c, o0);
-                for (; c + 8 <= hd; c += 8) pv1<1>(p0, vp, na, c, o0);
-                for (; c < hd; ++c) {
-                    float x0 = o0[c];
-                    for (int64_t a = 0; a < na; ++a) x0 += p0[a] * vp[a][c];
-                    o0[c] = x0;
-                }
-            }
+            for (; r + 4 <= R; r += 4) pv_rows<4>(S + r * KB, vp, na, o + r * hd, hd);
+            for (; r + 2 <= R; r += 2) pv_rows<2>(S + r * KB, vp, na, o + r * hd, hd);
+            for (; r < R; ++r) pv_rows<1>(S + r * KB, vp, na, o + r * hd, hd);
         }
     }
+}
+
+}  // namespace attn_detail
+
+inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, int64_t t0, int64_t t1, float* o,
+                      float* m, float* l) {
+    if (P.k16)
+        attn_detail::attn_unit_t<uint16_t>(P, P.k16, P.v16, g, qi0, qn, t0, t1, o, m, l);
+    else
+        attn_detail::attn_unit_t<float>(P, P.k, P.v, g, qi0, qn, t0, t1, o, m, l);
 }
 
 inline void attention(const AttnParams& P) {

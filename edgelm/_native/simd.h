@@ -93,6 +93,8 @@ EDGELM_INLINE void load32_f16(const uint16_t* p, VF* w) {
     for (int j = 0; j < 4; ++j)
         w[j].v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * j)));
 }
+// 8 halves -> 8 floats
+EDGELM_INLINE VF vload8h(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
 // 8 bytes at p -> 8 int32 lanes (vpmovsxbd / vpmovzxbd with a memory operand)
 EDGELM_INLINE __m256i load8_i8_epi32(const void* p) {
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
@@ -159,6 +161,10 @@ EDGELM_INLINE void load32_f16(const uint16_t* p, VF* w) {
         w[j].b = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)));
     }
 }
+EDGELM_INLINE VF vload8h(const uint16_t* p) {
+    const uint16x8_t h = vld1q_u16(p);
+    return {vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h))), vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))};
+}
 EDGELM_INLINE void load32_i8(const int8_t* p, VF* w) {
     widen16_i8(vld1q_s8(p), w);
     widen16_i8(vld1q_s8(p + 16), w + 2);
@@ -224,6 +230,11 @@ EDGELM_INLINE void load32_f32(const float* p, VF* w) {
 EDGELM_INLINE void load32_f16(const uint16_t* p, VF* w) {
     for (int j = 0; j < 4; ++j)
         for (int i = 0; i < 8; ++i) w[j].v[i] = half_to_float_portable(p[8 * j + i]);
+}
+EDGELM_INLINE VF vload8h(const uint16_t* p) {
+    VF r;
+    for (int i = 0; i < 8; ++i) r.v[i] = half_to_float_portable(p[i]);
+    return r;
 }
 EDGELM_INLINE void load32_i8(const int8_t* p, VF* w) {
     for (int j = 0; j < 4; ++j)
