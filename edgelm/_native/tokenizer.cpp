@@ -15,10 +15,12 @@
 //                   NORMAL / USER_DEFINED / UNUSED piece: highest score first, then the
 //                   leftmost; an entry is stale when either side changed length; UNUSED
 //                   results are split again with the last recorded merge for that piece.
-//   ids             (model_interface.cc / sentencepiece_processor.cc) PieceToId: reserved
-//                   pieces (CONTROL / UNKNOWN / BYTE) first, then the others, else unk; an
-//                   unknown piece becomes its bytes' <0xNN> pieces with byte_fallback, and
-//                   without it a run of unknown pieces becomes one unk id.
+//   ids             (model_interface.cc / sentencepiece_processor.cc) PieceToId, else unk (a
+//                   spelling names one piece: repeats are rejected at load, as sentencepiece
+//                   0.2 does); an unknown piece becomes its bytes' <0xNN> pieces with
+//                   byte_fallback, and without it a run of unknown pieces becomes one unk id.
+//                   A symbol spelling a CONTROL piece (possible only for a one-character
+//                   control symbol) is unknown too: what sentencepiece 0.2 gives.
 //
 // "Plain" mode encodes as the same model would with its trainer_spec.control_symbols typed
 // CONTROL instead of USER_DEFINED (runtime/tokenizer.py::_plain_text_model): such pieces are
@@ -474,8 +476,10 @@ private:
             const uint8_t t = flags_[i];
             const uint8_t *b = base_ + p.off;
             const bool normal = t == NORMAL || t == USER_DEFINED || t == UNUSED;
-            int64_t dup = (normal ? normal_ : reserved_).insert(static_cast<uint32_t>(i), b, p.len,
-                                                                 hash_bytes(b, p.len), base_, pieces_.data());
+            const uint64_t h = hash_bytes(b, p.len);
+            // one spelling, one piece: sentencepiece 0.2 rejects a repeat even across the two maps
+            int64_t dup = (normal ? reserved_ : normal_).find(b, p.len, h, base_, pieces_.data());
+            if (dup < 0) dup = (normal ? normal_ : reserved_).insert(static_cast<uint32_t>(i), b, p.len, h, base_, pieces_.data());
             if (dup >= 0)
                 fail("piece \"" + piece_str(i) + "\" is defined twice (ids " + std::to_string(dup) + " and " +
                      std::to_string(i) + ")");

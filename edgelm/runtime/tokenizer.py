@@ -716,11 +716,11 @@ class _SentencePieceBackend:
     def __init__(self, data):
         from .._native import _tok
 
-        if not _is_edgelm_form(data):  # a plain model file, not written by edgelm: ~1 s slower
-            data = _normalize_spm_model(data)
         try:
+            if not _is_edgelm_form(data):  # a plain model file, not written by edgelm: ~1 s slower
+                data = _normalize_spm_model(data)
             self.m = _tok.BPEModel(data)
-        except (ValueError, BufferError) as e:
+        except (FormatError, ValueError, IndexError, BufferError) as e:  # UnicodeDecodeError included
             raise FormatError(f"cannot load the sentencepiece tokenizer: {e}") from None
         self.size = self.m.size
         unk_id = self.m.unk_id
