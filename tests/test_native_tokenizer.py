@@ -225,7 +225,7 @@ ALPHABET = ["a", "b", "c", "d", "e", "\u2581", "é", "中", "<", ">", "x"]
 def _tiny_vocab(rng: random.Random, *, ties: bool, dummy: bool, unused: bool = True):
     """A random BPE vocabulary in edgelm's form: specials, 256 byte pieces, single characters
     (one left out, so byte fallback is exercised), random multi-character pieces of random
-    type, and random scores (small integers when `ties`). Without UNUSED pieces the native
+    type, and random scores (a few values when `ties`). Without UNUSED pieces the native
     encoder runs one heap per run of unfrozen symbols, with them one for the whole text."""
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [3, 3, 3, 2] + [6] * 256
@@ -247,7 +247,8 @@ def _tiny_vocab(rng: random.Random, *, ties: bool, dummy: bool, unused: bool = T
             tokens.append(lit)
             types.append(typ)
     n = len(tokens)
-    scores = [float(rng.randint(-4, 0)) if ties else rng.uniform(-10, 0) for _ in range(n)]
+    # ties: few distinct values, -0.0 and 0.0 among them (sentencepiece ranks -0.0 lower)
+    scores = [rng.choice([-3.0, -1.0, -0.0, 0.0, 0.0, 2.5]) if ties else rng.uniform(-10, 10) for _ in range(n)]
     order = list(range(260, n))
     rng.shuffle(order)  # pieces in random order: ids and scores unrelated
     tokens = tokens[:260] + [tokens[i] for i in order]
@@ -328,13 +329,19 @@ def _defaults(mp, pb):
     mp.ClearField("normalizer_spec")  # proto2 defaults: dummy prefix, extra-whitespace removal, escaping
 
 
+def _odd_scores(mp, pb):  # infinities and NaN rank as in sentencepiece too
+    for k, p in enumerate(mp.pieces):
+        if k % 7 == 3:
+            p.score = (float("nan"), float("inf"), -float("inf"))[k % 3]
+
+
 def _control_kept(mp, pb):  # a foreign model: control pieces typed CONTROL (not matched in text)
     for p in mp.pieces:
         if p.type == pb.ModelProto.SentencePiece.USER_DEFINED and p.piece.startswith("<"):
             p.type = pb.ModelProto.SentencePiece.CONTROL
 
 
-VARIANTS = [_no_byte_fallback, _extra_ws, _no_escape, _ws_suffix, _defaults, _control_kept]
+VARIANTS = [_no_byte_fallback, _extra_ws, _no_escape, _ws_suffix, _defaults, _odd_scores, _control_kept]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.__name__.strip("_") for v in VARIANTS])

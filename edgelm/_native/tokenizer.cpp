@@ -241,17 +241,76 @@ struct Sym {
     bool freeze;
 };
 
+// A merge candidate. `key` orders candidates as sentencepiece does (higher score first, then
+// the leftmost): the score's bits made monotone above the complemented left index, so a
+// max-heap on `key` pops them in its order. -0.0 ranks below 0.0, which is what sentencepiece
+// 0.2 does too (tests/test_native_tokenizer.py has such ties).
 struct Pair {
-    float score;
-    int32_t left, right;
+    uint64_t key;
+    int32_t right;
     uint32_t size;
+    int32_t left() const { return static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(key)); }
 };
 
-// the same order as bpe_model.cc's SymbolPairComparator (a max-heap on score, then leftmost)
-struct PairLess {
-    bool operator()(const Pair &a, const Pair &b) const {
-        return a.score < b.score || (a.score == b.score && a.left > b.left);
+inline uint64_t pair_key(float score, int32_t left) {
+    uint32_t b;
+    std::memcpy(&b, &score, 4);
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return (static_cast<uint64_t>(b) << 32) | (0xffffffffu - static_cast<uint32_t>(left));
+}
+
+// A 4-ary max-heap on Pair::key: half the levels of a binary heap, which matters once a long
+// run of text has a million candidates. (Any correct heap pops the same merges: two live
+// candidates never share a key.)
+class PairHeap {
+public:
+    bool empty() const { return v_.empty(); }
+    void clear() { v_.clear(); }
+    void push_unordered(const Pair &p) { v_.push_back(p); }
+    void heapify() {
+        if (v_.size() < 2) return;
+        for (size_t i = (v_.size() - 2) / 4 + 1; i-- > 0;) sift_down(i);
     }
+    void push(const Pair &p) {
+        size_t i = v_.size();
+        v_.push_back(p);
+        while (i > 0) {
+            size_t parent = (i - 1) / 4;
+            if (v_[parent].key >= p.key) break;
+            v_[i] = v_[parent];
+            i = parent;
+        }
+        v_[i] = p;
+    }
+    Pair pop() {
+        Pair top = v_[0];
+        Pair last = v_.back();
+        v_.pop_back();
+        if (!v_.empty()) {
+            v_[0] = last;
+            sift_down(0);
+        }
+        return top;
+    }
+
+private:
+    void sift_down(size_t i) {
+        const size_t n = v_.size();
+        const Pair x = v_[i];
+        for (;;) {
+            size_t c = 4 * i + 1;
+            if (c >= n) break;
+            size_t best = c;
+            const size_t end = std::min(c + 4, n);
+            for (size_t k = c + 1; k < end; ++k)
+                if (v_[k].key > v_[best].key) best = k;
+            if (v_[best].key <= x.key) break;
+            v_[i] = v_[best];
+            i = best;
+        }
+        v_[i] = x;
+    }
+    std::vector<Pair> v_;
 };
 
 class Model {
@@ -726,8 +785,8 @@ private:
             pos += m;
         }
 
-        std::vector<Pair> heap;
-        PairLess less;
+        PairHeap heap;
+        bool initial = false;  // collecting a run's first candidates (heapified at once)
         // UNUSED piece id -> length of the left half of the last pair pushed that spells it
         // (bpe_model.cc's rev_merge, keyed by the piece: the last push wins)
         std::unordered_map<int32_t, uint32_t> rev_merge;
@@ -736,8 +795,11 @@ private:
             const uint32_t len = sym[l].len + sym[r].len;
             int64_t id = merge_id(s + sym[l].start, len, plain);
             if (id < 0) return;
-            heap.push_back(Pair{pieces_[id].score, l, r, len});
-            std::push_heap(heap.begin(), heap.end(), less);
+            const Pair p{pair_key(pieces_[id].score, l), r, len};
+            if (initial)
+                heap.push_unordered(p);
+            else
+                heap.push(p);
             if ((flags_[id] & kTypeMask) == UNUSED) rev_merge[static_cast<int32_t>(id)] = sym[l].len;
         };
         // Frozen symbols never take part in a pair, so the runs between them merge
@@ -753,20 +815,22 @@ private:
             else if (!sym[a].freeze)
                 while (b < nsym && !sym[b].freeze) ++b;
             heap.clear();
+            initial = true;
             for (int32_t i = a + 1; i < b; ++i) add_pair(i - 1, i);
+            initial = false;
+            heap.heapify();
             while (!heap.empty()) {
-                std::pop_heap(heap.begin(), heap.end(), less);
-                const Pair top = heap.back();
-                heap.pop_back();
-                Sym &L = sym[top.left];
+                const Pair top = heap.pop();
+                const int32_t left = top.left();
+                Sym &L = sym[left];
                 Sym &R = sym[top.right];
                 if (L.len == 0 || R.len == 0 || L.len + R.len != top.size) continue;  // stale
                 L.len += R.len;
                 L.next = R.next;
-                if (R.next >= 0) sym[R.next].prev = top.left;
+                if (R.next >= 0) sym[R.next].prev = left;
                 R.len = 0;
-                add_pair(L.prev, top.left);
-                add_pair(top.left, L.next);
+                add_pair(L.prev, left);
+                add_pair(left, L.next);
             }
             a = b;
         }
