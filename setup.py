@@ -1,14 +1,17 @@
-"""Build the native kernels: one C++ source compiled once per instruction set.
+"""Build the native extensions: the kernels, compiled once per instruction set, and the
+tokenizer, compiled once.
 
-    edgelm/_native/kernels.cpp (+ simd.h, kernels.h, threadpool.h)
+    edgelm/_native/kernels.cpp (+ simd.h, kernels.h, threadpool.h, ...)
         -> edgelm._native._kern_scalar   portable, every CPU (also provides cpu_features())
         -> edgelm._native._kern_avx2     x86-64: AVX2 + FMA + F16C
         -> edgelm._native._kern_avx512   x86-64: AVX-512 F/BW/VL/DQ/VNNI (AVX2 code, wider flags)
         -> edgelm._native._kern_neon     aarch64
+    edgelm/_native/tokenizer.cpp
+        -> edgelm._native._tok           SentencePiece-compatible BPE encoder (portable code)
 
-edgelm/backends/native.py picks one at import from what the CPU supports, so wheels never
-use -march=native. Only the scalar module is required; the others are optional, so an old
-compiler that lacks a flag costs speed, not the install.
+edgelm/backends/native.py picks a kernel module at import from what the CPU supports, so
+wheels never use -march=native. The scalar kernels and the tokenizer are required; the other
+kernel builds are optional, so an old compiler that lacks a flag costs speed, not the install.
 
 The metadata lives in pyproject.toml; this file only declares the extensions.
 """
@@ -24,6 +27,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 SRC = "edgelm/_native/kernels.cpp"
+TOK_SRC = "edgelm/_native/tokenizer.cpp"
 DEPENDS = [f"edgelm/_native/{h}" for h in ("simd.h", "kernels.h", "threadpool.h", "vmath.h", "qd8.h", "ops.h", "fused.h")]
 
 # ISA-specific flags, GCC/Clang spelling, then MSVC spelling.
@@ -66,13 +70,19 @@ def _extension(isa: str) -> Pybind11Extension:
     return ext
 
 
-class BuildExt(build_ext):
-    """Adds the optimisation / ISA flags for the compiler in use, gives each ISA build its own
-    temporary directory (they share one source file, so their object files would collide),
-    and builds the variants in parallel."""
+def _tokenizer_extension() -> Pybind11Extension:
+    ext = Pybind11Extension("edgelm._native._tok", [TOK_SRC], cxx_std=17)
+    ext._edgelm_isa = None  # built once, with no instruction-set flags
+    return ext
 
-    def _flags(self, isa: str) -> tuple[list[str], list[str]]:
-        gnu, msvc = ISA_FLAGS[isa]
+
+class BuildExt(build_ext):
+    """Adds the optimisation / ISA flags for the compiler in use, gives each build its own
+    temporary directory (the ISA builds share one source file, so their object files would
+    collide), and builds the extensions in parallel."""
+
+    def _flags(self, isa: str | None) -> tuple[list[str], list[str]]:
+        gnu, msvc = ISA_FLAGS[isa] if isa else ([], [])
         if self.compiler.compiler_type == "msvc":
             return ["/O2", "/EHsc", *msvc], []
         # -O3, no -ffast-math (kernels must stay IEEE), no -march (wheels run on other CPUs).
@@ -84,7 +94,7 @@ class BuildExt(build_ext):
         ext.extra_compile_args = list(ext.extra_compile_args or []) + cflags
         ext.extra_link_args = list(ext.extra_link_args or []) + lflags
         cmd = copy.copy(self)  # a private build_temp; everything else shared
-        cmd.build_temp = os.path.join(self.build_temp, isa)
+        cmd.build_temp = os.path.join(self.build_temp, isa or ext.name.rsplit(".", 1)[-1])
         with self._filter_build_errors(ext):
             build_ext.build_extension(cmd, ext)
 
@@ -101,7 +111,7 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[_extension(isa) for isa in _target_isas()],
+    ext_modules=[_tokenizer_extension(), *(_extension(isa) for isa in _target_isas())],
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,
 )

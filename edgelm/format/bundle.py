@@ -272,11 +272,17 @@ class Bundle:
         return QTensor(SCHEMES[t["scheme"]], tuple(t["shape"]), parts)
 
     def blob(self, name: str) -> bytes:
+        """A copy of blob `name`."""
+        return bytes(self.blob_view(name))
+
+    def blob_view(self, name: str) -> memoryview:
+        """Blob `name` as a read-only memoryview of the mapped file: no copy, and its pages are
+        file-backed (shared, reclaimable). The mapping stays alive while the view does."""
         if name not in self.blobs_meta:
             raise FormatError(f"{self.path}: blob {name!r} is missing")
         b = self.blobs_meta[name]
         start = self.data_offset + b["offset"]
-        return bytes(self._mm[start:start + b["size"]])
+        return memoryview(self._mm)[start:start + b["size"]]
 
     def close(self) -> None:
         mm = getattr(self, "_mm", None)

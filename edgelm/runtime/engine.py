@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import get_backend
-from ..errors import BadInputError, CapacityError
+from ..errors import BadInputError, CapacityError, FormatError
 from ..format.bundle import Bundle
 from ..models import get_model
 from .sampler import SamplerConfig
@@ -71,7 +71,12 @@ class Engine:
         meta = self.bundle.header
         tok = meta.get("tokenizer", {})
         self.special = meta.get("special_tokens", {})
-        self.tokenizer = Tokenizer.from_blob(tok.get("kind"), self.bundle.blob(tok.get("blob", "tokenizer")), self.special)
+        blob = tok.get("blob", "tokenizer")
+        try:  # the blob is a view of the mapped file; the tokenizer keeps it, copying nothing
+            self.tokenizer = Tokenizer.from_blob(tok.get("kind"), self.bundle.blob_view(blob), self.special)
+        except FormatError as e:
+            msg = str(e)
+            raise FormatError(msg if msg.startswith(str(self.path)) else f"{self.path}: tokenizer blob {blob!r}: {msg}") from None
         self.add_bos = bool(meta.get("add_bos", True))
         self.chat_template = meta.get("chat_template")
         self.stop_ids = frozenset(int(i) for i in self.special.get("stop", [])) or frozenset({self.tokenizer.eos_id})
