@@ -9,6 +9,7 @@ token (every weight once, the tied head included, plus the KV cache read) x deco
 from __future__ import annotations
 
 import gc
+import random
 import resource
 import statistics
 import time
@@ -24,7 +25,21 @@ def _stats(values: list[float]) -> dict:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """This process's peak resident set, MiB. Linux: VmHWM of /proc/self/status, the high-water
+    mark of this program's own address space. (getrusage's ru_maxrss is not: it keeps the
+    pre-exec maximum of the process it was forked from, so `bench` started by a large parent
+    would report the parent's size.) Elsewhere: ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # macOS: bytes, others: KiB
 
 
 def kv_bytes_read(engine, context: int) -> int:
@@ -70,11 +85,13 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
     eng = Engine(path, backend=backend, threads=threads, max_tokens=max_tokens,
                  prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, kv_dtype=kv_dtype)
     init_s = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
+    # Python's random, not numpy.random: the latter loads OpenSSL (~3 MiB resident), which a
+    # greedy run of the engine never does, and would count in the peak RSS.
+    rng = random.Random(seed)
     specials = {eng.tokenizer.bos_id, *eng.stop_ids}
     vocab = eng.config.vocab_size
     lo, hi = min(1000, vocab // 2), min(vocab, 200_000)  # ordinary ids, clear of the special tokens
-    ids = [eng.tokenizer.bos_id] + [int(i) for i in rng.integers(lo, hi, prompt_tokens - 1)]
+    ids = [eng.tokenizer.bos_id] + [rng.randrange(lo, hi) for _ in range(prompt_tokens - 1)]
     s = eng.create_session({"temperature": 0.0})
     t1 = time.perf_counter()
     logits = s.prefill(ids)
@@ -109,7 +126,19 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
     eng.close()
     del eng
     gc.collect()
+    _release_free_heap()
     return out
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS between runs (glibc malloc_trim), so that each
+    run's peak RSS is its own rather than the previous run's leftovers plus its own."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, repeat: int = 3,

@@ -12,16 +12,30 @@ chunk still sees.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
+
+
+def _lazy_zeros(shape, dtype) -> np.ndarray:
+    """A zero array whose pages become resident only when written, and are returned to the
+    OS when the array goes: an anonymous mapping of its own. (np.zeros gives the same only
+    while malloc serves the request with mmap; once glibc's dynamic threshold has grown past
+    the size, calloc hands out heap memory, zeroing and so touching every page.)"""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if nbytes < (1 << 16):
+        return np.zeros(shape, dt)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dt).reshape(shape)
 
 
 class KVCache:
     def __init__(self, slots: int, kv_heads: int, head_dim: int, dtype="float32"):
         # dtype float16 halves the cache (writes round to nearest); attention widens it again.
         self.slots = slots
-        # np.zeros maps untouched pages lazily, so resident memory grows with use.
-        self.k = np.zeros((slots, kv_heads, head_dim), dtype=dtype)  # [slots, KV, hd]
-        self.v = np.zeros((slots, kv_heads, head_dim), dtype=dtype)
+        # untouched pages stay unmapped, so resident memory grows with use, not capacity
+        self.k = _lazy_zeros((slots, kv_heads, head_dim), dtype)  # [slots, KV, hd]
+        self.v = _lazy_zeros((slots, kv_heads, head_dim), dtype)
         self.pos = np.full(slots, -1, dtype=np.int64)  # position held by each slot
         self.filled = 0  # slots [0, filled) hold data
         # Sliding window of the layer (None = global). It only sharpens can_truncate(): a
@@ -76,8 +90,8 @@ class KVCache:
         """An independent copy (only the filled slots are copied; the rest stays lazy)."""
         c = KVCache.__new__(KVCache)
         c.slots, c.filled, c.window = self.slots, self.filled, self.window
-        c.k = np.zeros_like(self.k)
-        c.v = np.zeros_like(self.v)
+        c.k = _lazy_zeros(self.k.shape, self.k.dtype)
+        c.v = _lazy_zeros(self.v.shape, self.v.dtype)
         f = self.filled
         c.k[:f] = self.k[:f]
         c.v[:f] = self.v[:f]

@@ -143,11 +143,17 @@ def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
         k = min(n, k * 8)
 
 
-def sample(logits: np.ndarray, cfg: SamplerConfig, rng: np.random.Generator, context=(), generated=()) -> int:
-    """One token id. `context`/`generated` feed the penalties (see apply_penalties)."""
+def sample(logits: np.ndarray, cfg: SamplerConfig, rng, context=(), generated=()) -> int:
+    """One token id. `context`/`generated` feed the penalties (see apply_penalties).
+    `rng` may be a callable returning the generator (made on first need: greedy decoding
+    never imports numpy.random)."""
+    if cfg.greedy and not cfg.has_penalties:
+        return int(np.argmax(logits))  # no float64 copy of the vocabulary per token
     logits = apply_penalties(np.asarray(logits, dtype=np.float64), cfg, context, generated)
     if cfg.greedy:
         return int(np.argmax(logits))
+    if callable(rng):
+        rng = rng()
     idx = top_k_filter(logits, cfg.top_k)
     probs = softmax(logits[idx] / cfg.temperature)
     keep = top_p_filter(probs, cfg.top_p)

@@ -104,7 +104,7 @@ class Session:
     def __init__(self, engine: "Engine", sampler: SamplerConfig):
         self.engine = engine
         self.sampler = sampler
-        self.rng = np.random.default_rng(sampler.seed)
+        self._rng = None  # the sampler's generator, made on first use (see rng)
         self.caches = engine.model.make_caches(engine.config, engine.max_tokens, engine.prefill_chunk, engine.kv_dtype)
         window = getattr(engine.config, "sliding_window", None)
         kinds = getattr(engine.config, "layer_types", ())
@@ -119,6 +119,23 @@ class Session:
         self.generated_ids: list[int] = []  # the ids sampled by the last generate()
         self._cancel = threading.Event()
         self._tok_vocab = int(getattr(engine.tokenizer, "vocab_size", 0) or 0)
+
+    @property
+    def rng(self):
+        """The sampler's numpy Generator (seeded by the sampler config). Made on first use:
+        importing numpy.random loads OpenSSL's libcrypto (~3 MiB resident), which greedy
+        decoding never needs."""
+        return self._get_rng()
+
+    def set_sampler(self, sampler: SamplerConfig) -> None:
+        """Use another sampler config from now on; its seed restarts the generator."""
+        self.sampler = sampler
+        self._rng = None
+
+    def _get_rng(self):
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.sampler.seed)
+        return self._rng
 
     @property
     def n_tokens(self) -> int:
@@ -145,7 +162,7 @@ class Session:
         other = Session.__new__(Session)
         other.engine = self.engine
         other.sampler = self.sampler
-        other.rng = copy.deepcopy(self.rng)
+        other._rng = copy.deepcopy(self._rng)
         other.caches = [c.copy() for c in self.caches]
         other.tokens = list(self.tokens)
         other.last_stats = self.last_stats
@@ -262,7 +279,7 @@ class Session:
         if cfg.repetition_penalty != 1.0:
             n = cfg.penalty_last_n
             context = self.held_tokens[-n:] if n else self.held_tokens
-        return sample(logits, cfg, self.rng, context, generated)
+        return sample(logits, cfg, self._get_rng, context, generated)
 
     def generate(
         self,

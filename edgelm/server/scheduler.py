@@ -12,7 +12,6 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from ..runtime.sampler import SamplerConfig
 from ..runtime.session import GenerationStats, Session
@@ -141,8 +140,7 @@ class Scheduler:
         sess = self._take_session(job.ids)
         ok = False
         try:
-            sess.sampler = job.sampler
-            sess.rng = np.random.default_rng(job.sampler.seed)
+            sess.set_sampler(job.sampler)
             feed = sess.sync(job.ids)
             job.cached_tokens = len(job.ids) - len(feed)
             for item in sess.generate(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel):
