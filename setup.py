@@ -28,7 +28,7 @@ from setuptools import setup
 
 SRC = "edgelm/_native/kernels.cpp"
 TOK_SRC = "edgelm/_native/tokenizer.cpp"
-DEPENDS = [f"edgelm/_native/{h}" for h in ("simd.h", "kernels.h", "threadpool.h", "vmath.h", "qd8.h", "ops.h", "fused.h")]
+DEPENDS = [f"edgelm/_native/{h}" for h in ("simd.h", "kernels.h", "threadpool.h", "vmath.h", "qd8.h", "ops.h", "fused.h", "block.h")]
 
 # ISA-specific flags, GCC/Clang spelling, then MSVC spelling.
 ISA_FLAGS = {

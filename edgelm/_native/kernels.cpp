@@ -25,6 +25,7 @@
 #include "ops.h"
 #include "qd8.h"
 #include "fused.h"
+#include "block.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -599,6 +600,135 @@ py::dict cpu_features() {
 
 }  // namespace
 
+// ----------------------------------------------------------------------------- Gemma 3 blocks
+
+// A model's Gemma 3 blocks, validated once (weights, norms, dimensions); forward() then runs
+// all of them in one call (block.h). Holds references to every array it points into.
+class G3Plan {
+public:
+    G3Plan(py::sequence blocks, int64_t hidden, int64_t H, int64_t KV, int64_t hd, int64_t ffn, int64_t window,
+           double eps, double scale, double cap) {
+        const char* fn = "Gemma3Blocks";
+        if (hidden < 1 || H < 1 || KV < 1 || hd < 2 || hd % 2 || ffn < 1 || H % KV || window < 0)
+            throw py::value_error(std::string(fn) + ": bad dimensions");
+        if (!(eps >= 0.0) || !std::isfinite(eps) || !std::isfinite(scale) || !(cap >= 0.0) || !std::isfinite(cap))
+            throw py::value_error(std::string(fn) + ": eps, scale and softcap must be finite (eps, softcap >= 0)");
+        D_ = {hidden, H, KV, hd, ffn, window, static_cast<float>(eps), static_cast<float>(scale),
+              static_cast<float>(cap)};
+        for (py::handle bh : blocks) {
+            py::tuple t = py::reinterpret_borrow<py::object>(bh).cast<py::tuple>();
+            if (t.size() != 14)
+                throw py::value_error(std::string(fn) + ": each block is (q, k, v, o, gate, up, down, q_norm, k_norm, "
+                                      "post_attn_norm, ffn_norm, post_ffw_norm, next_norm or None, local)");
+            const int64_t want[7][2] = {{H * hd, hidden}, {KV * hd, hidden}, {KV * hd, hidden}, {hidden, H * hd},
+                                        {ffn, hidden},    {ffn, hidden},     {hidden, ffn}};
+            const char* names[7] = {"q", "k", "v", "o", "gate", "up", "down"};
+            edgelm::G3BlockW L{};
+            edgelm::WView* views[7] = {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down};
+            for (int j = 0; j < 7; ++j) {
+                keep_.push_back(weight_from_tuple(fn, t[j]));
+                const edgelm::WView& v = keep_.back().view;
+                if (v.rows != want[j][0] || v.cols != want[j][1])
+                    throw py::value_error(std::string(fn) + ": block " + std::to_string(blocks_.size()) + " weight " +
+                                          names[j] + " must be " + std::to_string(want[j][0]) + " x " +
+                                          std::to_string(want[j][1]));
+                *views[j] = v;
+            }
+            const float** norms[6] = {&L.q_norm, &L.k_norm, &L.post_attn, &L.ffn_norm, &L.post_ffw, &L.next_norm};
+            const int64_t nlen[6] = {hd, hd, hidden, hidden, hidden, hidden};
+            for (int j = 0; j < 6; ++j) {
+                if (j == 5 && t[7 + j].is_none()) {
+                    L.next_norm = nullptr;
+                    continue;
+                }
+                norms_.push_back(check_array(fn, "norm", t[7 + j], kF32, {nlen[j]}));
+                *norms[j] = static_cast<const float*>(norms_.back().data());
+            }
+            L.local = t[13].cast<bool>();
+            blocks_.push_back(L);
+        }
+        if (blocks_.empty()) throw py::value_error(std::string(fn) + ": no blocks");
+    }
+
+    int64_t size() const { return static_cast<int64_t>(blocks_.size()); }
+
+    // x, h [n, hidden] float32 (x updated in place, h replaced by the last block's next_norm
+    // output); positions [n] int64 >= 0; cos/sin [n, hd/2] for local and global layers;
+    // caches: one (k, v, pos) per block, k/v [slots, KV, hd] float32 or float16, pos [slots]
+    // int64; filled [blocks] int64, updated.
+    void forward(py::handle x_h, py::handle h_h, py::handle pos_h, py::handle cl_h, py::handle sl_h, py::handle cg_h,
+                 py::handle sg_h, py::sequence caches, py::handle filled_h, int qd8) {
+        const char* fn = "Gemma3Blocks.forward";
+        if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
+        py::array x = check_f32(fn, "x", x_h, true);
+        if (x.ndim() != 2 || x.shape(1) != D_.hidden)
+            throw py::value_error(std::string(fn) + ": x must have shape (n, " + std::to_string(D_.hidden) + ")");
+        const int64_t n = x.shape(0);
+        py::array h = check_array(fn, "h", h_h, kF32, {n, D_.hidden}, true);
+        check_no_overlap(fn, "x", x, "h", h);
+        const DT kI64{'i', 8, "int64"};
+        py::array pos = check_array(fn, "positions", pos_h, kI64, {n});
+        const int64_t* pp = static_cast<const int64_t*>(pos.data());
+        for (int64_t i = 0; i < n; ++i)
+            if (pp[i] < 0) throw py::value_error(std::string(fn) + ": positions must be >= 0");
+        py::array tabs[4];
+        py::handle th[4] = {cl_h, sl_h, cg_h, sg_h};
+        for (int j = 0; j < 4; ++j) tabs[j] = check_array(fn, "rope table", th[j], kF32, {n, D_.hd / 2});
+        const int64_t nb = size();
+        if (static_cast<int64_t>(py::len(caches)) != nb)
+            throw py::value_error(std::string(fn) + ": give one cache per block");
+        py::array filled = check_array(fn, "filled", filled_h, kI64, {nb}, true);
+        int64_t* fp = static_cast<int64_t*>(filled.mutable_data());
+        std::vector<py::array> held;
+        std::vector<edgelm::G3Cache> C(static_cast<size_t>(nb));
+        for (int64_t b = 0; b < nb; ++b) {
+            py::tuple t = py::reinterpret_borrow<py::object>(caches[b]).cast<py::tuple>();
+            if (t.size() != 3) throw py::value_error(std::string(fn) + ": each cache is (k, v, pos)");
+            py::array k = as_array(fn, "cache k", t[0]);
+            const bool half = dtype_is(k, kF16);
+            const DT& dt = half ? kF16 : kF32;
+            if (k.ndim() != 3) throw py::value_error(std::string(fn) + ": cache k must be (slots, kv_heads, head_dim)");
+            const int64_t slots = k.shape(0);
+            k = check_array(fn, "cache k", t[0], dt, {slots, D_.KV, D_.hd}, true);
+            py::array v = check_array(fn, "cache v", t[1], dt, {slots, D_.KV, D_.hd}, true);
+            py::array cp = check_array(fn, "cache pos", t[2], kI64, {slots}, true);
+            if (slots < n) throw py::value_error(std::string(fn) + ": a cache has fewer slots than the step's tokens");
+            if (fp[b] < 0 || fp[b] > slots) throw py::value_error(std::string(fn) + ": filled out of range");
+            for (const py::array* a : {&k, &v, &cp}) {
+                check_no_overlap(fn, "a cache", *a, "x", x);
+                check_no_overlap(fn, "a cache", *a, "h", h);
+            }
+            check_no_overlap(fn, "cache k", k, "cache v", v);
+            C[b] = {k.mutable_data(), v.mutable_data(), static_cast<int64_t*>(cp.mutable_data()), slots, half, fp[b]};
+            held.push_back(k);
+            held.push_back(v);
+            held.push_back(cp);
+        }
+        for (edgelm::G3BlockW& L : blocks_) {
+            L.q_qkv = use_qd8(L.q.scheme, qd8, n);
+            L.q_o = use_qd8(L.o.scheme, qd8, n);
+            L.q_gate = use_qd8(L.gate.scheme, qd8, n);
+            L.q_up = use_qd8(L.up.scheme, qd8, n);
+            L.q_down = use_qd8(L.down.scheme, qd8, n);
+        }
+        float* xp = static_cast<float*>(x.mutable_data());
+        float* hp = static_cast<float*>(h.mutable_data());
+        const float* tp[4];
+        for (int j = 0; j < 4; ++j) tp[j] = static_cast<const float*>(tabs[j].data());
+        {
+            py::gil_scoped_release nogil;
+            edgelm::g3_blocks(D_, blocks_.data(), C.data(), nb, xp, hp, pp, n, tp[0], tp[1], tp[2], tp[3]);
+        }
+        for (int64_t b = 0; b < nb; ++b) fp[b] = C[b].filled;
+    }
+
+private:
+    edgelm::G3Dims D_{};
+    std::vector<edgelm::G3BlockW> blocks_;
+    std::vector<Weights> keep_;
+    std::vector<py::array> norms_;
+};
+
 #define EDGELM_DEFINE_MODULE(name, m) PYBIND11_MODULE(name, m)
 
 EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
@@ -634,6 +764,29 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
     m.def("matmul_gelu_mul", &py_matmul_gelu_mul, "x"_a, "gate"_a, "up"_a, "out"_a, "tmp"_a, "qd8"_a = -1,
           "out = gelu_tanh(x @ G.T) * (x @ U.T), gate/up as (scheme_id, w, scale, rows, cols); tmp [n, rows]\n"
           "is scratch. One thread-pool job; each row band computes both products and the GeGLU.");
+    m.def(
+        "float_to_half",
+        [](py::handle x_h) {
+            py::array x = check_f32("float_to_half", "x", x_h);
+            py::array_t<uint16_t> out(x.size());
+            const float* xp = static_cast<const float*>(x.data());
+            uint16_t* op = out.mutable_data();
+            const int64_t n = x.size();
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) edgelm::vstore8h(op + i, edgelm::vloadu(xp + i));
+            for (; i < n; ++i) op[i] = edgelm::float_to_half(xp[i]);
+            return out;
+        },
+        "x"_a, "float32 -> IEEE half bits (uint16), as the KV-cache writes round (nearest even).");
+    py::class_<G3Plan>(m, "Gemma3Blocks", py::module_local(),
+                       "Gemma 3 decoder blocks validated once and run in one call (block.h): the cpu\n"
+                       "backend's path for decode-sized steps. Bitwise the per-op forward.")
+        .def(py::init<py::sequence, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, double, double>(),
+             "blocks"_a, "hidden"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, "ffn"_a, "window"_a, "eps"_a,
+             "scale"_a, "softcap"_a)
+        .def("__len__", &G3Plan::size)
+        .def("forward", &G3Plan::forward, "x"_a, "h"_a, "positions"_a, "cos_local"_a, "sin_local"_a,
+             "cos_global"_a, "sin_global"_a, "caches"_a, "filled"_a, "qd8"_a = -1);
     m.def(
         "set_qd8",
         [](int mode) {

@@ -61,6 +61,31 @@ EDGELM_INLINE float half_to_float_portable(uint16_t h) {
     return out;
 }
 
+// float -> IEEE half, rounding to nearest even (as F16C's vcvtps2ph and numpy's astype do).
+// Overflow gives inf; NaN gives a quiet NaN (payload not kept).
+EDGELM_INLINE uint16_t float_to_half_portable(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // nan
+    if (ax >= 0x47800000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65536 or inf
+    if (ax >= 0x38800000u) {  // a normal half: rebias the exponent, round away 13 mantissa bits
+        uint32_t h = (ax - 0x38000000u) >> 13;
+        const uint32_t rem = ax & 0x1fffu;
+        if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry may reach inf: right
+        return static_cast<uint16_t>(sign | h);
+    }
+    if (ax < 0x33000000u) return sign;  // below 2^-25: zero (2^-25 itself ties to even 0)
+    // a subnormal half: round(|f| * 2^24) from the 24-bit significand
+    const uint32_t shift = 126u - (ax >> 23);  // 14..24
+    const uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+}
+
 // ============================================================================ AVX2 (+FMA, F16C)
 #if defined(EDGELM_PATH_AVX2)
 
@@ -85,6 +110,7 @@ EDGELM_INLINE float vhsum(VF a) {
     return _mm_cvtss_f32(lo);
 }
 EDGELM_INLINE float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+EDGELM_INLINE uint16_t float_to_half(float f) { return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
 
 EDGELM_INLINE void load32_f32(const float* p, VF* w) {
     for (int j = 0; j < 4; ++j) w[j].v = _mm256_loadu_ps(p + 8 * j);
@@ -95,6 +121,10 @@ EDGELM_INLINE void load32_f16(const uint16_t* p, VF* w) {
 }
 // 8 halves -> 8 floats
 EDGELM_INLINE VF vload8h(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+// 8 floats -> 8 halves, round to nearest even
+EDGELM_INLINE void vstore8h(uint16_t* p, VF x) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+}
 // 8 bytes at p -> 8 int32 lanes (vpmovsxbd / vpmovzxbd with a memory operand)
 EDGELM_INLINE __m256i load8_i8_epi32(const void* p) {
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
@@ -140,6 +170,7 @@ EDGELM_INLINE VF vmul(VF x, VF y) { return {vmulq_f32(x.a, y.a), vmulq_f32(x.b, 
 EDGELM_INLINE VF vfma(VF x, VF y, VF c) { return {vfmaq_f32(c.a, x.a, y.a), vfmaq_f32(c.b, x.b, y.b)}; }
 EDGELM_INLINE float vhsum(VF x) { return vaddvq_f32(vaddq_f32(x.a, x.b)); }
 EDGELM_INLINE float half_to_float(uint16_t h) { return half_to_float_portable(h); }
+EDGELM_INLINE uint16_t float_to_half(float f) { return float_to_half_portable(f); }
 
 // 16 signed bytes -> 2 VF
 EDGELM_INLINE void widen16_i8(int8x16_t b, VF* w) {
@@ -164,6 +195,10 @@ EDGELM_INLINE void load32_f16(const uint16_t* p, VF* w) {
 EDGELM_INLINE VF vload8h(const uint16_t* p) {
     const uint16x8_t h = vld1q_u16(p);
     return {vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h))), vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))};
+}
+EDGELM_INLINE void vstore8h(uint16_t* p, VF x) {
+    vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(x.a)));
+    vst1_u16(p + 4, vreinterpret_u16_f16(vcvt_f16_f32(x.b)));
 }
 EDGELM_INLINE void load32_i8(const int8_t* p, VF* w) {
     widen16_i8(vld1q_s8(p), w);
@@ -223,6 +258,7 @@ EDGELM_INLINE float vhsum(VF a) {
     return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7]));
 }
 EDGELM_INLINE float half_to_float(uint16_t h) { return half_to_float_portable(h); }
+EDGELM_INLINE uint16_t float_to_half(float f) { return float_to_half_portable(f); }
 
 EDGELM_INLINE void load32_f32(const float* p, VF* w) {
     for (int j = 0; j < 4; ++j) w[j] = vloadu(p + 8 * j);
@@ -235,6 +271,9 @@ EDGELM_INLINE VF vload8h(const uint16_t* p) {
     VF r;
     for (int i = 0; i < 8; ++i) r.v[i] = half_to_float_portable(p[i]);
     return r;
+}
+EDGELM_INLINE void vstore8h(uint16_t* p, VF x) {
+    for (int i = 0; i < 8; ++i) p[i] = float_to_half_portable(x.v[i]);
 }
 EDGELM_INLINE void load32_i8(const int8_t* p, VF* w) {
     for (int j = 0; j < 4; ++j)

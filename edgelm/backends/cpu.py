@@ -45,6 +45,7 @@ class CpuOps(NumpyOps):
         # id(QTensor) -> (tensor, args): the tensor is kept so its id is never reused.
         self._wargs: dict[int, tuple] = {}
         self._rope_cache: dict = {}
+        self._plans: dict[int, tuple] = {}  # id(Weights) -> (weights, native Gemma3Blocks)
 
     def set_threads(self, n: int) -> None:
         self._k.set_threads(n)
@@ -150,6 +151,45 @@ class CpuOps(NumpyOps):
         out = np.empty_like(x)
         self._m.softcap(x, float(cap), out)
         return out
+
+    def gemma3_blocks(self, cfg, w, x: np.ndarray, h: np.ndarray, positions: np.ndarray, caches) -> bool:
+        """Every Gemma 3 block of one forward step in one native call (edgelm/_native/block.h):
+        x [n, hidden] is updated in place and h becomes the final-norm output, exactly as the
+        per-op loop of models/gemma3.forward leaves them. Returns False (nothing done) when a
+        cache cannot take the step whole; the caller then runs the loop."""
+        from ..runtime.kvcache import KVCache
+
+        n = x.shape[0]
+        if not all(type(c) is KVCache and c.slots >= n for c in caches):
+            return False
+        plan = self._g3_plan(cfg, w)
+        hd = cfg.head_dim
+        cl, sl = self._rope_table(positions, hd, cfg.rope_local_theta, 1.0)
+        cg, sg = self._rope_table(positions, hd, cfg.rope_theta, cfg.rope_scaling_factor)
+        filled = np.fromiter((c.filled for c in caches), np.int64, len(caches))
+        plan.forward(x, h, positions, cl, sl, cg, sg, [(c.k, c.v, c.pos) for c in caches], filled)
+        for c, f in zip(caches, filled.tolist()):
+            c.filled = f
+        return True
+
+    def _g3_plan(self, cfg, w):
+        hit = self._plans.get(id(w))
+        if hit is not None and hit[0] is w:
+            return hit[1]
+        L = w.layers
+        blocks = []
+        for i, (lw, kind) in enumerate(zip(L, cfg.layer_types)):
+            nxt = L[i + 1].attn_norm if i + 1 < len(L) else w.output_norm
+            blocks.append((
+                *(self._weight_args(t) for t in (lw.q, lw.k, lw.v, lw.o, lw.gate, lw.up, lw.down)),
+                *(_f32(a) for a in (lw.q_norm, lw.k_norm, lw.post_attn_norm, lw.ffn_norm, lw.post_ffw_norm, nxt)),
+                kind == "local",
+            ))
+        plan = self._m.Gemma3Blocks(
+            blocks, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            cfg.sliding_window, cfg.rms_norm_eps, cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcap or 0.0)
+        self._plans[id(w)] = (w, plan)
+        return plan
 
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None) -> np.ndarray:
         return self._k.attention(q, k, v, q_pos, k_pos, window, scale, softcap)

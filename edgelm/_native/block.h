@@ -1,0 +1,146 @@
+// edgelm native kernels: a run of Gemma 3 decoder blocks as one call.
+//
+// Decode calls the block's 9 products and fused ops once per layer per token; from Python
+// that is 9 x 18 calls per token for the 270M, each paying argument checks and the GIL
+// round trip. g3_blocks runs every block of a forward in C++ with the same kernels, in
+// the same order, on the same data, so its result is bitwise the per-op path's
+// (tests/test_block.py checks that). The KV cache (numpy arrays that Python owns) is written
+// here too: slot = position % slots, fp16 caches rounded to nearest even as numpy's
+// astype(float16) does.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "fused.h"
+#include "kernels.h"
+#include "ops.h"
+#include "qd8.h"
+#include "simd.h"
+
+namespace edgelm {
+
+struct G3BlockW {
+    WView q, k, v, o, gate, up, down;
+    bool q_qkv, q_o, q_gate, q_up, q_down;  // qd8 choices, made by the caller
+    const float* q_norm;
+    const float* k_norm;
+    const float* post_attn;
+    const float* ffn_norm;
+    const float* post_ffw;
+    const float* next_norm;  // the next block's input norm (or the final norm); null = none
+    bool local;
+};
+
+struct G3Cache {  // one layer's KV cache: numpy arrays owned by Python
+    void* k;
+    void* v;
+    int64_t* pos;
+    int64_t slots;
+    bool half;
+    int64_t filled;  // in: slots [0, filled) hold data; out: updated
+};
+
+struct G3Dims {
+    int64_t hidden, H, KV, hd, ffn, window;
+    float eps, scale, cap;
+};
+
+inline void g3_matmul(const WView& W, const float* x, int64_t n, float* out, bool q) {
+    if (q)
+        matmul_qd8(W, x, n, out);
+    else
+        matmul(W, x, n, out);
+}
+
+// Writes n rows of K and V ([n, KV*hd] float) into the cache at slot = pos % slots.
+inline void g3_cache_write(G3Cache& C, const float* k, const float* v, const int64_t* pos, int64_t n, int64_t row) {
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t slot = pos[i] % C.slots;
+        if (C.half) {
+            uint16_t* kd = static_cast<uint16_t*>(C.k) + slot * row;
+            uint16_t* vd = static_cast<uint16_t*>(C.v) + slot * row;
+            int64_t j = 0;
+            for (; j + 8 <= row; j += 8) {
+                vstore8h(kd + j, vloadu(k + i * row + j));
+                vstore8h(vd + j, vloadu(v + i * row + j));
+            }
+            for (; j < row; ++j) {
+                kd[j] = float_to_half(k[i * row + j]);
+                vd[j] = float_to_half(v[i * row + j]);
+            }
+        } else {
+            std::copy(k + i * row, k + (i + 1) * row, static_cast<float*>(C.k) + slot * row);
+            std::copy(v + i * row, v + (i + 1) * row, static_cast<float*>(C.v) + slot * row);
+        }
+        C.pos[slot] = pos[i];
+        C.filled = std::max(C.filled, slot + 1);
+    }
+}
+
+// x [n, hidden]: the residual stream (updated in place); h [n, hidden]: the first block's
+// normalized input, on return the last block's next_norm output (untouched if it has none).
+// cos/sin [n, hd/2] for local and global layers. Scratch is allocated here (n is small:
+// the caller uses this path for decode-sized steps).
+inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb, float* x, float* h,
+                      const int64_t* pos, int64_t n, const float* cos_l, const float* sin_l, const float* cos_g,
+                      const float* sin_g) {
+    const int64_t qd = D.H * D.hd, kvd = D.KV * D.hd;
+    std::vector<float> qb(n * qd), kb(n * kvd), vb(n * kvd), ab(n * qd), ob(n * D.hidden), gb(n * D.ffn),
+        tb(n * D.ffn);
+    for (int64_t b = 0; b < nb; ++b) {
+        const G3BlockW& L = B[b];
+        G3Cache& Cc = C[b];
+        // q, k, v (one job when they share a scheme, as matmul_multi does)
+        if (L.q.scheme == L.k.scheme && L.q.scheme == L.v.scheme) {
+            const WView ws[3] = {L.q, L.k, L.v};
+            float* outs[3] = {qb.data(), kb.data(), vb.data()};
+            matmul_multi(ws, 3, h, n, outs, L.q_qkv);
+        } else {
+            g3_matmul(L.q, h, n, qb.data(), L.q_qkv);
+            g3_matmul(L.k, h, n, kb.data(), L.q_qkv);
+            g3_matmul(L.v, h, n, vb.data(), L.q_qkv);
+        }
+        const float* cs = L.local ? cos_l : cos_g;
+        const float* sn = L.local ? sin_l : sin_g;
+        rmsnorm_rope(qb.data(), L.q_norm, cs, sn, n, D.H, D.hd, D.eps, qb.data());
+        rmsnorm_rope(kb.data(), L.k_norm, cs, sn, n, D.KV, D.hd, D.eps, kb.data());
+        g3_cache_write(Cc, kb.data(), vb.data(), pos, n, kvd);
+        AttnParams P;
+        P.q = qb.data();
+        if (Cc.half) {
+            P.k = P.v = nullptr;
+            P.k16 = static_cast<const uint16_t*>(Cc.k);
+            P.v16 = static_cast<const uint16_t*>(Cc.v);
+        } else {
+            P.k = static_cast<const float*>(Cc.k);
+            P.v = static_cast<const float*>(Cc.v);
+        }
+        P.qpos = pos;
+        P.kpos = Cc.pos;
+        P.n = n;
+        P.H = D.H;
+        P.KV = D.KV;
+        P.hd = D.hd;
+        P.T = Cc.filled;
+        P.window = L.local ? D.window : 0;
+        P.scale = D.scale;
+        P.cap = D.cap;
+        P.out = ab.data();
+        attention(P);
+        g3_matmul(L.o, ab.data(), n, ob.data(), L.q_o);
+        add_rmsnorm(x, ob.data(), L.post_attn, L.ffn_norm, n, D.hidden, D.eps, h);
+        if (L.gate.scheme == L.up.scheme) {
+            matmul_gelu_mul(L.gate, L.up, h, n, gb.data(), tb.data(), L.q_gate);
+        } else {
+            g3_matmul(L.gate, h, n, gb.data(), L.q_gate);
+            g3_matmul(L.up, h, n, tb.data(), L.q_up);
+            gelu_mul(gb.data(), tb.data(), n * D.ffn, gb.data());
+        }
+        g3_matmul(L.down, gb.data(), n, ob.data(), L.q_down);
+        add_rmsnorm(x, ob.data(), L.post_ffw, L.next_norm, n, D.hidden, D.eps, L.next_norm ? h : nullptr);
+    }
+}
+
+}  // namespace edgelm

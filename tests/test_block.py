@@ -1,0 +1,146 @@
+"""The fused Gemma 3 block path (edgelm/_native/block.h, CpuOps.gemma3_blocks): decode-sized
+steps run every block in one native call. It must be bitwise the per-op loop of
+models/gemma3.forward (same kernels, same order), write the KV cache exactly as
+KVCache.update does (fp16 rounding as numpy's), and reject bad input cleanly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hf_fixtures as fx  # noqa: E402
+
+from edgelm.backends import cpu, native  # noqa: E402
+from edgelm.models import gemma3  # noqa: E402
+from edgelm.runtime.engine import Engine  # noqa: E402
+
+if not native.available():
+    pytest.fail(f"native kernels are not built/importable: {native.unavailable_reason()}", pytrace=False)
+
+ISAS = [i for i in native.ALL_ISAS if native.cpu_supports(i)]
+
+
+class LoopOps(cpu.CpuOps):
+    """The cpu op table without the fused path: models/gemma3.forward's per-op loop."""
+
+    gemma3_blocks = None
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    from edgelm.convert import convert, load_source
+
+    root = tmp_path_factory.mktemp("block")
+    # hidden 64, 4 heads of 16 over 2 kv heads; 5 layers (L L G L L) with a window of 6, so
+    # decode steps wrap the sliding rings
+    d = fx.make_tiny_gemma3(root / "hf", seed=3, layers=5, sliding_window=6, attn_logit_softcapping=30.0)
+    out = {}
+    for scheme in ("fp32", "int8", "int8-b32", "int4-b32"):
+        out[scheme] = root / f"{scheme}.edgelm"
+        convert(load_source(d), out[scheme], scheme=scheme, progress=False)
+    return out
+
+
+def _run(bundle, ops_cls, isa, kv, steps, prefill=11, chunk=4):
+    e = Engine(bundle, max_tokens=64, kv_dtype=kv, prefill_chunk=chunk)
+    e.ops = ops_cls(isa)
+    s = e.create_session({"temperature": 0.0})
+    vocab = e.config.vocab_size
+    ids = [(7 * i + 3) % vocab for i in range(prefill)]
+    outs = [s.prefill(ids)]
+    for t in steps:  # decode steps of 1..3 tokens, as chunks of a continued prompt
+        outs.append(s._forward([(5 * t + 1 + j) % vocab for j in range(t % 3 + 1)], "all"))
+    caches = [(c.k.copy(), c.v.copy(), c.pos.copy(), c.filled) for c in s.caches]
+    return outs, caches
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int8-b32", "int4-b32"])
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+def test_fused_blocks_are_bitwise_the_loop(bundles, isa, scheme, kv):
+    steps = list(range(14))  # 25+ positions: the window-6 rings wrap several times
+    fused, cf = _run(bundles[scheme], cpu.CpuOps, isa, kv, steps)
+    loop, cl = _run(bundles[scheme], LoopOps, isa, kv, steps)
+    for a, b in zip(fused, loop):
+        np.testing.assert_array_equal(a, b)
+    for (k1, v1, p1, f1), (k2, v2, p2, f2) in zip(cf, cl):
+        assert f1 == f2 and k1.dtype == (np.float16 if kv == "f16" else np.float32)
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(k1.view(np.uint8), k2.view(np.uint8))
+        np.testing.assert_array_equal(v1.view(np.uint8), v2.view(np.uint8))
+
+
+def test_fused_path_is_taken_for_decode_steps_only(bundles, monkeypatch):
+    calls = []
+    real = cpu.CpuOps.gemma3_blocks
+
+    def spy(self, cfg, w, x, h, positions, caches):
+        calls.append(x.shape[0])
+        return real(self, cfg, w, x, h, positions, caches)
+
+    monkeypatch.setattr(cpu.CpuOps, "gemma3_blocks", spy)
+    e = Engine(bundles["int8"], max_tokens=64, prefill_chunk=16)
+    s = e.create_session({"temperature": 0.0})
+    s.prefill(list(range(3, 30)))  # chunks of 16 and 11: the loop
+    s.decode_step(5)
+    assert calls == [1]
+    assert gemma3.FUSED_MAX_TOKENS < 11
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float_to_half_rounds_like_numpy(isa):
+    m = native.kernels(isa).module
+    r = np.random.default_rng(0)
+    edges = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 65519.99, 65520.0, 70000.0, -1e9, np.inf, -np.inf,
+                      2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 3 * 2.0 ** -25,
+                      6.1e-5, 5.96e-8, 1e-10, 1.0009765625, 1.00048828125, 1.00146484375], np.float32)
+    # exact ties between adjacent halves, both parities, normal and subnormal
+    h = r.integers(0, 0x7bff, 4000).astype(np.uint16)
+    lo, hi = h.view(np.float16).astype(np.float32), (h + 1).view(np.float16).astype(np.float32)
+    ties = ((lo.astype(np.float64) + hi) / 2).astype(np.float32)
+    rnd = np.concatenate([r.standard_normal(5000) * 10.0 ** r.integers(-9, 6, 5000)]).astype(np.float32)
+    for x in (edges, ties, -ties, rnd):
+        got = np.asarray(m.float_to_half(x))
+        with np.errstate(over="ignore"):  # numpy warns on the values that overflow to inf
+            want = x.astype(np.float16).view(np.uint16)
+        np.testing.assert_array_equal(got, want)
+    nan = np.asarray(m.float_to_half(np.array([np.nan] * 9, np.float32))).view(np.float16)
+    assert np.isnan(nan).all()
+
+
+def test_bad_input_is_rejected(bundles):
+    e = Engine(bundles["int8"], max_tokens=64)
+    ops = e.ops
+    plan = ops._g3_plan(e.config, e.weights)
+    s = e.create_session()
+    caches = [(c.k, c.v, c.pos) for c in s.caches]
+    hid, hd = e.config.hidden_size, e.config.head_dim
+    x = np.zeros((1, hid), np.float32)
+    h = np.zeros((1, hid), np.float32)
+    t = np.zeros((1, hd // 2), np.float32)
+    filled = np.zeros(len(caches), np.int64)
+    pos = np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="shape"):
+        plan.forward(np.zeros((1, hid + 1), np.float32), h, pos, t, t, t, t, caches, filled)
+    with pytest.raises(ValueError, match="one cache per block"):
+        plan.forward(x, h, pos, t, t, t, t, caches[:-1], filled)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        plan.forward(x, h, np.array([-1], np.int64), t, t, t, t, caches, filled)
+    with pytest.raises(ValueError, match="filled out of range"):
+        plan.forward(x, h, pos, t, t, t, t, caches, filled + 10_000)
+    with pytest.raises(ValueError, match="overlap"):
+        plan.forward(x, x, pos, t, t, t, t, caches, filled)
+    with pytest.raises(TypeError):
+        plan.forward(x, h, pos.astype(np.int32), t, t, t, t, caches, filled)
+    bad = [(c[0].astype(np.float64), c[1], c[2]) for c in caches]
+    with pytest.raises(TypeError):
+        plan.forward(x, h, pos, t, t, t, t, bad, filled)
+    with pytest.raises(ValueError, match="bad dimensions"):
+        ops._m.Gemma3Blocks([], hid, 3, 2, hd, 8, 6, 1e-6, 1.0, 0.0)
+    with pytest.raises(ValueError, match="no blocks"):
+        ops._m.Gemma3Blocks([], hid, 4, 2, hd, 8, 6, 1e-6, 1.0, 0.0)
+    assert np.all(filled == 0)  # nothing ran
