@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Where one decode token's time goes: wraps every op of the engine's op table with a timer.
 
-    python benchmarks/profile_decode.py BUNDLE [--threads 2] [--context 200] [--steps 64]
+    python benchmarks/profile_decode.py BUNDLE [--threads 2] [--context 200] [--steps 64] [--no-fused]
     python benchmarks/profile_decode.py BUNDLE --prefill [--context 512] [--chunk 256]
 
 Prefills `--context` tokens, runs 8 unmeasured decode steps, then `--steps` measured ones,
 and prints ms per token per op (the head GEMV separately) and the unaccounted rest (Python).
+Decode steps of a Gemma 3 model run all blocks in one call (`gemma3_blocks`); --no-fused
+times the per-op loop instead, which shows each op but adds the per-call Python cost.
 With --prefill it profiles the prefill of `--context` tokens instead (best of 3).
 The timers themselves cost ~1.5 us per call. Not part of the test suite.
 """
@@ -17,7 +19,7 @@ import collections
 import time
 
 OPS = ("matmul", "matmul_multi", "matmul_gelu_mul", "add_rmsnorm", "rmsnorm_rope", "rmsnorm", "rope", "attention",
-       "gelu_mul", "embed", "softcap")
+       "gelu_mul", "embed", "softcap", "gemma3_blocks")
 
 
 def main() -> int:
@@ -28,11 +30,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prefill", action="store_true", help="profile the prefill instead of decode")
     ap.add_argument("--chunk", type=int, default=256, help="prefill chunk (with --prefill)")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="decode through the per-op loop (one timer per op) instead of the fused blocks call")
     a = ap.parse_args()
 
     from edgelm.runtime.engine import Engine
 
     e = Engine(a.bundle, threads=a.threads, max_tokens=max(1280, a.context + a.steps + 16), prefill_chunk=a.chunk)
+    if a.no_fused:
+        e.ops.gemma3_blocks = None  # models/gemma3.forward then runs its per-op loop
     acc: dict[str, float] = collections.defaultdict(float)
     cnt: collections.Counter = collections.Counter()
     head = id(e.weights.embed)

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Small measurements behind docs/kernels.md's session-3 figures. Not part of the test suite.
+
+    python benchmarks/microbench.py smt                 # do the 2 vCPUs share one core's SIMD units?
+    python benchmarks/microbench.py attention           # prefill/decode attention, 1 and 2 threads
+    python benchmarks/microbench.py matmul              # qd8 GEMM (256 x 2048 x 640), 1 and 2 threads
+    python benchmarks/microbench.py fused BUNDLE        # decode: fused blocks vs the per-op loop, alternating
+    python benchmarks/microbench.py rss BUNDLE          # where the resident memory of p512 + n128 goes
+
+`smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
+and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
+siblings of one core it stays flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SMT_C = r"""
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#define R(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9)
+static const long N = 300000000L;
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+static void* fma_chains(void* p) {
+#define D(i) __m256 a##i = _mm256_set1_ps(i * 0.001f);
+    R(D)
+    const __m256 b = _mm256_set1_ps(0.9999f), c = _mm256_set1_ps(1e-6f);
+    for (long it = 0; it < N; it++) {
+#define F(i) a##i = _mm256_fmadd_ps(a##i, b, c);
+        R(F)
+        __asm__ volatile("" ::: "memory");
+    }
+#define S(i) +a##i[0]
+    *(float*)p = 0 R(S);
+    return 0;
+}
+static void* maddubs_chains(void* p) {
+#define DI(i) __m256i a##i = _mm256_set1_epi8(i);
+    R(DI)
+    const __m256i b = _mm256_set1_epi8(3);
+    for (long it = 0; it < N; it++) {
+#define FI(i) a##i = _mm256_maddubs_epi16(b, a##i);
+        R(FI)
+        __asm__ volatile("" ::: "memory");
+    }
+#define SI(i) +_mm256_extract_epi32(a##i, 0)
+    *(int*)p = 0 R(SI);
+    return 0;
+}
+int main(int argc, char** argv) {
+    int n = atoi(argv[1]), mode = atoi(argv[2]);
+    pthread_t t[8]; float r[8];
+    double t0 = now();
+    for (int i = 0; i < n; i++) pthread_create(&t[i], 0, mode ? maddubs_chains : fma_chains, &r[i]);
+    for (int i = 0; i < n; i++) pthread_join(t[i], 0);
+    printf("%.3f\n", N * 10.0 * n / (now() - t0) / 1e9);
+    return 0;
+}
+"""
+
+
+def cmd_smt(_a) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "smt.c", Path(d) / "smt"
+        src.write_text(SMT_C)
+        subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-o", str(exe), str(src), "-lpthread"], check=True)
+        for mode, name in ((0, "vfmadd231ps"), (1, "vpmaddubsw")):
+            g = [float(subprocess.run([str(exe), str(t), str(mode)], capture_output=True, text=True,
+                                      check=True).stdout) for t in (1, 2)]
+            print(f"{name}: 1 thread {g[0]:.2f} G instr/s, 2 threads {g[1]:.2f} G instr/s in total "
+                  f"({g[1] / g[0]:.2f}x; 2.0x = two cores, ~1.0x = one core's SMT siblings)")
+
+
+def _ops(threads: int):
+    from edgelm.backends import cpu
+
+    ops = cpu.CpuOps()
+    ops.set_threads(threads)
+    return ops
+
+
+def _best(f, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def cmd_attention(_a) -> None:
+    r = np.random.default_rng(0)
+    H, KV, hd = 4, 1, 256
+    for threads in (1, 2):
+        ops = _ops(threads)
+        for n, T in ((1, 512), (16, 512), (512, 512)):
+            q = r.standard_normal((n, H, hd)).astype(np.float32)
+            for kvd in (np.float32, np.float16):
+                k = r.standard_normal((T, KV, hd)).astype(kvd)
+                v = r.standard_normal((T, KV, hd)).astype(kvd)
+                qp, kp = np.arange(T - n, T, dtype=np.int64), np.arange(T, dtype=np.int64)
+                t = _best(lambda: ops.attention(q, k, v, qp, kp, 0, hd ** -0.5), 20 if n < 512 else 5)
+                macs = 2 * H * hd * sum(min(T, T - n + i + 1) for i in range(n))
+                print(f"threads {threads}  n {n:4d} keys {T}  K/V {np.dtype(kvd).name:8s} {t * 1e3:7.3f} ms  "
+                      f"{macs / t / 1e9:5.1f} GMAC/s")
+
+
+def cmd_matmul(_a) -> None:
+    from edgelm.quant.schemes import quantize
+
+    r = np.random.default_rng(0)
+    x = r.standard_normal((256, 640)).astype(np.float32)
+    for sch in ("int4-b32", "int4-b128", "int8", "int8-b32"):
+        w = quantize(r.standard_normal((2048, 640)).astype(np.float32), sch)
+        for threads in (1, 2):
+            ops = _ops(threads)
+            t = _best(lambda: ops.matmul(x, w), 10)
+            print(f"{sch:10s} threads {threads}: {t * 1e3:6.2f} ms  {256 * 2048 * 640 / t / 1e9:5.1f} GMAC/s")
+
+
+def cmd_fused(a) -> None:
+    from edgelm.backends import cpu
+    from edgelm.runtime.engine import Engine
+
+    class LoopOps(cpu.CpuOps):
+        gemma3_blocks = None
+
+    fused = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    loop = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    loop.ops = LoopOps(loop.ops.isa)
+    ids = [2] + list(range(1000, 1511))
+    res: dict[str, list[float]] = {"fused": [], "loop": []}
+    for _ in range(a.rounds):
+        for name, e in (("fused", fused), ("loop", loop)):
+            s = e.create_session({"temperature": 0.0})
+            s.prefill(ids)
+            t = time.perf_counter()
+            for i in range(128):
+                s.decode_step(1000 + i)
+            res[name].append(128 / (time.perf_counter() - t))
+    for k, v in res.items():
+        print(f"{k:6s} decode tok/s (p512 n128): {' '.join(f'{x:.1f}' for x in v)}  median {np.median(v):.1f}")
+    ratios = [f / lp for f, lp in zip(res["fused"], res["loop"])]
+    print(f"fused / loop per round: {' '.join(f'{x:.3f}' for x in ratios)}  median {np.median(ratios):.3f}")
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[k] = int(v.split()[0]) // 1024
+    return out
+
+
+def cmd_rss(a) -> None:
+    from edgelm.runtime.engine import Engine
+
+    print(f"{'start':10s} {_status()}")
+    e = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    print(f"{'engine':10s} {_status()}")
+    s = e.create_session({"temperature": 0.0})
+    tok = s.sample(s.prefill([2] + list(range(1000, 1511))))
+    print(f"{'prefill':10s} {_status()}")
+    for _ in range(128):
+        tok = s.sample(s.decode_step(tok))
+    print(f"{'decode':10s} {_status()}  (MiB; bundle {os.path.getsize(a.bundle) / 2**20:.1f})")
+    rows: dict[str, int] = {}
+    cur = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                parts = line.split()
+                cur = parts[5] if len(parts) > 5 else "[anonymous mappings]"
+            elif line.startswith("Rss:"):
+                rows[cur] = rows.get(cur, 0) + int(line.split()[1])
+    for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {v / 1024:7.1f} MiB  {k}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("smt")
+    sub.add_parser("attention")
+    sub.add_parser("matmul")
+    for name in ("fused", "rss"):
+        p = sub.add_parser(name)
+        p.add_argument("bundle")
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
