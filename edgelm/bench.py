@@ -145,7 +145,7 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
           max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True,
           probe: bool = True, kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
     """probe: also measure STREAM-style read GB/s (in a child process, after the runs).
-    kv_dtype / prefill_chunk: as Engine's (None = its defaults: f16 on cpu, 256)."""
+    kv_dtype / prefill_chunk: as Engine's (None = its defaults: f16 on cpu, 128)."""
     for name, v, lo in (("-p", prompt_tokens, 1), ("-n", gen_tokens, 1), ("--repeat", repeat, 1), ("--max-tokens", max_tokens, 2)):
         if not isinstance(v, int) or v < lo:
             raise BadInputError(f"{name} must be an integer >= {lo}, got {v!r}")

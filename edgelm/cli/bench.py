@@ -47,7 +47,7 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @click.option("--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="KV-cache storage (default: f16 on cpu, f32 on numpy).")
-@click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per forward pass (default 256).")
+@click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per forward pass (default 128, the engine's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--no-probe", is_flag=True,
               help="Skip the bandwidth probe (a child process with a 512 MiB buffer: a parent's "

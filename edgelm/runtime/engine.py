@@ -19,7 +19,7 @@ from .session import Session
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 4096
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 128  # as fast as 256 or 512 here, with a quarter of 512's activations
 KV_DTYPES = {"f16": "float16", "f32": "float32"}
 
 
