@@ -221,6 +221,45 @@ def test_qd8_mode_switch(kern):
     np.testing.assert_array_equal(kern.matmul(xf, tf, qd8=True), kern.matmul(xf, tf, qd8=False))
 
 
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_packed_gemm_against_tiles(kern, scheme):
+    """Products with >= 16 activation rows take the packed GEMM on builds that have it
+    (AVX2, AVX-512). It must meet the qd8 bounds and agree with the one-row tiles (the
+    switch set to 0) within float rounding: rows that are not a multiple of 8 (partial
+    packed groups), row counts around the threshold, partial int8 blocks, zero rows."""
+    m = kern.module
+    cols_list = {"int8": [33, 640], "int8-b32": [64, 640], "int4-b32": [64, 640], "int4-b128": [128, 768]}[scheme]
+    rng = np.random.default_rng(21)
+    assert m.get_packed_gemm() == 1
+    try:
+        for cols in cols_list:
+            for rows in (3, 8, 17, 70):
+                t = qtensor(scheme, rows, cols)
+                W = t.dequantize().astype(np.float64)
+                for n in (15, 16, 17, 40):
+                    x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+                    x[1] = 0
+                    x[2, : min(cols, 40)] *= 1000
+                    m.set_packed_gemm(1)
+                    y = kern.matmul(x, t, qd8=True)
+                    m.set_packed_gemm(0)
+                    y0 = kern.matmul(x, t, qd8=True)
+                    check_qd8(kern, t, x, y)
+                    if not m.packed_gemm_built() or n < 16:
+                        np.testing.assert_array_equal(y, y0)  # the same tiles ran
+                        continue
+                    u = 2.0**-24
+                    k = cols // 8 + 48
+                    tol = 2 * k * u / (1 - k * u) * (np.abs(qd8_activations(x)) @ np.abs(W).T) + 1e-30
+                    assert np.all(np.abs(y.astype(np.float64) - y0) <= tol), (scheme, cols, rows, n)
+                    assert np.all(y[1] == 0)
+    finally:
+        m.set_packed_gemm(1)
+    with pytest.raises(ValueError, match="set_packed_gemm"):
+        m.set_packed_gemm(2)
+    assert m.packed_gemm_built() == (kern.isa in ("avx2", "avx512"))
+
+
 def test_qd8_env_setting():
     import subprocess
     import sys

@@ -41,11 +41,7 @@ inline void run_row_tasks(const WView* Ws, int nw, int64_t n, int64_t band_of_w0
 inline void band(const WView& W, bool q, const QAct& A, const float* x, int64_t n, int64_t r0, int64_t r1,
                  float* out, int64_t ldo) {
     if (q) {
-        const QKernels& K = q_kernels(W.scheme);
-        for (int64_t i0 = 0; i0 < n; i0 += kQMaxNX) {
-            const int nx = static_cast<int>(std::min<int64_t>(kQMaxNX, n - i0));
-            K.tile[nx](W, r0, r1, A, i0, out + i0 * ldo, ldo);
-        }
+        q_band(W, A, n, r0, r1, out, ldo);
     } else {
         const SchemeKernels& K = scheme_kernels(W.scheme);
         for (int64_t i0 = 0; i0 < n; i0 += kMaxNX) {

@@ -795,6 +795,17 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         },
         "mode"_a, "Default activation path for integer schemes: -1 auto, 0 fp32 activations, 1 qd8.");
     m.def("get_qd8", [] { return g_qd8.load(); });
+    m.def(
+        "set_packed_gemm",
+        [](int mode) {
+            if (mode != 0 && mode != 1) throw py::value_error("set_packed_gemm: mode must be 0 or 1");
+            edgelm::packed_gemm_mode().store(mode);
+        },
+        "mode"_a,
+        "1 (default): qd8 products with >= 16 activation rows use the packed GEMM where the build has it; "
+        "0: always the one-row tiles (for comparisons)");
+    m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
+    m.def("packed_gemm_built", [] { return edgelm::kPackedGemmBuilt; });
     m.def("qd8_default_on", [] { return edgelm::kQd8Fast; }, "Whether auto mode picks qd8 in this build.");
     m.def("uses_qd8", [](int scheme, int64_t n) { return use_qd8(scheme, -1, n); }, "scheme_id"_a, "n"_a = 1,
           "Whether matmul(qd8=-1) takes the qd8 path for this scheme and row count.");
