@@ -1,5 +1,5 @@
-"""The fused Gemma 3 block path (edgelm/_native/block.h, CpuOps.gemma3_blocks): decode-sized
-steps run every block in one native call. It must be bitwise the per-op loop of
+"""The fused Gemma 3 block path (edgelm/_native/block.h, CpuOps.gemma3_blocks): every forward
+step (prefill chunks and decode steps) runs all blocks in one native call. It must be bitwise the per-op loop of
 models/gemma3.forward (same kernels, same order), write the KV cache exactly as
 KVCache.update does (fp16 rounding as numpy's), and reject bad input cleanly."""
 
@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hf_fixtures as fx  # noqa: E402
 
 from edgelm.backends import cpu, native  # noqa: E402
-from edgelm.models import gemma3  # noqa: E402
 from edgelm.runtime.engine import Engine  # noqa: E402
 
 if not native.available():
@@ -46,7 +45,7 @@ def bundles(tmp_path_factory):
 
 
 def _run(bundle, ops_cls, isa, kv, steps, prefill=11, chunk=4):
-    e = Engine(bundle, max_tokens=64, kv_dtype=kv, prefill_chunk=chunk)
+    e = Engine(bundle, max_tokens=128, kv_dtype=kv, prefill_chunk=chunk)
     e.ops = ops_cls(isa)
     s = e.create_session({"temperature": 0.0})
     vocab = e.config.vocab_size
@@ -61,10 +60,11 @@ def _run(bundle, ops_cls, isa, kv, steps, prefill=11, chunk=4):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("scheme", ["fp32", "int8", "int8-b32", "int4-b32"])
 @pytest.mark.parametrize("kv", ["f16", "f32"])
-def test_fused_blocks_are_bitwise_the_loop(bundles, isa, scheme, kv):
+@pytest.mark.parametrize("prefill,chunk", [(11, 4), (45, 20)])  # 20-token chunks: the packed GEMM
+def test_fused_blocks_are_bitwise_the_loop(bundles, isa, scheme, kv, prefill, chunk):
     steps = list(range(14))  # 25+ positions: the window-6 rings wrap several times
-    fused, cf = _run(bundles[scheme], cpu.CpuOps, isa, kv, steps)
-    loop, cl = _run(bundles[scheme], LoopOps, isa, kv, steps)
+    fused, cf = _run(bundles[scheme], cpu.CpuOps, isa, kv, steps, prefill, chunk)
+    loop, cl = _run(bundles[scheme], LoopOps, isa, kv, steps, prefill, chunk)
     for a, b in zip(fused, loop):
         np.testing.assert_array_equal(a, b)
     for (k1, v1, p1, f1), (k2, v2, p2, f2) in zip(cf, cl):
@@ -74,7 +74,7 @@ def test_fused_blocks_are_bitwise_the_loop(bundles, isa, scheme, kv):
         np.testing.assert_array_equal(v1.view(np.uint8), v2.view(np.uint8))
 
 
-def test_fused_path_is_taken_for_decode_steps_only(bundles, monkeypatch):
+def test_fused_path_is_taken_for_prefill_chunks_and_decode_steps(bundles, monkeypatch):
     calls = []
     real = cpu.CpuOps.gemma3_blocks
 
@@ -85,10 +85,9 @@ def test_fused_path_is_taken_for_decode_steps_only(bundles, monkeypatch):
     monkeypatch.setattr(cpu.CpuOps, "gemma3_blocks", spy)
     e = Engine(bundles["int8"], max_tokens=64, prefill_chunk=16)
     s = e.create_session({"temperature": 0.0})
-    s.prefill(list(range(3, 30)))  # chunks of 16 and 11: the loop
+    s.prefill(list(range(3, 30)))  # chunks of 16 and 11
     s.decode_step(5)
-    assert calls == [1]
-    assert gemma3.FUSED_MAX_TOKENS < 11
+    assert calls == [16, 11, 1]
 
 
 @pytest.mark.parametrize("isa", ISAS)

