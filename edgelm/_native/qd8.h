@@ -452,6 +452,32 @@ EDGELM_INLINE void transpose8_epi32(__m256i r[8]) {
     }
 }
 
+// dw[8 b + j] = the fp16 scale of block b (of 32) of row r0 + j, one scale per BS columns;
+// rows past nr get 0. Eight scales of a row are widened per vcvtph2ps.
+template <int BS>
+inline void pack_scales(const uint16_t* S, int64_t r0, int nr, int64_t cols, float* dw) {
+    constexpr int R = BS / 32;  // blocks per scale
+    const int64_t ns = cols / BS;
+    for (int j = 0; j < 8; ++j) {
+        if (j >= nr) {
+            for (int64_t b = 0; b < ns * R; ++b) dw[8 * b + j] = 0.f;
+            continue;
+        }
+        const uint16_t* sr = S + (r0 + j) * ns;
+        alignas(32) float f[8];
+        for (int64_t t = 0; t < ns; t += 8) {
+            const int64_t m = std::min<int64_t>(8, ns - t);
+            if (m == 8) {
+                _mm256_store_ps(f, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + t))));
+            } else {
+                for (int64_t u = 0; u < m; ++u) f[u] = half_to_float(sr[t + u]);
+            }
+            for (int64_t u = 0; u < m; ++u)
+                for (int k = 0; k < R; ++k) dw[8 * ((t + u) * R + k) + j] = f[u];
+        }
+    }
+}
+
 // Packs rows [r0, r0 + nr) (nr <= 8) of an int4 weight into pw (nb * 256 bytes) and dw
 // (nb * 8 floats); rows past nr are zero with scale 0.
 template <int BS>
@@ -466,15 +492,14 @@ inline void q4_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw)
             if (j < nr) {
                 const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(Q + (r0 + j) * (cols / 2) + 16 * b));
                 r[j] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m0f), _mm_and_si128(p, m0f));
-                dw[8 * b + j] = half_to_float(S[(r0 + j) * (cols / BS) + (32 * b) / BS]);
             } else {
                 r[j] = _mm256_setzero_si256();
-                dw[8 * b + j] = 0.f;
             }
         }
         transpose8_epi32(r);
         for (int k = 0; k < 8; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(pw + 256 * b + 32 * k), r[k]);
     }
+    pack_scales<BS>(S, r0, nr, cols, dw);
 }
 
 // Keeps v in a register at this point: stops GCC from reassociating an accumulation chain
@@ -553,14 +578,14 @@ inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw)
             } else {
                 r[j] = _mm256_setzero_si256();
             }
-            if (!ROWSCALE)
-                dw[8 * b + j] = j < nr ? half_to_float(static_cast<const uint16_t*>(v.scale)[(r0 + j) * nb + b]) : 0.f;
         }
         transpose8_epi32(r);
         for (int k = 0; k < 8; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(pw + 256 * b + 32 * k), r[k]);
     }
     if (ROWSCALE)
         for (int j = 0; j < 8; ++j) dw[j] = j < nr ? static_cast<const float*>(v.scale)[r0 + j] : 0.f;
+    else
+        pack_scales<32>(static_cast<const uint16_t*>(v.scale), r0, nr, cols, dw);
 }
 
 // Signed x signed bytes through vpmaddubsw: |w| times x with w's sign. A lane of one product
@@ -645,8 +670,12 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
             case kINT4B32: q4_pack8<32>(W, g, nr, pw, dw); break;
             default: q4_pack8<128>(W, g, nr, pw, dw); break;
         }
-        for (int64_t i0 = 0; i0 < n; i0 += kGemmNX) {
-            const int nx = static_cast<int>(std::min<int64_t>(kGemmNX, n - i0));
+        for (int64_t i0 = 0; i0 < n;) {
+            // tiles of kGemmNX rows; a short remainder is shared with the tile before it
+            // (n = 128: 20 tiles of 6 and 2 of 4, not 21 of 6 and 1 of 2)
+            int64_t left = n - i0;
+            int nx = static_cast<int>(left > 2 * kGemmNX || left == kGemmNX ? kGemmNX
+                                      : left > kGemmNX ? (left + 1) / 2 : left);
             float tmp[kGemmNX * 8];
             float* o = nr == 8 ? out + i0 * ldo + g : tmp;
             const int64_t lo = nr == 8 ? ldo : 8;
@@ -654,6 +683,7 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
             if (nr < 8)
                 for (int i = 0; i < nx; ++i)
                     for (int j = 0; j < nr; ++j) out[(i0 + i) * ldo + g + j] = tmp[i * 8 + j];
+            i0 += nx;
         }
     }
 }
