@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Small measurements behind docs/kernels.md's session-3 figures. Not part of the test suite.
+"""Small measurements behind docs/kernels.md's session-3 and session-4 figures. Not part of the test suite.
 
     python benchmarks/microbench.py smt                 # do the 2 vCPUs share one core's SIMD units?
     python benchmarks/microbench.py attention           # prefill/decode attention, 1 and 2 threads
-    python benchmarks/microbench.py matmul              # qd8 GEMM (256 x 2048 x 640), 1 and 2 threads
+    python benchmarks/microbench.py matmul              # qd8 GEMM, one-row tiles vs packed GEMM, 1 and 2 threads
+    python benchmarks/microbench.py prefill BUNDLE      # p512 prefill: session-3 route vs fused blocks vs + packed GEMM
     python benchmarks/microbench.py fused BUNDLE        # decode: fused blocks vs the per-op loop, alternating
     python benchmarks/microbench.py rss BUNDLE          # where the resident memory of p512 + n128 goes
 
@@ -119,16 +120,65 @@ def cmd_attention(_a) -> None:
 
 
 def cmd_matmul(_a) -> None:
+    """The int8-activation GEMM at prefill-chunk shapes (n = 128): the one-row tiles against
+    the packed GEMM (set_packed_gemm 0/1), alternating, best of 7 each."""
     from edgelm.quant.schemes import quantize
 
     r = np.random.default_rng(0)
-    x = r.standard_normal((256, 640)).astype(np.float32)
-    for sch in ("int4-b32", "int4-b128", "int8", "int8-b32"):
-        w = quantize(r.standard_normal((2048, 640)).astype(np.float32), sch)
-        for threads in (1, 2):
-            ops = _ops(threads)
-            t = _best(lambda: ops.matmul(x, w), 10)
-            print(f"{sch:10s} threads {threads}: {t * 1e3:6.2f} ms  {256 * 2048 * 640 / t / 1e9:5.1f} GMAC/s")
+    ops = _ops(1)
+    m = ops._k.module
+    shapes = ((128, 2048, 640), (128, 640, 2048))  # gate/up and down of the 270M, one 128-token chunk
+    try:
+        for n, rows, cols in shapes:
+            x = r.standard_normal((n, cols)).astype(np.float32)
+            for sch in ("int4-b32", "int4-b128", "int8", "int8-b32"):
+                w = quantize(r.standard_normal((rows, cols)).astype(np.float32), sch)
+                for threads in (1, 2):
+                    ops.set_threads(threads)
+                    best = {0: float("inf"), 1: float("inf")}
+                    for _ in range(2):
+                        for mode in (0, 1):
+                            m.set_packed_gemm(mode)
+                            best[mode] = min(best[mode], _best(lambda: ops.matmul(x, w), 7))
+                    g = {k: n * rows * cols / v / 1e9 for k, v in best.items()}
+                    print(f"{n}x{rows}x{cols} {sch:10s} threads {threads}: tiles {g[0]:6.1f} GMAC/s  "
+                          f"packed {g[1]:6.1f} GMAC/s  ({best[0] / best[1]:.2f}x)")
+    finally:
+        m.set_packed_gemm(1)
+
+
+def cmd_prefill(a) -> None:
+    """Prefill of 512 tokens (chunks of 128) in one process, three routes alternating:
+    'loop' = the per-op Python loop with the one-row tiles (session 3), 'fused' = all blocks
+    in one native call per chunk, 'fused+packed' = that plus the packed GEMM (the default)."""
+    from edgelm.backends import cpu
+    from edgelm.runtime.engine import Engine
+
+    class LoopOps(cpu.CpuOps):
+        gemma3_blocks = None
+
+    fused = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    loop = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    loop.ops = LoopOps(loop.ops.isa)
+    m = fused.ops._k.module
+    ids = [2] + list(range(1000, 1511))
+    routes = (("loop", loop, 0), ("fused", fused, 0), ("fused+packed", fused, 1))
+    res: dict[str, list[float]] = {name: [] for name, _, _ in routes}
+    try:
+        for _ in range(a.rounds):
+            for name, e, packed in routes:
+                m.set_packed_gemm(packed)
+                s = e.create_session({"temperature": 0.0})
+                t = time.perf_counter()
+                s.prefill(ids)
+                res[name].append(512 / (time.perf_counter() - t))
+    finally:
+        m.set_packed_gemm(1)
+    for k, v in res.items():
+        print(f"{k:13s} prefill tok/s (p512): {' '.join(f'{x:.0f}' for x in v)}  median {np.median(v):.0f}")
+    for k in ("fused", "fused+packed"):
+        ratios = [b / x for x, b in zip(res["loop"], res[k])]
+        print(f"{k} / loop per round: {' '.join(f'{x:.2f}' for x in ratios)}  median {np.median(ratios):.2f}")
 
 
 def cmd_fused(a) -> None:
@@ -198,13 +248,14 @@ def main() -> int:
     sub.add_parser("smt")
     sub.add_parser("attention")
     sub.add_parser("matmul")
-    for name in ("fused", "rss"):
+    for name in ("fused", "rss", "prefill"):
         p = sub.add_parser(name)
         p.add_argument("bundle")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss}[a.cmd](a)
+    {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss,
+     "prefill": cmd_prefill}[a.cmd](a)
     return 0
 
 
