@@ -58,7 +58,7 @@ struct QAct {
     int64_t nb = 0;    // full 32-blocks
     int64_t nbt = 0;   // blocks including a partial tail
     bool pairs = false;
-    bool gemm = false;   // natural layout with c = 8 dx sx (float) in place of s: the packed int4 GEMM
+    bool gemm = false;   // natural layout with c = 8 dx sx (float) in place of s: the packed GEMM (int4 reads c)
     uint8_t* base = nullptr;
     int64_t stride = 0;  // bytes per activation row
     // natural layout: [q int8 nbt*32][d float nbt][s int32 nbt]
