@@ -4,7 +4,11 @@ tokenizer, compiled once.
     edgelm/_native/kernels.cpp (+ simd.h, kernels.h, threadpool.h, ...)
         -> edgelm._native._kern_scalar   portable, every CPU (also provides cpu_features())
         -> edgelm._native._kern_avx2     x86-64: AVX2 + FMA + F16C
-        -> edgelm._native._kern_avx512   x86-64: AVX-512 F/BW/VL/DQ/VNNI (AVX2 code, wider flags)
+        -> edgelm._native._kern_avx512   x86-64: AVX-512 F/BW/VL/DQ/VNNI (the AVX2 code with wider
+                                         flags; its integer dot products use vpdpbusd)
+        -> edgelm._native._kern_vnniemu  x86-64 test build: AVX2 flags, the VNNI code paths with
+                                         vpdpbusd emulated exactly in AVX2 (never picked at run
+                                         time; it tests the VNNI kernels on CPUs without VNNI)
         -> edgelm._native._kern_neon     aarch64
     edgelm/_native/tokenizer.cpp
         -> edgelm._native._tok           SentencePiece-compatible BPE encoder (portable code)
@@ -38,6 +42,7 @@ ISA_FLAGS = {
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
         ["/arch:AVX512"],
     ),
+    "vnniemu": (["-mavx2", "-mfma", "-mf16c"], ["/arch:AVX2"]),
     "neon": ([], []),  # Advanced SIMD is baseline on aarch64
 }
 
@@ -48,7 +53,7 @@ def _target_isas() -> list[str]:
         return [s.strip() for s in forced.split(",") if s.strip()]
     m = platform.machine().lower()
     if m in ("x86_64", "amd64", "x64"):
-        return ["scalar", "avx2", "avx512"]
+        return ["scalar", "avx2", "avx512", "vnniemu"]
     if m in ("aarch64", "arm64", "armv8l"):
         return ["scalar", "neon"]
     return ["scalar"]
@@ -58,6 +63,8 @@ def _extension(isa: str) -> Pybind11Extension:
     macros = [("EDGELM_MODNAME", f"_kern_{isa}"), ("EDGELM_BUILD_ISA", f'"{isa}"')]
     if isa == "scalar":
         macros.append(("EDGELM_FORCE_SCALAR", "1"))
+    if isa == "vnniemu":
+        macros.append(("EDGELM_VNNI_EMULATE", "1"))
     ext = Pybind11Extension(
         f"edgelm._native._kern_{isa}",
         [SRC],

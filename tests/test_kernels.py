@@ -257,7 +257,37 @@ def test_packed_gemm_against_tiles(kern, scheme):
         m.set_packed_gemm(1)
     with pytest.raises(ValueError, match="set_packed_gemm"):
         m.set_packed_gemm(2)
-    assert m.packed_gemm_built() == (kern.isa in ("avx2", "avx512"))
+    assert m.packed_gemm_built() == (kern.isa in ("avx2", "avx512", "vnniemu"))
+    assert m.vnni_built() == (kern.isa in ("avx512", "vnniemu"))
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_vnni_dot_products_equal_avx2(scheme):
+    """The VNNI code paths (vpdpbusd in the avx512 build; exactly emulated in AVX2 by the
+    vnniemu test build, so they run on any AVX2 CPU) sum the same int8 x int8 / uint4 x int8
+    products in int32 that vpmaddubsw + vpmaddwd sum on AVX2, and everything after the integer
+    sums is the same float code: results must be bitwise those of the avx2 build, for the
+    GEMV tiles (n = 1..8, decode) and the packed GEMM (n >= 16, prefill) alike."""
+    vnni = [i for i in ("vnniemu", "avx512") if native.isa_unavailable_reason(i) is None]
+    if native.isa_unavailable_reason("avx2") is not None or not vnni:
+        pytest.skip("needs the avx2 build and a VNNI build (vnniemu or avx512) runnable here")
+    ref = native.kernels("avx2")
+    rng = np.random.default_rng(5)
+    cols_list = {"int8": [33, 640], "int8-b32": [64, 1152], "int4-b32": [64, 1152], "int4-b128": [128, 768]}[scheme]
+    for cols in cols_list:
+        for rows in (1, 7, 40):
+            w = rng.standard_normal((rows, cols)).astype(np.float32)
+            w[0] = np.where(np.arange(cols) % 2, 1.0, -1.0)  # the extreme codes: |q| at its maximum
+            t = quantize(w, scheme)
+            for n in (1, 2, 5, 8, 16, 23):
+                x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+                x[-1, ::3] *= 1e4  # some activations quantize to +-127, others to 0
+                want = ref.matmul(x, t, qd8=True)
+                for isa in vnni:
+                    k = native.kernels(isa)
+                    assert k.module.vnni_built()
+                    got = k.matmul(x, t, qd8=True)
+                    np.testing.assert_array_equal(got, want, err_msg=f"{isa} {scheme} {rows}x{cols} n={n}")
 
 
 def test_qd8_env_setting():

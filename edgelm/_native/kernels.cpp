@@ -806,6 +806,13 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         "0: always the one-row tiles (for comparisons)");
     m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
     m.def("packed_gemm_built", [] { return edgelm::kPackedGemmBuilt; });
+    m.def("vnni_built", [] {
+#if defined(EDGELM_VNNI)
+        return true;
+#else
+        return false;
+#endif
+    }, "Whether the qd8 dot products use vpdpbusd (avx512) or its exact AVX2 emulation (vnniemu).");
     m.def("qd8_default_on", [] { return edgelm::kQd8Fast; }, "Whether auto mode picks qd8 in this build.");
     m.def("uses_qd8", [](int scheme, int64_t n) { return use_qd8(scheme, -1, n); }, "scheme_id"_a, "n"_a = 1,
           "Whether matmul(qd8=-1) takes the qd8 path for this scheme and row count.");

@@ -183,6 +183,27 @@ EDGELM_INLINE void prefetch_bytes(const void* p, int64_t nbytes) {
     for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
 }
 
+// AVX-512 VNNI: vpdpbusd adds, to each int32 lane, the four products of its unsigned bytes
+// of u with the signed bytes of s, exactly (no int16 stage, no saturation). It replaces the
+// vpmaddubsw (+ vpaddw) + vpmaddwd sequences below. The 256-bit form needs AVX512VL, which
+// the avx512 build has. EDGELM_VNNI_EMULATE (the `vnniemu` test build, AVX2 flags) computes
+// the same sums with AVX2 instructions, so that the VNNI code paths are tested on CPUs
+// without VNNI: bytes widened to int16 (products fit: 255 * 128 = 32640), multiplied, and
+// the even and odd products summed pairwise into int32.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define EDGELM_VNNI 1
+EDGELM_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#elif defined(EDGELM_VNNI_EMULATE)
+#define EDGELM_VNNI 1
+EDGELM_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+    const __m256i lo8 = _mm256_set1_epi16(0x00ff), ones = _mm256_set1_epi16(1);
+    const __m256i ue = _mm256_and_si256(u, lo8), uo = _mm256_srli_epi16(u, 8);
+    const __m256i se = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8), so = _mm256_srai_epi16(s, 8);
+    const __m256i pe = _mm256_madd_epi16(_mm256_mullo_epi16(ue, se), ones);
+    const __m256i po = _mm256_madd_epi16(_mm256_mullo_epi16(uo, so), ones);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(pe, po));
+}
+#endif
 // int4 (BS = 32 or 128), pair layout. NX activation rows from i0.
 template <int BS, int NX>
 void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
@@ -191,7 +212,7 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     const auto* S = static_cast<const uint16_t*>(v.scale);
     const int64_t cols = v.cols, nb = cols / 32, np = nb / 2;
     const __m256i m0f = _mm256_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const __m256i pidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     const uint8_t* xr[NX];
     for (int i = 0; i < NX; ++i) xr[i] = A.unit(i0 + i, 0);
@@ -210,9 +231,14 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
                 const uint8_t* un = xr[i] + 128 * p;
                 const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
                 const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
+#if defined(EDGELM_VNNI)
+                const __m256i s32 = _mm256_sub_epi32(dpbusd(dpbusd(_mm256_setzero_si256(), lo, xa), hi, xb),
+                                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 96)));
+#else
                 const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
                 const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones),
                                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 96)));
+#endif
                 const __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps(reinterpret_cast<const float*>(un + 64)));
                 acc[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc[i][a]);
             }
@@ -255,7 +281,7 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     constexpr int NACC = NX <= 2 ? 2 : 1;
     const auto* Q = static_cast<const int8_t*>(v.w);
     const int64_t cols = v.cols, nb = cols / 32;
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const int8_t* xq[NX];
     const float* xd[NX];
     for (int i = 0; i < NX; ++i) {
@@ -276,7 +302,11 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
             if (!ROWSCALE) dw = _mm256_set1_ps(_cvtsh_ss(static_cast<const uint16_t*>(v.scale)[r * nb + b]));
             for (int i = 0; i < NX; ++i) {
                 const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + 32 * b));
+#if defined(EDGELM_VNNI)
+                const __m256i s32 = dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, w));
+#else
                 const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+#endif
                 __m256 d = _mm256_broadcast_ss(xd[i] + b);
                 if (!ROWSCALE) d = _mm256_mul_ps(dw, d);
                 acc[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc[i][a]);
@@ -520,7 +550,7 @@ EDGELM_INLINE __m256i bcast4(const int8_t* p) {
 template <int NX>
 inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t nb, const QAct& A, int64_t i0, float* out,
                          int64_t ldo) {
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const int8_t* xq[NX];
     const float* xd[NX];
     const float* xc[NX];
@@ -534,6 +564,16 @@ inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t nb, const Q
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* wb = pw + 256 * b;
         __m256i s[NX];
+#if defined(EDGELM_VNNI)
+        for (int i = 0; i < NX; ++i) s[i] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * k));
+            for (int i = 0; i < NX; ++i) {
+                s[i] = dpbusd(s[i], w, bcast4(xq[i] + 32 * b + 4 * k));
+                EDGELM_PIN(s[i]);
+            }
+        }
+#else
         {
             const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb));
             for (int i = 0; i < NX; ++i) s[i] = _mm256_maddubs_epi16(w, bcast4(xq[i] + 32 * b));
@@ -545,9 +585,11 @@ inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t nb, const Q
                 EDGELM_PIN(s[i]);
             }
         }
+        for (int i = 0; i < NX; ++i) s[i] = _mm256_madd_epi16(s[i], ones);
+#endif
         const __m256 d = _mm256_load_ps(dw + 8 * b);
         for (int i = 0; i < NX; ++i) {
-            const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[i], ones)),
+            const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s[i]),
                                              _mm256_broadcast_ss(xd[i] + b), _mm256_broadcast_ss(xc[i] + b));
             acc[i] = _mm256_fmadd_ps(t, d, acc[i]);
         }
@@ -593,7 +635,7 @@ inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw)
 template <bool ROWSCALE, int NX>
 inline void q8_gemm_tile(const uint8_t* pw, const float* dw, int64_t nbt, const QAct& A, int64_t i0, float* out,
                          int64_t ldo) {
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const int8_t* xq[NX];
     const float* xd[NX];
     __m256 acc[NX];
@@ -605,6 +647,17 @@ inline void q8_gemm_tile(const uint8_t* pw, const float* dw, int64_t nbt, const 
     for (int64_t b = 0; b < nbt; ++b) {
         const uint8_t* wb = pw + 256 * b;
         __m256i s[NX];
+#if defined(EDGELM_VNNI)
+        for (int i = 0; i < NX; ++i) s[i] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * k));
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            for (int i = 0; i < NX; ++i) {
+                s[i] = dpbusd(s[i], aw, _mm256_sign_epi8(bcast4(xq[i] + 32 * b + 4 * k), w));
+                EDGELM_PIN(s[i]);
+            }
+        }
+#else
         {
             const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb));
             const __m256i aw = _mm256_sign_epi8(w, w);
@@ -620,6 +673,7 @@ inline void q8_gemm_tile(const uint8_t* pw, const float* dw, int64_t nbt, const 
                 EDGELM_PIN(s[i]);
             }
         }
+#endif
         if (ROWSCALE) {
             for (int i = 0; i < NX; ++i)
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_broadcast_ss(xd[i] + b), acc[i]);

@@ -4,9 +4,12 @@ The extension is built once per instruction set (see setup.py). At import this m
 the CPU's features from the portable `_kern_scalar` build and imports the best build the CPU
 can run: avx512 > avx2 > scalar on x86-64, neon > scalar on aarch64. An ISA build is never
 imported on a CPU that lacks it (its module init code may already use those instructions).
+`vnniemu` (x86-64) is a test build: the AVX2 code with the avx512 build's VNNI dot-product
+paths, vpdpbusd emulated exactly in AVX2. It is never picked automatically; it lets the tests
+run the VNNI kernels on CPUs without VNNI.
 
-    EDGELM_ISA=scalar|avx2|avx512|neon   force one build (falls back, with a warning, when the
-                                          CPU or the build lacks it)
+    EDGELM_ISA=scalar|avx2|avx512|neon|vnniemu   force one build (falls back, with a warning,
+                                          when the CPU or the build lacks it)
     EDGELM_QD8=auto|0|1                  activation path of integer schemes: auto (default:
                                           qd8 where the build has fast integer kernels, i.e.
                                           AVX2; docs/kernels.md), 0 = exact fp32 activations,
@@ -40,7 +43,9 @@ import numpy as np
 
 from ..quant.schemes import QTensor
 
-ALL_ISAS = ("scalar", "avx2", "avx512", "neon")
+ALL_ISAS = ("scalar", "avx2", "avx512", "neon", "vnniemu")
+# Builds that the automatic choice considers, best first (the rest are for tests).
+_AUTO = {"x86": ("avx512", "avx2", "scalar"), "arm": ("neon", "scalar")}
 
 # CPU features each build needs (names as in cpu_features()).
 _NEEDS = {
@@ -48,16 +53,17 @@ _NEEDS = {
     "avx2": ("avx2", "fma", "f16c"),
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avx2", "fma", "f16c"),
     "neon": ("neon",),
+    "vnniemu": ("avx2", "fma", "f16c"),
 }
 
 
 def _machine_isas() -> tuple[str, ...]:
-    """Builds setup.py makes on this architecture, best first."""
+    """Builds setup.py makes on this architecture, best first; test-only builds last."""
     m = platform.machine().lower()
     if m in ("x86_64", "amd64", "x64"):
-        return ("avx512", "avx2", "scalar")
+        return _AUTO["x86"] + ("vnniemu",)
     if m in ("aarch64", "arm64", "armv8l"):
-        return ("neon", "scalar")
+        return _AUTO["arm"]
     return ("scalar",)
 
 
@@ -389,6 +395,8 @@ def _choose() -> tuple[Kernels | None, str | None]:
         warnings.warn(f"EDGELM_ISA={forced} can't be used ({why}); picking the best available build",
                       RuntimeWarning, stacklevel=3)
     for isa in _machine_isas():
+        if isa == "vnniemu":  # a test build, slower than avx2
+            continue
         if isa_unavailable_reason(isa) is None:
             return kernels(isa), None
     return None, "no native kernel build is usable on this CPU"
