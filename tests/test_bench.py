@@ -21,8 +21,12 @@ def test_bench_json_columns():
         s = m_[k]
         assert len(s["values"]) == 2 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0, k
     assert m_["peak_rss_mib"] > 10
-    if r["backend"] == "cpu":
+    if r["backend"] == "cpu":  # one probe after each measured run, each run's % against its own probe
         assert r["stream_read_gb_s"] > 0.1
+        probes, pct = m_["stream_read_gb_s"]["values"], m_["decode_pct_of_bound"]["values"]
+        assert len(probes) == 2 and r["stream_read_gb_s"] == pytest.approx(sorted(probes)[0] / 2 + sorted(probes)[1] / 2)
+        for g, b, q in zip(m_["decode_gb_s"]["values"], probes, pct):
+            assert q == pytest.approx(100 * g / b)
     # GB/s is bytes per token x tok/s
     assert m_["decode_gb_s"]["median"] == pytest.approx(
         r["bytes_per_token"] * sorted(m_["decode_tok_s"]["values"])[0] / 1e9, rel=1.0)
