@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Small measurements behind docs/kernels.md's session-3 and session-4 figures. Not part of the test suite.
+"""Small measurements behind docs/kernels.md's session-3 to session-5 figures. Not part of the test suite.
 
     python benchmarks/microbench.py smt                 # do the 2 vCPUs share one core's SIMD units?
     python benchmarks/microbench.py attention           # prefill/decode attention, 1 and 2 threads
@@ -7,6 +7,9 @@
     python benchmarks/microbench.py prefill BUNDLE      # p512 prefill: session-3 route vs fused blocks vs + packed GEMM
     python benchmarks/microbench.py fused BUNDLE        # decode: fused blocks vs the per-op loop, alternating
     python benchmarks/microbench.py rss BUNDLE          # where the resident memory of p512 + n128 goes
+    python benchmarks/microbench.py attention-decode    # a decode step's attention, cold vs warm, fixed cost
+    python benchmarks/microbench.py decode-bound BUNDLE # decode, head GEMV and the rest vs the probe beside them
+    python benchmarks/microbench.py gemv1b              # int4 GEMVs at the 1B's layer shapes vs the probe
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
 and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
@@ -117,6 +120,40 @@ def cmd_attention(_a) -> None:
                 macs = 2 * H * hd * sum(min(T, T - n + i + 1) for i in range(n))
                 print(f"threads {threads}  n {n:4d} keys {T}  K/V {np.dtype(kvd).name:8s} {t * 1e3:7.3f} ms  "
                       f"{macs / t / 1e9:5.1f} GMAC/s")
+
+
+def cmd_attention_decode(_a) -> None:
+    """One decode step's attention (4 heads on 1 KV head, hd 256, fp16 K/V, 512 keys) over 26
+    layers' distinct caches: cold (a 256 MiB sweep evicts them first) against warm (13 MB,
+    L3), then the fixed cost at few keys, 1 and 2 threads."""
+    ops = _ops(2)
+    r = np.random.default_rng(0)
+    H, KV, hd, L, T = 4, 1, 256, 26, 512
+    ks = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(L)]
+    vs = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(L)]
+    kpos = np.arange(T, dtype=np.int64)
+    q = r.standard_normal((1, H, hd)).astype(np.float32)
+    qp = np.array([T - 1], np.int64)
+    junk = np.ones(64 << 20, np.float32)
+
+    def sweep() -> float:
+        t = time.perf_counter()
+        for k, v in zip(ks, vs):
+            ops.attention(q, k, v, qp, kpos, 0, hd ** -0.5)
+        return (time.perf_counter() - t) / L
+
+    cold, warm = [], []
+    for _ in range(8):
+        junk.sum()
+        cold.append(sweep())
+        warm.append(sweep())
+    print(f"512 keys, 26 caches: cold {np.median(cold) * 1e6:.1f} us  warm {np.median(warm) * 1e6:.1f} us per call "
+          f"(medians of 8)")
+    for threads in (1, 2):
+        ops.set_threads(threads)
+        for t_ in (16, 128, 512):
+            f = lambda: ops.attention(q, ks[0][:t_], vs[0][:t_], qp, kpos[:t_], 0, hd ** -0.5)  # noqa: E731
+            print(f"threads {threads} keys {t_:4d} (in cache): {_best(f, 200) * 1e6:6.1f} us")
 
 
 def cmd_matmul(_a) -> None:
@@ -242,20 +279,92 @@ def cmd_rss(a) -> None:
         print(f"  {v / 1024:7.1f} MiB  {k}")
 
 
+def cmd_decode_bound(a) -> None:
+    """Decode against the bandwidth probe taken beside it, in one process: per round a
+    STREAM-style probe, 24 decode steps after a 512-token prompt, then the head GEMV alone
+    24 times; the head's share of the bytes and the rest of the token (the blocks, attention,
+    Python) as % of the probe."""
+    from edgelm.backends import native
+    from edgelm.bench import kv_bytes_read
+    from edgelm.runtime.engine import Engine
+
+    eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    bpt = eng.weight_bytes() + kv_bytes_read(eng, 512 + 12)
+    head = eng.weights.embed
+    h = np.random.default_rng(0).standard_normal((1, eng.config.hidden_size)).astype(np.float32)
+    for _ in range(a.rounds):
+        s = eng.create_session({"temperature": 0.0})
+        s.prefill(ids)
+        st = native.stream_read_gbs(512 << 20, a.threads, 3)
+        t = time.perf_counter()
+        for _ in range(24):
+            s.decode_step(1000)
+        tok = (time.perf_counter() - t) / 24
+        t = time.perf_counter()
+        for _ in range(24):
+            eng.ops.matmul(h, head)
+        th = (time.perf_counter() - t) / 24
+        hg, rg = head.nbytes / th / 1e9, (bpt - head.nbytes) / (tok - th) / 1e9
+        print(f"probe {st:5.1f} GB/s  token {tok * 1e3:6.2f} ms ({100 * bpt / tok / 1e9 / st:3.0f}%)  "
+              f"head {th * 1e3:6.2f} ms {hg:5.1f} GB/s ({100 * hg / st:3.0f}%)  rest {rg:5.1f} GB/s ({100 * rg / st:3.0f}%)")
+
+
+def cmd_gemv1b(a) -> None:
+    """int4-b32 GEMVs at the Gemma 3 1B shapes (26 layers' worth of distinct weights, so they
+    come from DRAM), through CpuOps (its Python call cost included), against the probe."""
+    from edgelm.backends import cpu, native
+    from edgelm.quant.schemes import quantize
+
+    ops = cpu.CpuOps()
+    ops.set_threads(a.threads)
+    r = np.random.default_rng(0)
+
+    def q(rows, cols):
+        return quantize(r.standard_normal((rows, cols), dtype=np.float32), "int4-b32")
+
+    layers = [dict(q=q(1024, 1152), k=q(256, 1152), v=q(256, 1152), o=q(1152, 1024), g=q(6912, 1152),
+                   u=q(6912, 1152), d=q(1152, 6912)) for _ in range(26)]
+    head = q(262144, 1152)
+    x, xo, xd = (r.standard_normal((1, c)).astype(np.float32) for c in (1152, 1024, 6912))
+    kinds = {"qkv": (lambda w: ops.matmul_multi(x, [w["q"], w["k"], w["v"]]), ("q", "k", "v")),
+             "o": (lambda w: ops.matmul(xo, w["o"]), ("o",)),
+             "gate+up": (lambda w: ops.matmul_gelu_mul(x, w["g"], w["u"]), ("g", "u")),
+             "down": (lambda w: ops.matmul(xd, w["d"]), ("d",))}
+    for _ in range(a.rounds):
+        st = native.stream_read_gbs(512 << 20, a.threads, 3)
+        t = time.perf_counter()
+        ops.matmul(x, head)
+        line = f"probe {st:5.1f} GB/s  head {head.nbytes / (time.perf_counter() - t) / 1e9:5.1f}"
+        for name, (f, parts) in kinds.items():
+            t = time.perf_counter()
+            for w in layers:
+                f(w)
+            dt = (time.perf_counter() - t) / len(layers)
+            nb = sum(layers[0][p].nbytes for p in parts)
+            line += f"  {name} {nb / dt / 1e9:5.1f} ({dt * 1e6:4.0f} us)"
+        print(line + "  GB/s")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("smt")
     sub.add_parser("attention")
     sub.add_parser("matmul")
-    for name in ("fused", "rss", "prefill"):
+    sub.add_parser("attention-decode")
+    p = sub.add_parser("gemv1b")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    for name in ("fused", "rss", "prefill", "decode-bound"):
         p = sub.add_parser(name)
         p.add_argument("bundle")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss,
-     "prefill": cmd_prefill}[a.cmd](a)
+     "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b,
+     "attention-decode": cmd_attention_decode}[a.cmd](a)
     return 0
 
 
