@@ -7,7 +7,8 @@
     python benchmarks/microbench.py prefill BUNDLE      # p512 prefill: session-3 route vs fused blocks vs + packed GEMM
     python benchmarks/microbench.py fused BUNDLE        # decode: fused blocks vs the per-op loop, alternating
     python benchmarks/microbench.py rss BUNDLE          # where the resident memory of p512 + n128 goes
-    python benchmarks/microbench.py attention-decode    # a decode step's attention, cold vs warm, fixed cost
+    python benchmarks/microbench.py attention-decode    # decode attention, cold/warm, with/without its prefetch
+    python benchmarks/microbench.py decode-prefetch BUNDLE  # decode tok/s, decode-attention prefetch on/off
     python benchmarks/microbench.py decode-bound BUNDLE # decode, head GEMV and the rest vs the probe beside them
     python benchmarks/microbench.py gemv1b              # int4 GEMVs at the 1B's layer shapes vs the probe
 
@@ -123,36 +124,50 @@ def cmd_attention(_a) -> None:
 
 
 def cmd_attention_decode(_a) -> None:
-    """One decode step's attention (4 heads on 1 KV head, hd 256, fp16 K/V, 512 keys) over 26
-    layers' distinct caches: cold (a 256 MiB sweep evicts them first) against warm (13 MB,
-    L3), then the fixed cost at few keys, 1 and 2 threads."""
+    """One decode step's attention (4 heads on 1 KV head, hd 256, fp16 K/V) over 26 layers'
+    distinct caches: cold (a 256 MiB sweep evicts them first) and warm (L3), with the decode
+    prefetch (16-key blocks, next block's K/V prefetched; set_decode_prefetch(1)) against
+    64-key blocks without it (0), alternating; then the fixed cost at few keys."""
     ops = _ops(2)
+    m = ops._k.module
     r = np.random.default_rng(0)
-    H, KV, hd, L, T = 4, 1, 256, 26, 512
-    ks = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(L)]
-    vs = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(L)]
-    kpos = np.arange(T, dtype=np.int64)
-    q = r.standard_normal((1, H, hd)).astype(np.float32)
-    qp = np.array([T - 1], np.int64)
+    H, KV, hd, L = 4, 1, 256, 26
     junk = np.ones(64 << 20, np.float32)
+    q = r.standard_normal((1, H, hd)).astype(np.float32)
+    try:
+        for T in (512, 1024):
+            ks = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(L)]
+            vs = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(L)]
+            kpos = np.arange(T, dtype=np.int64)
+            qp = np.array([T - 1], np.int64)
 
-    def sweep() -> float:
-        t = time.perf_counter()
-        for k, v in zip(ks, vs):
-            ops.attention(q, k, v, qp, kpos, 0, hd ** -0.5)
-        return (time.perf_counter() - t) / L
+            def sweep() -> float:
+                t = time.perf_counter()
+                for k, v in zip(ks, vs):
+                    ops.attention(q, k, v, qp, kpos, 0, hd ** -0.5)
+                return (time.perf_counter() - t) / L
 
-    cold, warm = [], []
-    for _ in range(8):
-        junk.sum()
-        cold.append(sweep())
-        warm.append(sweep())
-    print(f"512 keys, 26 caches: cold {np.median(cold) * 1e6:.1f} us  warm {np.median(warm) * 1e6:.1f} us per call "
-          f"(medians of 8)")
+            cold: dict[int, list[float]] = {0: [], 1: []}
+            warm: dict[int, list[float]] = {0: [], 1: []}
+            for _ in range(10):
+                for mode in (0, 1):
+                    m.set_decode_prefetch(mode)
+                    junk.sum()
+                    cold[mode].append(sweep())
+                    warm[mode].append(sweep())
+            ratio = np.array(cold[0]) / np.array(cold[1])
+            print(f"{T} keys, 26 caches, per call: cold {np.median(cold[0]) * 1e6:.1f} us without prefetch, "
+                  f"{np.median(cold[1]) * 1e6:.1f} us with ({np.median(ratio):.2f}x, {ratio.min():.2f}-{ratio.max():.2f});"
+                  f" warm {np.median(warm[0]) * 1e6:.1f} / {np.median(warm[1]) * 1e6:.1f} us")
+    finally:
+        m.set_decode_prefetch(1)
+    T = 512
+    ks, vs = [r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(2)]
+    kpos, qp = np.arange(T, dtype=np.int64), np.array([T - 1], np.int64)
     for threads in (1, 2):
         ops.set_threads(threads)
         for t_ in (16, 128, 512):
-            f = lambda: ops.attention(q, ks[0][:t_], vs[0][:t_], qp, kpos[:t_], 0, hd ** -0.5)  # noqa: E731
+            f = lambda: ops.attention(q, ks[:t_], vs[:t_], qp, kpos[:t_], 0, hd ** -0.5)  # noqa: E731
             print(f"threads {threads} keys {t_:4d} (in cache): {_best(f, 200) * 1e6:6.1f} us")
 
 
@@ -310,6 +325,33 @@ def cmd_decode_bound(a) -> None:
               f"head {th * 1e3:6.2f} ms {hg:5.1f} GB/s ({100 * hg / st:3.0f}%)  rest {rg:5.1f} GB/s ({100 * rg / st:3.0f}%)")
 
 
+def cmd_decode_prefetch(a) -> None:
+    """Decode tok/s (p512 + n128) with the decode-attention prefetch on and off
+    (set_decode_prefetch 1/0), alternating in one process."""
+    from edgelm.backends import native
+    from edgelm.runtime.engine import Engine
+
+    eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    m = native.kernels(eng.ops.isa).module
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    res: dict[int, list[float]] = {0: [], 1: []}
+    try:
+        for _ in range(a.rounds):
+            for mode in (0, 1):
+                m.set_decode_prefetch(mode)
+                s = eng.create_session({"temperature": 0.0})
+                s.prefill(ids)
+                t = time.perf_counter()
+                for i in range(128):
+                    s.decode_step(1000 + i)
+                res[mode].append(128 / (time.perf_counter() - t))
+    finally:
+        m.set_decode_prefetch(1)
+    r = np.array(res[1]) / np.array(res[0])
+    print(f"decode tok/s: without {np.median(res[0]):.1f}, with {np.median(res[1]):.1f}; "
+          f"with / without per round {np.median(r):.3f} ({r.min():.3f}-{r.max():.3f}), {a.rounds} rounds")
+
+
 def cmd_gemv1b(a) -> None:
     """int4-b32 GEMVs at the Gemma 3 1B shapes (26 layers' worth of distinct weights, so they
     come from DRAM), through CpuOps (its Python call cost included), against the probe."""
@@ -356,14 +398,14 @@ def main() -> int:
     p = sub.add_parser("gemv1b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    for name in ("fused", "rss", "prefill", "decode-bound"):
+    for name in ("fused", "rss", "prefill", "decode-bound", "decode-prefetch"):
         p = sub.add_parser(name)
         p.add_argument("bundle")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss,
-     "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b,
+     "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b, "decode-prefetch": cmd_decode_prefetch,
      "attention-decode": cmd_attention_decode}[a.cmd](a)
     return 0
 

@@ -144,6 +144,41 @@ def test_attention_cache_like(ops, n, T, H, KV, hd, window, cap):
     check_attention(ops, q, k, v, qp, kp, window, hd**-0.5, cap)
 
 
+def test_decode_attention_prefetch_switch(ops):
+    """Decode (<= 8 query rows per KV group) runs 16-key blocks and prefetches the next
+    block's K/V (set_decode_prefetch(1), the default) or 64-key blocks without (0): both meet
+    the reference bound on decode shapes (key counts off the block size, a sliding window,
+    empty slots, fp16 and fp32 caches, G = 1..8), and neither depends on the thread count."""
+    m = ops._k.module
+    assert m.get_decode_prefetch() == 1
+    try:
+        for T, H, KV, hd, window in ((1, 4, 1, 256, 0), (37, 4, 1, 256, 0), (700, 4, 1, 256, 512),
+                                     (301, 8, 1, 64, 0), (130, 2, 2, 20, 50), (95, 4, 4, 32, 0)):
+            r = rng(15, T, H, KV, hd)
+            q = r.standard_normal((1, H, hd)).astype(np.float32)
+            k = r.standard_normal((T, KV, hd)).astype(np.float32)
+            v = r.standard_normal((T, KV, hd)).astype(np.float32)
+            kp = np.arange(T, dtype=np.int64)
+            if T > 2:
+                kp[T // 2] = -1  # an empty slot
+            qp = np.array([T - 1], np.int64)
+            for kv in ((k, v), (k.astype(np.float16), v.astype(np.float16))):
+                for mode in (0, 1):
+                    m.set_decode_prefetch(mode)
+                    k_, v_ = (a.astype(np.float32) for a in kv)
+                    y = ops.attention(q, *kv, qp, kp, window, hd ** -0.5)
+                    with np.errstate(invalid="ignore"):
+                        ref = REF.attention(q, k_, v_, qp, kp, window, hd ** -0.5)
+                    assert np.abs(y - ref).max() <= 2e-5 * max(1.0, float(np.abs(v_).max())), (T, H, KV, hd, mode)
+                    ops.set_threads(1)
+                    np.testing.assert_array_equal(ops.attention(q, *kv, qp, kp, window, hd ** -0.5), y)
+                    ops.set_threads(2)
+    finally:
+        m.set_decode_prefetch(1)
+    with pytest.raises(ValueError, match="set_decode_prefetch"):
+        m.set_decode_prefetch(2)
+
+
 def test_attention_gqa_ratios_and_threads(ops):
     for G in (1, 2, 4):
         KV = 2

@@ -806,6 +806,16 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         "0: always the one-row tiles (for comparisons)");
     m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
     m.def("packed_gemm_built", [] { return edgelm::kPackedGemmBuilt; });
+    m.def(
+        "set_decode_prefetch",
+        [](int mode) {
+            if (mode != 0 && mode != 1) throw py::value_error("set_decode_prefetch: mode must be 0 or 1");
+            edgelm::attn_detail::decode_prefetch_mode().store(mode);
+        },
+        "mode"_a,
+        "Decode attention (<= 8 query rows per KV group): 1 = 16-key blocks with the next block's K/V "
+        "prefetched (default), 0 = 64-key blocks without prefetch (for comparisons)");
+    m.def("get_decode_prefetch", [] { return edgelm::attn_detail::decode_prefetch_mode().load(); });
     m.def("vnni_built", [] {
 #if defined(EDGELM_VNNI)
         return true;

@@ -215,6 +215,18 @@ namespace attn_detail {
 
 constexpr int KB = 64;  // keys per block
 
+// Decode (at most 8 query rows per unit, each K/V row read once, from DRAM): blocks of
+// KB_DECODE keys, and while the scores of one block are computed, the next block's K/V rows
+// are prefetched into L2. Measured 1.11-1.24x on cold decode attention against 64-key blocks
+// without prefetch; on 270M decode, where attention is ~7-9% of a step, 0.99-1.07x, i.e. within
+// this host's noise (docs/kernels.md, "Session 5").
+// Module switch for A/B runs: 1 = this (default), 0 = 64-key blocks, no prefetch.
+constexpr int KB_DECODE = 16;
+inline std::atomic<int>& decode_prefetch_mode() {
+    static std::atomic<int> v{1};
+    return v;
+}
+
 // K/V rows are float32 or IEEE half (an fp16 KV cache, widened in registers as they load).
 EDGELM_INLINE VF ld8(const float* p) { return vloadu(p); }
 EDGELM_INLINE VF ld8(const uint16_t* p) { return vload8h(p); }
@@ -286,9 +298,48 @@ EDGELM_INLINE void pv_rows(const float* p0, const T* const* vp, int64_t na, floa
         }
 }
 
+// Software prefetch (into L2) of the K and V rows of the next key block, spread over this
+// block's score tiles. Decode reads every K/V row once, from DRAM, and waits on it without
+// this; prefetching a block's own rows in a burst at its start measured no gain (session 4).
+struct NextBlock {
+    const char* k = nullptr;  // first row of the next block (slot order), or null
+    const char* v = nullptr;
+    int64_t rows = 0, stride = 0, row_bytes = 0;  // stride: bytes between consecutive slots
+};
+
+EDGELM_INLINE void prefetch_l2(const char* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p, 0, 2);  // read, moderate locality: prefetcht1 on x86, PRFM PLDL2KEEP on aarch64
+#elif defined(EDGELM_PATH_AVX2)
+    _mm_prefetch(p, _MM_HINT_T1);
+#else
+    (void)p;
+#endif
+}
+
+EDGELM_INLINE void prefetch_rows(const NextBlock& nb, int64_t a0, int64_t a1) {
+    a1 = std::min(a1, nb.rows);
+    for (int64_t a = a0; a < a1; ++a)
+        for (int64_t o = 0; o < nb.row_bytes; o += 64) {
+            prefetch_l2(nb.k + a * nb.stride + o);
+            prefetch_l2(nb.v + a * nb.stride + o);
+        }
+}
+
 template <int NR, class T>
-EDGELM_INLINE void qk_rows(const float* const* qr, const T* const* kp, int64_t na, int64_t hd, float* S) {
+EDGELM_INLINE void qk_rows(const float* const* qr, const T* const* kp, int64_t na, int64_t hd, float* S,
+                           const NextBlock* nb = nullptr) {
     int64_t a = 0;
+    if (nb && nb->k) {  // the next block has KB slots: ~3 rows per tile of 3 keys, the rest at the end
+        const int64_t per = (nb->rows + std::max<int64_t>(1, na / 3) - 1) / std::max<int64_t>(1, na / 3);
+        int64_t done = 0;
+        for (; a + 3 <= na; a += 3) {
+            qk_tile<NR, 3>(qr, kp + a, hd, S + a, KB);
+            prefetch_rows(*nb, done, done + per);
+            done += per;
+        }
+        prefetch_rows(*nb, done, nb->rows);
+    }
     for (; a + 3 <= na; a += 3) qk_tile<NR, 3>(qr, kp + a, hd, S + a, KB);
     if (a + 2 <= na) {
         qk_tile<NR, 2>(qr, kp + a, hd, S + a, KB);
@@ -343,8 +394,10 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
     std::fill(o, o + R * hd, 0.f);
     const float inv_cap = P.cap > 0.f ? 1.f / P.cap : 0.f;
     const int64_t W = P.window;
-    for (int64_t tb = t0; tb < t1; tb += KB) {
-        const int64_t te = std::min(t1, tb + KB);
+    const bool dpf = R <= 8 && decode_prefetch_mode().load(std::memory_order_relaxed) != 0;
+    const int64_t kbs = dpf ? KB_DECODE : KB;
+    for (int64_t tb = t0; tb < t1; tb += kbs) {
+        const int64_t te = std::min(t1, tb + kbs);
         int64_t na = 0;
         int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = -1;
         for (int64_t t = tb; t < te; ++t) {
@@ -363,12 +416,21 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             kp[a] = K + (act[a] * P.KV + g) * hd;
             vp[a] = V + (act[a] * P.KV + g) * hd;
         }
-        // scores
+        // scores (decode: while prefetching the next block's K/V rows)
+        NextBlock nb;
+        if (dpf && te < t1) {
+            nb.k = reinterpret_cast<const char*>(K + (te * P.KV + g) * hd);
+            nb.v = reinterpret_cast<const char*>(V + (te * P.KV + g) * hd);
+            nb.rows = std::min<int64_t>(kbs, t1 - te);
+            nb.stride = static_cast<int64_t>(P.KV * hd * sizeof(T));
+            nb.row_bytes = static_cast<int64_t>(hd * sizeof(T));
+        }
         {
+            const NextBlock* pnb = &nb;  // the first row group prefetches
             int64_t r = 0;
-            for (; r + 4 <= R; r += 4) qk_rows<4>(qr + r, kp, na, hd, S + r * KB);
-            for (; r + 2 <= R; r += 2) qk_rows<2>(qr + r, kp, na, hd, S + r * KB);
-            for (; r < R; ++r) qk_rows<1>(qr + r, kp, na, hd, S + r * KB);
+            for (; r + 4 <= R; r += 4, pnb = nullptr) qk_rows<4>(qr + r, kp, na, hd, S + r * KB, pnb);
+            for (; r + 2 <= R; r += 2, pnb = nullptr) qk_rows<2>(qr + r, kp, na, hd, S + r * KB, pnb);
+            for (; r < R; ++r, pnb = nullptr) qk_rows<1>(qr + r, kp, na, hd, S + r * KB, pnb);
         }
         // scale, softcap, mask, online softmax
         for (int64_t r = 0; r < R; ++r) {
