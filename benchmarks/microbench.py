@@ -233,6 +233,16 @@ def cmd_prefill(a) -> None:
         print(f"{k} / loop per round: {' '.join(f'{x:.2f}' for x in ratios)}  median {np.median(ratios):.2f}")
 
 
+def _decode_tok_s(engine, ids, n: int = 128) -> float:
+    """Prefill `ids` in a fresh session, then time n greedy decode steps (fixed tokens)."""
+    s = engine.create_session({"temperature": 0.0})
+    s.prefill(ids)
+    t = time.perf_counter()
+    for i in range(n):
+        s.decode_step(1000 + i)
+    return n / (time.perf_counter() - t)
+
+
 def cmd_fused(a) -> None:
     from edgelm.backends import cpu
     from edgelm.runtime.engine import Engine
@@ -247,12 +257,7 @@ def cmd_fused(a) -> None:
     res: dict[str, list[float]] = {"fused": [], "loop": []}
     for _ in range(a.rounds):
         for name, e in (("fused", fused), ("loop", loop)):
-            s = e.create_session({"temperature": 0.0})
-            s.prefill(ids)
-            t = time.perf_counter()
-            for i in range(128):
-                s.decode_step(1000 + i)
-            res[name].append(128 / (time.perf_counter() - t))
+            res[name].append(_decode_tok_s(e, ids))
     for k, v in res.items():
         print(f"{k:6s} decode tok/s (p512 n128): {' '.join(f'{x:.1f}' for x in v)}  median {np.median(v):.1f}")
     ratios = [f / lp for f, lp in zip(res["fused"], res["loop"])]
@@ -339,12 +344,7 @@ def cmd_decode_prefetch(a) -> None:
         for _ in range(a.rounds):
             for mode in (0, 1):
                 m.set_decode_prefetch(mode)
-                s = eng.create_session({"temperature": 0.0})
-                s.prefill(ids)
-                t = time.perf_counter()
-                for i in range(128):
-                    s.decode_step(1000 + i)
-                res[mode].append(128 / (time.perf_counter() - t))
+                res[mode].append(_decode_tok_s(eng, ids))
     finally:
         m.set_decode_prefetch(1)
     r = np.array(res[1]) / np.array(res[0])
