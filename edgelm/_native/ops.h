@@ -330,7 +330,7 @@ template <int NR, class T>
 EDGELM_INLINE void qk_rows(const float* const* qr, const T* const* kp, int64_t na, int64_t hd, float* S,
                            const NextBlock* nb = nullptr) {
     int64_t a = 0;
-    if (nb && nb->k) {  // the next block has KB slots: ~3 rows per tile of 3 keys, the rest at the end
+    if (nb && nb->k) {  // the next block's rows spread evenly over the tiles of 3 keys, the rest at the end
         const int64_t per = (nb->rows + std::max<int64_t>(1, na / 3) - 1) / std::max<int64_t>(1, na / 3);
         int64_t done = 0;
         for (; a + 3 <= na; a += 3) {
