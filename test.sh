@@ -12,7 +12,7 @@ if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
     || echo "could not install chromium; the browser test will skip" >&2
 fi
 # tests/test_neon.py cross-compiles the kernels for aarch64 and runs them under qemu-user.
-if ! command -v qemu-aarch64 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+if { ! command -v qemu-aarch64 >/dev/null 2>&1 || ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
    && [ -z "${EDGELM_NO_APT:-}" ]; then
   echo "installing g++-aarch64-linux-gnu and qemu-user for the NEON kernel tests..." >&2
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user) \
