@@ -9,6 +9,9 @@
     python benchmarks/microbench.py rss BUNDLE          # where the resident memory of p512 + n128 goes
     python benchmarks/microbench.py attention-decode    # decode attention, cold/warm, with/without its prefetch
     python benchmarks/microbench.py decode-prefetch BUNDLE  # decode tok/s, decode-attention prefetch on/off
+    python benchmarks/microbench.py capacity BUNDLE     # decode at KV capacity 4096 vs 1280, in one process
+    python benchmarks/microbench.py prefault BUNDLE     # init / TTFT, bundle mapped lazily vs pages touched at load
+    python benchmarks/microbench.py perf-target BUNDLE decode|prefill   # a steady loop for perf (see its help)
     python benchmarks/microbench.py decode-bound BUNDLE # decode, head GEMV and the rest vs the probe beside them
     python benchmarks/microbench.py gemv1b              # int4 GEMVs at the 1B's layer shapes vs the probe
 
@@ -352,6 +355,83 @@ def cmd_decode_prefetch(a) -> None:
           f"with / without per round {np.median(r):.3f} ({r.min():.3f}-{r.max():.3f}), {a.rounds} rounds")
 
 
+def cmd_capacity(a) -> None:
+    """Decode tok/s (p512 + n128) at KV capacity 4096 against 1280, two engines on one bundle
+    in one process, alternating, with the decode-attention prefetch on and off."""
+    from edgelm.backends import native
+    from edgelm.runtime.engine import Engine
+
+    engs = {c: Engine(a.bundle, threads=a.threads, max_tokens=c) for c in (1280, 4096)}
+    m = native.kernels(engs[1280].ops.isa).module
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    res = {(c, pf): [] for c in engs for pf in (0, 1)}
+    try:
+        for rnd in range(a.rounds):
+            for pf in (1, 0):
+                m.set_decode_prefetch(pf)
+                for c in ((1280, 4096) if rnd % 2 else (4096, 1280)):
+                    res[(c, pf)].append(_decode_tok_s(engs[c], ids))
+    finally:
+        m.set_decode_prefetch(1)
+    for pf in (1, 0):
+        r = np.array(res[(4096, pf)]) / np.array(res[(1280, pf)])
+        print(f"decode prefetch {pf}: 1280 {np.median(res[(1280, pf)]):.1f} tok/s, 4096 {np.median(res[(4096, pf)]):.1f}"
+              f"; 4096 / 1280 {np.median(r):.3f} ({r.min():.3f}-{r.max():.3f}), {a.rounds} rounds")
+
+
+def cmd_prefault(a) -> None:
+    """Init and TTFT (p512) with the bundle mapped lazily against every page touched at load
+    (what MAP_POPULATE does), alternating, a fresh engine per run."""
+    import gc
+
+    from edgelm.runtime.engine import Engine
+
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    res: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
+    for _ in range(a.rounds):
+        for touch in (0, 1):
+            t0 = time.perf_counter()
+            eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+            if touch:
+                int(np.frombuffer(eng.bundle._mm, np.uint8)[::4096].sum())
+            t1 = time.perf_counter()
+            s = eng.create_session({"temperature": 0.0})
+            t2 = time.perf_counter()
+            s.prefill(ids)
+            res[touch].append((t1 - t0, time.perf_counter() - t2))
+            del s
+            eng.close()
+            del eng
+            gc.collect()
+    for touch in (0, 1):
+        v = np.array(res[touch])
+        print(f"{'touched' if touch else 'lazy':7s}: init median {np.median(v[:, 0]) * 1e3:.1f} ms, "
+              f"TTFT median {np.median(v[:, 1]) * 1e3:.1f} ms (min {v[:, 1].min() * 1e3:.1f}), {a.rounds} rounds")
+
+
+def cmd_perf_target(a) -> None:
+    """A steady loop to attach perf to: prints "start" after the warm-up, then runs --count
+    decode steps after a 512-token prompt (decode) or --count prefills of 512 (prefill).
+        python benchmarks/microbench.py perf-target BUNDLE decode --count 300 > out & \
+        (until grep -q start out; do sleep 0.2; done; perf record -F 4000 -g -p $! -- sleep 8)
+        perf report --no-children --sort sym -g none"""
+    from edgelm.runtime.engine import Engine
+
+    eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    s = eng.create_session({"temperature": 0.0})
+    s.prefill(ids)
+    print("start", flush=True)
+    for i in range(a.count):
+        if a.what == "decode":
+            if s.n_tokens + 1 > s.capacity:
+                s = eng.create_session({"temperature": 0.0})
+                s.prefill(ids)
+            s.decode_step(1000)
+        else:
+            eng.create_session({"temperature": 0.0}).prefill(ids)
+
+
 def cmd_gemv1b(a) -> None:
     """int4-b32 GEMVs at the Gemma 3 1B shapes (26 layers' worth of distinct weights, so they
     come from DRAM), through CpuOps (its Python call cost included), against the probe."""
@@ -398,14 +478,20 @@ def main() -> int:
     p = sub.add_parser("gemv1b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    for name in ("fused", "rss", "prefill", "decode-bound", "decode-prefetch"):
+    for name in ("fused", "rss", "prefill", "decode-bound", "decode-prefetch", "capacity", "prefault"):
         p = sub.add_parser(name)
         p.add_argument("bundle")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--rounds", type=int, default=5)
+    p = sub.add_parser("perf-target")
+    p.add_argument("bundle")
+    p.add_argument("what", choices=("decode", "prefill"))
+    p.add_argument("--count", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss,
      "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b, "decode-prefetch": cmd_decode_prefetch,
+     "capacity": cmd_capacity, "prefault": cmd_prefault, "perf-target": cmd_perf_target,
      "attention-decode": cmd_attention_decode}[a.cmd](a)
     return 0
 
