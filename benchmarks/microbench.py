@@ -14,6 +14,9 @@
     python benchmarks/microbench.py perf-target BUNDLE decode|prefill   # a steady loop for perf (see its help)
     python benchmarks/microbench.py decode-bound BUNDLE # decode, head GEMV and the rest vs the probe beside them
     python benchmarks/microbench.py gemv1b              # int4 GEMVs at the 1B's layer shapes vs the probe
+    python benchmarks/microbench.py decode-phases BUNDLE  # a decode token's time by block phase vs the probe
+    python benchmarks/microbench.py gemv-native [--base REV]  # one-row GEMV kernels in C++, vs a git revision
+    python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
 and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
@@ -333,6 +336,143 @@ def cmd_decode_bound(a) -> None:
               f"head {th * 1e3:6.2f} ms {hg:5.1f} GB/s ({100 * hg / st:3.0f}%)  rest {rg:5.1f} GB/s ({100 * rg / st:3.0f}%)")
 
 
+def cmd_decode_phases(a) -> None:
+    """Where a decode token's time goes, by phase of the fused blocks (the native phase clock,
+    set_phase_timing), plus the head GEMV and everything else (final norm, sampling, Python)
+    as the remainder; each phase's bytes per second against a STREAM-style probe taken in
+    the same round. 32 decode steps after a 512-token prompt per round."""
+    from edgelm.backends import native
+    from edgelm.bench import kv_bytes_read
+    from edgelm.runtime.engine import Engine
+
+    eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    m = native.kernels(eng.ops.isa).module
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    head = eng.weights.embed
+    h = np.random.default_rng(0).standard_normal((1, eng.config.hidden_size)).astype(np.float32)
+    bpt = eng.weight_bytes() + kv_bytes_read(eng, 512 + 16)
+    steps = 32
+    rows: dict[str, list[tuple[float, float]]] = {}
+    whole = []
+    for _ in range(a.rounds):
+        s = eng.create_session({"temperature": 0.0})
+        s.prefill(ids)
+        st = native.stream_read_gbs(512 << 20, a.threads, 3)
+        m.phase_times(True)
+        m.set_phase_timing(1)
+        try:
+            t = time.perf_counter()
+            for i in range(steps):
+                s.decode_step(1000 + i)
+            tok = (time.perf_counter() - t) / steps
+        finally:
+            m.set_phase_timing(0)
+        ph = m.phase_times(True)
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.ops.matmul(h, head)
+        th = (time.perf_counter() - t) / steps
+        whole.append(100 * bpt / tok / 1e9 / st)
+        ph["head GEMV (separately)"] = (th * steps, steps, head.nbytes * steps)
+        blocks = sum(v[0] for k, v in ph.items() if not k.startswith("head"))
+        ph["rest (final norm, sampling, Python)"] = (tok * steps - blocks - th * steps, steps, 0)
+        for k, (sec, _calls, nbytes) in ph.items():
+            pct_bw = 100 * nbytes / max(sec, 1e-12) / 1e9 / st if nbytes else float("nan")
+            rows.setdefault(k, []).append((100 * sec / (tok * steps), pct_bw))
+        print(f"probe {st:5.1f} GB/s  token {tok * 1e3:6.2f} ms  whole token {whole[-1]:3.0f}% of the bound")
+    print(f"{'phase':38s} {'% of token':>14s} {'GB/s % of probe':>18s}   (medians over {a.rounds} rounds, min-max)")
+    for k, v in rows.items():
+        sh, bw = np.array([x[0] for x in v]), np.array([x[1] for x in v])
+        b = f"{np.median(bw):5.0f} ({bw.min():.0f}-{bw.max():.0f})" if np.isfinite(bw).all() else ""
+        print(f"{k:38s} {np.median(sh):5.1f} ({sh.min():.1f}-{sh.max():.1f}) {b:>18s}")
+
+
+def cmd_gemv_native(a) -> None:
+    """The one-row qd8 GEMV straight on the kernel headers (benchmarks/native/gemvbench.cpp,
+    compiled here with g++ and the avx2 build's flags) at L2, L3 and DRAM sizes. With --base
+    REV the same program is also compiled against edgelm/_native at that git revision, and the
+    two run alternately, --rounds times; --prefetch compiles one variant per distance."""
+    root = Path(__file__).resolve().parent.parent
+    src = root / "benchmarks" / "native" / "gemvbench.cpp"
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
+    with tempfile.TemporaryDirectory() as d:
+        exes: list[tuple[str, Path]] = []
+        if a.base:
+            old = Path(d) / "base"
+            old.mkdir()
+            arc = subprocess.run(["git", "-C", str(root), "archive", a.base, "edgelm/_native"], check=True,
+                                 capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=arc, check=True)
+            exe = Path(d) / "gemv_base"
+            subprocess.run(["g++", *flags, "-I", str(old / "edgelm" / "_native"), "-o", str(exe), str(src)], check=True)
+            exes.append((f"base {a.base}", exe))
+        for pf in a.prefetch or [None]:
+            exe = Path(d) / f"gemv_{pf}"
+            extra = [f"-DEDGELM_GEMV_PREFETCH={pf}"] if pf else []
+            subprocess.run(["g++", *flags, *extra, "-I", str(root / "edgelm" / "_native"), "-o", str(exe), str(src)],
+                           check=True)
+            exes.append(("now" + (f" prefetch {pf}" if pf else ""), exe))
+        names = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}
+        for scheme in a.schemes:
+            for cols in a.cols:
+                for threads in a.threads:
+                    res: dict[str, list[list[float]]] = {n: [] for n, _ in exes}
+                    for _ in range(a.rounds):
+                        for name, exe in exes:
+                            out = subprocess.run([str(exe), str(scheme), str(threads), str(cols)], check=True,
+                                                 capture_output=True, text=True).stdout
+                            res[name].append([float(line.split()[4]) for line in out.splitlines()])
+                    print(f"{names[scheme]} cols {cols}, {threads} thread(s): GB/s at L2 / L3 / DRAM sizes, "
+                          f"median (min-max) of {a.rounds}")
+                    for name, v in res.items():
+                        arr = np.array(v)
+                        cells = "  ".join(f"{np.median(arr[:, j]):5.1f} ({arr[:, j].min():.1f}-{arr[:, j].max():.1f})"
+                                          for j in range(arr.shape[1]))
+                        print(f"  {name:24s} {cells}")
+
+
+def cmd_ab_module(a) -> None:
+    """Decode tok/s (n64 after a 512-token prompt) and TTFT (p512) with this checkout's kernel
+    build against an older build of the same ISA (OLD_SO, e.g. built from a git worktree of
+    an earlier commit with `EDGELM_BUILD_ISAS=avx2 python setup.py build_ext --inplace`), in one
+    process, alternating; prints new / old per round."""
+    import importlib.util
+
+    from edgelm.backends import native
+    from edgelm.runtime.engine import Engine
+
+    name = Path(a.old_so).name.split(".")[0]
+    spec = importlib.util.spec_from_file_location(name, a.old_so)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    isa = name.removeprefix("_kern_")
+    engines = {}
+    for which in ("old", "new"):
+        eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+        if which == "old":
+            if eng.ops.isa != isa:
+                raise SystemExit(f"the engine picked {eng.ops.isa}, OLD_SO is {isa}")
+            eng.ops._k = native.Kernels(isa, old)
+            eng.ops._m = old
+            old.set_threads(a.threads)
+        engines[which] = eng
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    res: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+    for _ in range(a.rounds):
+        for which, eng in engines.items():
+            s = eng.create_session({"temperature": 0.0})
+            t = time.perf_counter()
+            s.prefill(ids)
+            ttft = time.perf_counter() - t
+            res[which].append((ttft, _decode_tok_s(eng, ids, 64)))
+    o, n = np.array(res["old"]), np.array(res["new"])
+    dec, pre = n[:, 1] / o[:, 1], o[:, 0] / n[:, 0]
+    print(f"decode tok/s old {np.median(o[:, 1]):.1f}, new {np.median(n[:, 1]):.1f}; new / old per round "
+          f"{np.median(dec):.3f} ({dec.min():.3f}-{dec.max():.3f})")
+    print(f"TTFT p512 old {np.median(o[:, 0]) * 1e3:.0f} ms, new {np.median(n[:, 0]) * 1e3:.0f} ms; speed new / old "
+          f"{np.median(pre):.3f} ({pre.min():.3f}-{pre.max():.3f}); {a.rounds} rounds")
+
+
 def cmd_decode_prefetch(a) -> None:
     """Decode tok/s (p512 + n128) with the decode-attention prefetch on and off
     (set_decode_prefetch 1/0), alternating in one process."""
@@ -478,11 +618,25 @@ def main() -> int:
     p = sub.add_parser("gemv1b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    for name in ("fused", "rss", "prefill", "decode-bound", "decode-prefetch", "capacity", "prefault"):
+    for name in ("fused", "rss", "prefill", "decode-bound", "decode-prefetch", "capacity", "prefault",
+                 "decode-phases"):
         p = sub.add_parser(name)
         p.add_argument("bundle")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--rounds", type=int, default=5)
+    p = sub.add_parser("gemv-native")
+    p.add_argument("--base", help="a git revision to compare against (its edgelm/_native headers)")
+    p.add_argument("--prefetch", type=lambda v: [int(x) for x in v.split(",")], help="distances in bytes, e.g. 1024,2048")
+    p.add_argument("--schemes", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4],
+                   help="scheme ids: 2 int8, 3 int8-b32, 4 int4-b32, 5 int4-b128 (default 2,4)")
+    p.add_argument("--cols", type=lambda v: [int(x) for x in v.split(",")], default=[1152, 6912])
+    p.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
+    p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("ab-module")
+    p.add_argument("old_so")
+    p.add_argument("bundle")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=6)
     p = sub.add_parser("perf-target")
     p.add_argument("bundle")
     p.add_argument("what", choices=("decode", "prefill"))
@@ -492,7 +646,8 @@ def main() -> int:
     {"smt": cmd_smt, "attention": cmd_attention, "matmul": cmd_matmul, "fused": cmd_fused, "rss": cmd_rss,
      "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b, "decode-prefetch": cmd_decode_prefetch,
      "capacity": cmd_capacity, "prefault": cmd_prefault, "perf-target": cmd_perf_target,
-     "attention-decode": cmd_attention_decode}[a.cmd](a)
+     "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
+     "gemv-native": cmd_gemv_native, "ab-module": cmd_ab_module}[a.cmd](a)
     return 0
 
 

@@ -174,6 +174,33 @@ def test_qd8_matmul_matches_reference(kern, scheme):
                 check_qd8(kern, t, x, y)
 
 
+@pytest.mark.parametrize("scheme", ["int4-b32", "int4-b128"])
+def test_int4_gemv_groups(kern, scheme):
+    """The one-row int4 GEMV (decode) reduces 4 block pairs at a time by horizontal adds and
+    handles the leftover pairs and an odd last block one by one: every mix of full groups,
+    leftover pairs and an odd block, on 1 and 2 threads, against the reference (bound (a))
+    and against the multi-row tile's result for the same row (float rounding only)."""
+    cols_list = {"int4-b32": [256, 288, 352, 544, 1184], "int4-b128": [256, 384, 640, 1152]}[scheme]
+    rng = np.random.default_rng(17)
+    before = kern.get_threads()
+    try:
+        for cols in cols_list:
+            t = qtensor(scheme, 257, cols)
+            x = (rng.standard_normal((2, cols)) * rng.uniform(0.1, 10, (2, 1))).astype(np.float32)
+            x[0, 40:72] *= 300  # an outlier block inside a group
+            outs = []
+            for threads in (1, 2):
+                kern.set_threads(threads)
+                y = kern.matmul(x[:1], t, qd8=True)
+                check_qd8(kern, t, x[:1], y)
+                outs.append(y)
+            np.testing.assert_array_equal(outs[0], outs[1])
+            pair = kern.matmul(x, t, qd8=True)[:1]  # the NX = 2 tile, blocks in another order
+            np.testing.assert_allclose(outs[0], pair, rtol=2e-5, atol=1e-5 * float(np.abs(pair).max()))
+    finally:
+        kern.set_threads(before)
+
+
 @pytest.mark.parametrize("scheme", INT_SCHEMES)
 def test_qd8_agrees_across_isas(scheme):
     """The quantized activations are bitwise equal on every ISA; the results differ only by

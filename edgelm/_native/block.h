@@ -10,6 +10,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -45,6 +47,58 @@ struct G3Cache {  // one layer's KV cache: numpy arrays owned by Python
 struct G3Dims {
     int64_t hidden, H, KV, hd, ffn, window;
     float eps, scale, cap;
+};
+
+// Optional wall-clock timing of g3_blocks' phases, for profiling (`set_phase_timing`,
+// `phase_times` in the module; off by default, and then one relaxed load per phase). Each
+// phase also counts the bytes it must read from memory: weights for the products, the
+// filled K/V slots for attention.
+enum G3Phase { kPhQKV, kPhNormRope, kPhAttn, kPhO, kPhAddNorm1, kPhGateUp, kPhDown, kPhAddNorm2, kNumPhases };
+struct PhaseClock {
+    std::atomic<int> on{0};
+    std::atomic<int64_t> ns[kNumPhases];
+    std::atomic<int64_t> bytes[kNumPhases];
+    std::atomic<int64_t> calls[kNumPhases];
+    PhaseClock() { reset(); }
+    void reset() {
+        for (int i = 0; i < kNumPhases; ++i) {
+            ns[i].store(0);
+            bytes[i].store(0);
+            calls[i].store(0);
+        }
+    }
+};
+inline PhaseClock& phase_clock() {
+    static PhaseClock c;
+    return c;
+}
+inline const char* phase_name(int i) {
+    static const char* names[kNumPhases] = {"qkv", "norm_rope_cache", "attention", "o", "add_norm_attn",
+                                            "gate_up", "down", "add_norm_ffn"};
+    return names[i];
+}
+inline int64_t weight_bytes(const WView& W) { return W.rows * row_bytes(W.scheme, W.cols); }
+
+// Times the span between mark() calls when the clock is on.
+class PhaseTimer {
+public:
+    PhaseTimer() : on_(phase_clock().on.load(std::memory_order_relaxed) != 0) {
+        if (on_) t_ = std::chrono::steady_clock::now();
+    }
+    void mark(int phase, int64_t bytes) {
+        if (!on_) return;
+        const auto t = std::chrono::steady_clock::now();
+        PhaseClock& c = phase_clock();
+        c.ns[phase].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t - t_).count(),
+                              std::memory_order_relaxed);
+        c.bytes[phase].fetch_add(bytes, std::memory_order_relaxed);
+        c.calls[phase].fetch_add(1, std::memory_order_relaxed);
+        t_ = t;
+    }
+
+private:
+    bool on_;
+    std::chrono::steady_clock::time_point t_{};
 };
 
 inline void g3_matmul(const WView& W, const float* x, int64_t n, float* out, bool q) {
@@ -89,6 +143,7 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
     const int64_t qd = D.H * D.hd, kvd = D.KV * D.hd;
     std::vector<float> qb(n * qd), kb(n * kvd), vb(n * kvd), ab(n * qd), ob(n * D.hidden), gb(n * D.ffn),
         tb(n * D.ffn);
+    PhaseTimer tm;
     for (int64_t b = 0; b < nb; ++b) {
         const G3BlockW& L = B[b];
         G3Cache& Cc = C[b];
@@ -102,11 +157,13 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
             g3_matmul(L.k, h, n, kb.data(), L.q_qkv);
             g3_matmul(L.v, h, n, vb.data(), L.q_qkv);
         }
+        tm.mark(kPhQKV, weight_bytes(L.q) + weight_bytes(L.k) + weight_bytes(L.v));
         const float* cs = L.local ? cos_l : cos_g;
         const float* sn = L.local ? sin_l : sin_g;
         rmsnorm_rope(qb.data(), L.q_norm, cs, sn, n, D.H, D.hd, D.eps, qb.data());
         rmsnorm_rope(kb.data(), L.k_norm, cs, sn, n, D.KV, D.hd, D.eps, kb.data());
         g3_cache_write(Cc, kb.data(), vb.data(), pos, n, kvd);
+        tm.mark(kPhNormRope, 0);
         AttnParams P;
         P.q = qb.data();
         if (Cc.half) {
@@ -129,8 +186,11 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
         P.cap = D.cap;
         P.out = ab.data();
         attention(P);
+        tm.mark(kPhAttn, 2 * Cc.filled * kvd * (Cc.half ? 2 : 4));
         g3_matmul(L.o, ab.data(), n, ob.data(), L.q_o);
+        tm.mark(kPhO, weight_bytes(L.o));
         add_rmsnorm(x, ob.data(), L.post_attn, L.ffn_norm, n, D.hidden, D.eps, h);
+        tm.mark(kPhAddNorm1, 0);
         if (L.gate.scheme == L.up.scheme) {
             matmul_gelu_mul(L.gate, L.up, h, n, gb.data(), tb.data(), L.q_gate);
         } else {
@@ -138,8 +198,11 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
             g3_matmul(L.up, h, n, tb.data(), L.q_up);
             gelu_mul(gb.data(), tb.data(), n * D.ffn, gb.data());
         }
+        tm.mark(kPhGateUp, weight_bytes(L.gate) + weight_bytes(L.up));
         g3_matmul(L.down, gb.data(), n, ob.data(), L.q_down);
+        tm.mark(kPhDown, weight_bytes(L.down));
         add_rmsnorm(x, ob.data(), L.post_ffw, L.next_norm, n, D.hidden, D.eps, L.next_norm ? h : nullptr);
+        tm.mark(kPhAddNorm2, 0);
     }
 }
 

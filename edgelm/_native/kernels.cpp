@@ -816,6 +816,26 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         "Decode attention (<= 8 query rows per KV group): 1 = 16-key blocks with the next block's K/V "
         "prefetched (default), 0 = 64-key blocks without prefetch (for comparisons)");
     m.def("get_decode_prefetch", [] { return edgelm::attn_detail::decode_prefetch_mode().load(); });
+    m.def(
+        "set_phase_timing",
+        [](int on) {
+            if (on != 0 && on != 1) throw py::value_error("set_phase_timing: on must be 0 or 1");
+            edgelm::phase_clock().on.store(on);
+        },
+        "on"_a, "1: time each phase of Gemma3Blocks.forward (for profiling; see phase_times); 0: off (default)");
+    m.def(
+        "phase_times",
+        [](bool reset) {
+            edgelm::PhaseClock& c = edgelm::phase_clock();
+            py::dict d;
+            for (int i = 0; i < edgelm::kNumPhases; ++i)
+                d[edgelm::phase_name(i)] = py::make_tuple(c.ns[i].load() * 1e-9, c.calls[i].load(), c.bytes[i].load());
+            if (reset) c.reset();
+            return d;
+        },
+        "reset"_a = true,
+        "Per phase of Gemma3Blocks.forward since the last reset: (seconds, calls, bytes read from memory:\n"
+        "weights for the products, filled K/V slots for attention). Counts only while set_phase_timing(1).");
     m.def("vnni_built", [] {
 #if defined(EDGELM_VNNI)
         return true;

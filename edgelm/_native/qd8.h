@@ -68,8 +68,12 @@ struct QAct {
         return reinterpret_cast<const int32_t*>(base + i * stride + nbt * 32 + nbt * 4);
     }
     const float* c(int64_t i) const { return reinterpret_cast<const float*>(s(i)); }
-    // pair layout: units of 128 bytes: [xa 32][xb 32][dvec 8 float][cvec 8 int32]
+    // pair layout: units of 128 bytes: [xa 32][xb 32][dvec 8 float][cvec 8 int32], then
+    // one 64-byte group per 8 full blocks for the one-row GEMV (q4_gemv): [dx 8 float][c 8
+    // int32], both in the lane order of its horizontal sums, blocks 0,2,4,6,1,3,5,7.
+    int64_t ngroups = 0;
     const uint8_t* unit(int64_t i, int64_t u) const { return base + i * stride + 128 * u; }
+    const uint8_t* group(int64_t i, int64_t g) const { return base + i * stride + 128 * ((nb + 1) / 2) + 64 * g; }
 };
 
 // Quantizes one block of L <= 32 values: writes 32 int8 (zero padded), returns dx and sum q.
@@ -143,6 +147,15 @@ inline void quant_row(const float* x, const QAct& A, int64_t i) {
             _mm256_storeu_ps(reinterpret_cast<float*>(un + 64), _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(un + 96),
                                 _mm256_setr_epi32(8 * s0, 0, 0, 0, 8 * s1, 0, 0, 0));
+            if (u / 4 < A.ngroups) {  // pair u = 4g + k holds blocks 2u (lane k) and 2u + 1 (lane 4 + k)
+                uint8_t* gr = row + 128 * nu + 64 * (u / 4);
+                const int k = static_cast<int>(u % 4);
+                const int32_t c0 = 8 * s0, c1 = 8 * s1;
+                std::memcpy(gr + 4 * k, &d0, 4);
+                std::memcpy(gr + 4 * (4 + k), &d1, 4);
+                std::memcpy(gr + 32 + 4 * k, &c0, 4);
+                std::memcpy(gr + 32 + 4 * (4 + k), &c1, 4);
+            }
         }
         return;
     }
@@ -174,15 +187,6 @@ using QTileFn = void (*)(const WView&, int64_t, int64_t, const QAct&, int64_t, f
 
 EDGELM_INLINE float hsum8(__m256 a) { return vhsum(VF{a}); }
 
-// GEMV software prefetch distance: measured best near 2.5 KB ahead on this host (int4 and int8).
-constexpr int64_t kPrefetchBytes = 2560;
-
-// GEMV streams each weight once: fetch the row `ahead_rows` rows on into L1.
-EDGELM_INLINE void prefetch_bytes(const void* p, int64_t nbytes) {
-    const char* c = static_cast<const char*>(p);
-    for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-}
-
 // AVX-512 VNNI: vpdpbusd adds, to each int32 lane, the four products of its unsigned bytes
 // of u with the signed bytes of s, exactly (no int16 stage, no saturation). It replaces the
 // vpmaddubsw (+ vpaddw) + vpmaddwd sequences below. The 256-bit form needs AVX512VL, which
@@ -204,23 +208,134 @@ EDGELM_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_add_epi32(pe, po));
 }
 #endif
+// Weights of a one-row GEMV are read once, so they are prefetched into L1 at a steady
+// distance along each thread's contiguous range (rows are contiguous), one line per 64
+// bytes consumed. (Until session 6 each row prefetched a whole row ~2.5 KB ahead at its
+// start, which came in bursts on long rows; docs/kernels.md, "Session 6".) The distance can
+// be set at compile time for benchmarks/native/gemvbench.cpp's sweeps.
+#ifndef EDGELM_GEMV_PREFETCH
+#define EDGELM_GEMV_PREFETCH 3072
+#endif
+constexpr int64_t kGemvPrefetch = EDGELM_GEMV_PREFETCH;
+
+// int4 (BS = 32 or 128) GEMV, one activation row (decode). Per group of 4 pairs (8 blocks)
+// the 4 pairs' int32 lane sums are reduced by three vphaddd into one vector of the 8 block
+// sums (lane order 0,2,4,6,1,3,5,7), so the correction, the int-to-float conversion, the
+// scale product and the FMA are paid once per 8 blocks instead of once per 2: ~10.5 vector
+// ops per pair instead of ~15. The activation's per-group dx and corrections are stored
+// in that lane order by quant_row. Remaining pairs (< 4) and an odd last block go as in
+// q4_tile. Results differ from q4_tile's only in float rounding.
+template <int BS>
+void q4_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out) {
+    const auto* Q = static_cast<const uint8_t*>(v.w);
+    const auto* S = static_cast<const uint16_t*>(v.scale);
+    const int64_t cols = v.cols, nb = cols / 32, np = nb / 2, ng = A.ngroups, rb = cols / 2;
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i pidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    // the group's 8 block scales (BS 32) or its 2 (BS 128: blocks 0-3, 4-7) in lane order
+    const __m256i gidx = BS == 32 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7) : _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+    const uint8_t* xr = A.unit(i0, 0);
+    const uint8_t* xg = A.group(i0, 0);
+    for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wq = Q + r * rb;
+        const uint16_t* ws = S + r * (cols / BS);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        auto pairv = [&](int64_t p) EDGELM_INLINE_LAMBDA {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p));
+            const __m256i lo = _mm256_and_si256(wv, m0f);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m0f);
+            const uint8_t* un = xr + 128 * p;
+            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
+            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
+#if defined(EDGELM_VNNI)
+            return dpbusd(dpbusd(_mm256_setzero_si256(), lo, xa), hi, xb);
+#else
+            return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb)),
+                                     ones);
+#endif
+        };
+        auto group = [&](int64_t g, __m256& acc) EDGELM_INLINE_LAMBDA {
+            _mm_prefetch(reinterpret_cast<const char*>(wq + 128 * g + kGemvPrefetch), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wq + 128 * g + kGemvPrefetch + 64), _MM_HINT_T0);
+            const __m256i h01 = _mm256_hadd_epi32(pairv(4 * g), pairv(4 * g + 1));
+            const __m256i h23 = _mm256_hadd_epi32(pairv(4 * g + 2), pairv(4 * g + 3));
+            const uint8_t* gr = xg + 64 * g;
+            const __m256i h = _mm256_sub_epi32(_mm256_hadd_epi32(h01, h23),
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gr + 32)));
+            __m256 dw;
+            if (BS == 32) {
+                dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + 8 * g)));
+            } else {
+                int32_t two;
+                std::memcpy(&two, ws + 2 * g, 4);
+                dw = _mm256_cvtph_ps(_mm_set1_epi32(two));
+            }
+            const __m256 d = _mm256_mul_ps(_mm256_permutevar8x32_ps(dw, gidx),
+                                           _mm256_loadu_ps(reinterpret_cast<const float*>(gr)));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), d, acc);
+        };
+        int64_t g = 0;
+        for (; g + 2 <= ng; g += 2) {
+            group(g, acc0);
+            group(g + 1, acc1);
+        }
+        if (g < ng) group(g, acc0);
+        auto tail = [&](__m256i s32, __m256 dw, int64_t p) EDGELM_INLINE_LAMBDA {
+            const uint8_t* un = xr + 128 * p;
+            s32 = _mm256_sub_epi32(s32, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 96)));
+            const __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps(reinterpret_cast<const float*>(un + 64)));
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc1);
+        };
+        for (int64_t p = 4 * ng; p < np; ++p) {
+            __m256 dw;
+            if (BS == 32) {
+                int32_t two;
+                std::memcpy(&two, ws + 2 * p, 4);
+                dw = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)), pidx);
+            } else {
+                dw = _mm256_set1_ps(_cvtsh_ss(ws[(64 * p) / BS]));
+            }
+            tail(pairv(p), dw, p);
+        }
+        if (nb & 1) {  // the last block alone: the high half of its pair unit is zero
+            const __m256i wv = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 32 * np)));
+            const __m256i lo = _mm256_and_si256(wv, m0f);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m0f);
+            const uint8_t* un = xr + 128 * np;
+            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
+            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
+#if defined(EDGELM_VNNI)
+            const __m256i s32 = dpbusd(dpbusd(_mm256_setzero_si256(), lo, xa), hi, xb);
+#else
+            const __m256i s32 = _mm256_madd_epi16(
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb)), ones);
+#endif
+            tail(s32, _mm256_set1_ps(_cvtsh_ss(ws[(64 * np) / BS])), np);
+        }
+        out[r] = hsum8(_mm256_add_ps(acc0, acc1));
+    }
+}
+
 // int4 (BS = 32 or 128), pair layout. NX activation rows from i0.
 template <int BS, int NX>
 void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
     constexpr int NACC = NX <= 2 ? 2 : 1;
     const auto* Q = static_cast<const uint8_t*>(v.w);
     const auto* S = static_cast<const uint16_t*>(v.scale);
+    if constexpr (NX == 1) {
+        q4_gemv<BS>(v, r0, r1, A, i0, out);
+        return;
+    }
     const int64_t cols = v.cols, nb = cols / 32, np = nb / 2;
     const __m256i m0f = _mm256_set1_epi8(0x0f);
     [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const __m256i pidx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     const uint8_t* xr[NX];
     for (int i = 0; i < NX; ++i) xr[i] = A.unit(i0 + i, 0);
-    const int64_t ahead_rows = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, cols / 2));
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* wq = Q + r * (cols / 2);
         const uint16_t* ws = S + r * (cols / BS);
-        if (NX == 1 && r + ahead_rows < r1) prefetch_bytes(wq + ahead_rows * (cols / 2), cols / 2);
         __m256 acc[NX][NACC];
         for (int i = 0; i < NX; ++i)
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
@@ -288,10 +403,8 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
         xq[i] = A.q(i0 + i);
         xd[i] = A.d(i0 + i);
     }
-    const int64_t ahead_rows = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, cols));
     for (int64_t r = r0; r < r1; ++r) {
         const int8_t* wq = Q + r * cols;
-        if (NX == 1 && r + ahead_rows < r1) prefetch_bytes(wq + ahead_rows * cols, cols);
         __m256 acc[NX][NACC];
         for (int i = 0; i < NX; ++i)
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
@@ -315,6 +428,9 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
         int64_t b = 0;
         if (NACC == 2)
             for (; b + 2 <= nb; b += 2) {
+                // GEMV: a steady prefetch along the thread's contiguous rows, one line per 64 B
+                // (a whole row ahead at each row's start came in bursts: 0.7x at 6912 columns)
+                if (NX == 1) _mm_prefetch(reinterpret_cast<const char*>(wq + 32 * b + kGemvPrefetch), _MM_HINT_T0);
                 blk(b, 0);
                 blk(b + 1, NACC - 1);
             }
@@ -773,8 +889,10 @@ inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
     A.nbt = (cols + 31) / 32;
     A.gemm = packed_gemm_applies(scheme, n);
     A.pairs = !A.gemm && q_kernels(scheme).pairs;
+    A.ngroups = 0;
     if (A.pairs) {
-        A.stride = 128 * ((A.nb + 1) / 2);
+        A.ngroups = A.nb / 8;
+        A.stride = 128 * ((A.nb + 1) / 2) + 64 * A.ngroups;
     } else {
         A.stride = A.nbt * (32 + 4 + 4);
         A.stride = (A.stride + 63) & ~int64_t(63);
