@@ -143,3 +143,39 @@ def test_bad_input_is_rejected(bundles):
     with pytest.raises(ValueError, match="no blocks"):
         ops._m.Gemma3Blocks([], hid, 4, 2, hd, 8, 6, 1e-6, 1.0, 0.0)
     assert np.all(filled == 0)  # nothing ran
+
+
+def test_phase_clock_counts_every_phase(bundles):
+    """set_phase_timing(1) times each phase of the fused blocks (microbench.py decode-phases):
+    one call per block and phase, the products' weight bytes, the filled K/V bytes for
+    attention; nothing is counted while it is off."""
+    e = Engine(bundles["int4-b32"], max_tokens=64, kv_dtype="f16")
+    m = e.ops._m
+    s = e.create_session({"temperature": 0.0})
+    s.prefill([5, 9, 13])
+    m.phase_times(True)
+    s.decode_step(21)
+    assert all(v == (0.0, 0, 0) for v in m.phase_times(True).values())
+    m.set_phase_timing(1)
+    try:
+        s.decode_step(22)
+    finally:
+        m.set_phase_timing(0)
+    ph = m.phase_times(True)
+    cfg, blocks = e.config, e.weights.layers
+    nl = cfg.num_layers
+    assert set(ph) == {"qkv", "norm_rope_cache", "attention", "o", "add_norm_attn", "gate_up", "down", "add_norm_ffn"}
+    assert all(calls == nl and sec >= 0 for sec, calls, _ in ph.values())
+
+    def wbytes(t):  # data + scales, as the kernels read them
+        return sum(a.nbytes for a in native._weight_parts(t)[:2] if a is not None)
+
+    assert ph["qkv"][2] == sum(wbytes(b.q) + wbytes(b.k) + wbytes(b.v) for b in blocks)
+    assert ph["o"][2] == sum(wbytes(b.o) for b in blocks)
+    assert ph["gate_up"][2] == sum(wbytes(b.gate) + wbytes(b.up) for b in blocks)
+    assert ph["down"][2] == sum(wbytes(b.down) for b in blocks)
+    kvd = cfg.num_kv_heads * cfg.head_dim
+    filled = [c.filled for c in s.caches]  # the slots attention read, this step's included
+    assert filled == [5] * nl
+    assert ph["attention"][2] == sum(2 * f * kvd * 2 for f in filled)
+    assert ph["norm_rope_cache"][2] == 0
