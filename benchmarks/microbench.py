@@ -391,7 +391,8 @@ def cmd_gemv_native(a) -> None:
     """The one-row qd8 GEMV straight on the kernel headers (benchmarks/native/gemvbench.cpp,
     compiled here with g++ and the avx2 build's flags) at L2, L3 and DRAM sizes. With --base
     REV the same program is also compiled against edgelm/_native at that git revision, and the
-    two run alternately, --rounds times; --prefetch compiles one variant per distance."""
+    two run alternately, --rounds times; --prefetch compiles one variant per distance;
+    --busy-cpu N keeps a spinning process on CPU N meanwhile (a tenant taking one vCPU)."""
     root = Path(__file__).resolve().parent.parent
     src = root / "benchmarks" / "native" / "gemvbench.cpp"
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
@@ -413,22 +414,34 @@ def cmd_gemv_native(a) -> None:
                            check=True)
             exes.append(("now" + (f" prefetch {pf}" if pf else ""), exe))
         names = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}
-        for scheme in a.schemes:
-            for cols in a.cols:
-                for threads in a.threads:
-                    res: dict[str, list[list[float]]] = {n: [] for n, _ in exes}
-                    for _ in range(a.rounds):
-                        for name, exe in exes:
-                            out = subprocess.run([str(exe), str(scheme), str(threads), str(cols)], check=True,
-                                                 capture_output=True, text=True).stdout
-                            res[name].append([float(line.split()[4]) for line in out.splitlines()])
-                    print(f"{names[scheme]} cols {cols}, {threads} thread(s): GB/s at L2 / L3 / DRAM sizes, "
-                          f"median (min-max) of {a.rounds}")
-                    for name, v in res.items():
-                        arr = np.array(v)
-                        cells = "  ".join(f"{np.median(arr[:, j]):5.1f} ({arr[:, j].min():.1f}-{arr[:, j].max():.1f})"
-                                          for j in range(arr.shape[1]))
-                        print(f"  {name:24s} {cells}")
+        busy = None
+        if a.busy_cpu is not None:  # another tenant: a spinning process pinned to one CPU
+            busy = subprocess.Popen(["taskset", "-c", str(a.busy_cpu), sys.executable, "-c", "while True: pass"])
+        try:
+            _gemv_native_runs(a, exes, names)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+
+
+def _gemv_native_runs(a, exes, names) -> None:
+    for scheme in a.schemes:
+        for cols in a.cols:
+            for threads in a.threads:
+                res: dict[str, list[list[float]]] = {n: [] for n, _ in exes}
+                for _ in range(a.rounds):
+                    for name, exe in exes:
+                        out = subprocess.run([str(exe), str(scheme), str(threads), str(cols)], check=True,
+                                             capture_output=True, text=True).stdout
+                        res[name].append([float(line.split()[4]) for line in out.splitlines()])
+                print(f"{names[scheme]} cols {cols}, {threads} thread(s): GB/s at L2 / L3 / DRAM sizes, "
+                      f"median (min-max) of {a.rounds}")
+                for name, v in res.items():
+                    arr = np.array(v)
+                    cells = "  ".join(f"{np.median(arr[:, j]):5.1f} ({arr[:, j].min():.1f}-{arr[:, j].max():.1f})"
+                                      for j in range(arr.shape[1]))
+                    print(f"  {name:24s} {cells}")
 
 
 def cmd_ab_module(a) -> None:
@@ -632,6 +645,7 @@ def main() -> int:
     p.add_argument("--cols", type=lambda v: [int(x) for x in v.split(",")], default=[1152, 6912])
     p.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--busy-cpu", type=int, help="run a spinning process pinned to this CPU meanwhile")
     p = sub.add_parser("ab-module")
     p.add_argument("old_so")
     p.add_argument("bundle")

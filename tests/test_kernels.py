@@ -384,6 +384,44 @@ def test_threads_give_identical_results(kern, scheme):
             np.testing.assert_array_equal(y1, y2)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4-b32", "fp16"])
+def test_gemv_split_covers_every_row(kern, scheme):
+    """One-row products split each thread's range into chunks that idle threads take from
+    the back of the others' ranges (GemvSplit): with 3, 5 and 8 threads on this 2-core host
+    (so threads are descheduled mid-range and others take over their chunks), every output
+    row must be computed exactly once: bitwise the 1-thread results, for matmul, the fused
+    q/k/v product and the fused gate/up product, including fewer chunks than threads."""
+    blk = SCHEMES[scheme].block or 1
+    shapes = [(1031, 640), (7, 16384), (40, 4096)]
+    rng = np.random.default_rng(23)
+    before = kern.get_threads()
+    try:
+        for rows, cols in shapes:
+            cols = (cols // max(blk, 128)) * max(blk, 128)
+            t, t2 = qtensor(scheme, rows, cols, seed=1), qtensor(scheme, rows, cols, seed=2)
+            t3 = qtensor(scheme, 3, cols, seed=3)
+            x = rng.standard_normal((1, cols)).astype(np.float32)
+            res = {}
+            for threads in (1, 3, 5, 8):
+                kern.set_threads(threads)
+                got = []
+                for qd8 in (0, 1):
+                    got.append(kern.matmul(x, t, qd8=bool(qd8)))
+                    outs = [np.full((1, w.rows), np.nan, np.float32) for w in (t, t2, t3)]
+                    kern.module.matmul_multi(x, [wargs(w) for w in (t, t2, t3)], outs, qd8)
+                    got.extend(outs)
+                    out, tmp = np.full((1, rows), np.nan, np.float32), np.full((1, rows), np.nan, np.float32)
+                    kern.module.matmul_gelu_mul(x, wargs(t), wargs(t2), out, tmp, qd8)
+                    got.extend([out, tmp])
+                res[threads] = got
+            for threads in (3, 5, 8):
+                for a, b in zip(res[1], res[threads]):
+                    assert not np.isnan(b).any()
+                    np.testing.assert_array_equal(a, b, err_msg=f"{scheme} {rows}x{cols} threads={threads}")
+    finally:
+        kern.set_threads(before)
+
+
 def test_pool_oversubscribed_many_small_jobs(kern):
     """More pool threads than cores and thousands of short jobs from several Python threads:
     every result is exact, and no job waits for (or is run by) a worker of another job."""

@@ -7,6 +7,7 @@
 // bitwise equal to separate matmul calls with the same qd8 choice.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "kernels.h"
@@ -28,6 +29,23 @@ inline void run_row_tasks(const WView* Ws, int nw, int64_t n, int64_t band_of_w0
     std::vector<RowTask> tasks;
     double work = 0;
     const int wmax = band_of_w0_only ? 1 : nw;
+    if (n == 1) {  // decode: per weight, T parts with tail stealing (GemvSplit)
+        std::vector<std::unique_ptr<GemvSplit>> splits;
+        for (int j = 0; j < wmax; ++j) {
+            int64_t rb = 0;
+            for (int k = band_of_w0_only ? 0 : j; k < (band_of_w0_only ? nw : j + 1); ++k)
+                rb += row_bytes(Ws[k].scheme, Ws[k].cols);  // gate + up rows go together
+            splits.emplace_back(new GemvSplit(Ws[j].rows, rb, static_cast<int>(T)));
+        }
+        for (int j = 0; j < nw; ++j) work += static_cast<double>(Ws[j].rows) * Ws[j].cols;
+        auto task = [&](int64_t t) {
+            const int j = static_cast<int>(t / T);
+            auto band = [&](int64_t r0, int64_t r1) { tile(j, r0, r1); };
+            splits[j]->run(static_cast<int>(t % T), band);
+        };
+        pool.run(wmax * T, task, work >= 65536.0);
+        return;
+    }
     for (int j = 0; j < wmax; ++j) {
         const int64_t chunk = band_rows(Ws[j], n, T);
         for (int64_t r0 = 0; r0 < Ws[j].rows; r0 += chunk) tasks.push_back({j, r0, std::min(Ws[j].rows, r0 + chunk)});

@@ -24,7 +24,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <memory>
 
 #include "simd.h"
 #include "threadpool.h"
@@ -229,6 +231,59 @@ inline int64_t band_rows(const WView& W, int64_t n, int64_t T) {
     return std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
 }
 
+// One-row products (decode) are bandwidth-bound, and each thread streams one contiguous
+// range of rows so that its reads form one long stream the prefetchers follow. With a fixed
+// split, whichever thread reads slower at the moment (this host's vCPUs do not get equal
+// memory rates) sets the time and the other waits. GemvSplit cuts each part's range into
+// chunks (<= 64 KB of weights, ~4+ per part, multiples of 8 rows); part p takes its own chunks front to back,
+// then takes chunks from the back of the other parts' ranges, one CAS per chunk on a word
+// per range (front | back). Every chunk is taken exactly once, and each row is computed by
+// the same micro-kernel whoever takes it, so results do not depend on the split.
+class GemvSplit {
+public:
+    static constexpr int64_t kChunkBytes = 64 * 1024;
+
+    GemvSplit(int64_t rows, int64_t bytes_per_row, int parts) : rows_(rows), parts_(std::max(1, parts)) {
+        chunk_ = std::max<int64_t>(1, std::min(kChunkBytes / std::max<int64_t>(1, bytes_per_row),
+                                               ceil_div(rows, 4 * static_cast<int64_t>(parts_))));
+        // Multiples of 8 rows: fused epilogues (gelu_mul_serial) take 8 rows per vector step and
+        // the rest in scalar code, so chunk edges at multiples of 8 keep results split-independent.
+        chunk_ = ceil_div(chunk_, 8) * 8;
+        const int64_t nch = ceil_div(rows, chunk_), per = ceil_div(nch, parts_);
+        slots_.reset(new Slot[static_cast<size_t>(parts_)]);
+        for (int p = 0; p < parts_; ++p)
+            slots_[p].s.store(pack(std::min(nch, p * per), std::min(nch, (p + 1) * per)), std::memory_order_relaxed);
+    }
+    int parts() const { return parts_; }
+
+    // Runs f(r0, r1) over part `part`'s chunks, then over chunks left in the other parts.
+    template <class F>
+    void run(int part, F& f) {
+        for (int k = 0; k < parts_; ++k) {
+            const int p = (part + k) % parts_;
+            for (int64_t c; (c = take(p, k == 0)) >= 0;) f(c * chunk_, std::min(rows_, (c + 1) * chunk_));
+        }
+    }
+
+private:
+    struct alignas(64) Slot {
+        std::atomic<uint64_t> s{0};
+    };
+    static uint64_t pack(int64_t f, int64_t b) { return static_cast<uint64_t>(f) | (static_cast<uint64_t>(b) << 32); }
+    int64_t take(int p, bool front) {
+        uint64_t s = slots_[p].s.load(std::memory_order_relaxed);
+        for (;;) {
+            const int64_t f = static_cast<int64_t>(s & 0xffffffffu), b = static_cast<int64_t>(s >> 32);
+            if (f >= b) return -1;
+            if (slots_[p].s.compare_exchange_weak(s, front ? pack(f + 1, b) : pack(f, b - 1), std::memory_order_relaxed))
+                return front ? f : b - 1;
+        }
+    }
+    int64_t rows_, chunk_ = 1;
+    int parts_;
+    std::unique_ptr<Slot[]> slots_;
+};
+
 // out[n, rows] = x[n, cols] @ W^T. Work is split over output rows. For n > 1, each task
 // owns a band of weight rows small enough to stay in L2 and sweeps all activation tiles
 // over it, so weights come from memory once per call.
@@ -238,6 +293,15 @@ inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
     ThreadPool& pool = ThreadPool::instance();
     const int64_t T = pool.threads();
     const int64_t rows = W.rows, cols = W.cols;
+    // Tiny problems are not worth waking the workers.
+    const bool parallel = static_cast<double>(n) * rows * cols >= 65536.0;
+    if (n == 1) {
+        GemvSplit split(rows, row_bytes(W.scheme, cols), static_cast<int>(T));
+        auto band = [&](int64_t r0, int64_t r1) { K.tile[1](W, r0, r1, x, cols, out, rows); };
+        auto task = [&](int64_t t) { split.run(static_cast<int>(t), band); };
+        pool.run(split.parts(), task, parallel);
+        return;
+    }
     const int64_t chunk = band_rows(W, n, T);
     const int64_t ntasks = ceil_div(rows, chunk);
     auto task = [&](int64_t t) {
@@ -247,8 +311,6 @@ inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
             K.tile[nx](W, r0, r1, x + i0 * cols, cols, out + i0 * rows, rows);
         }
     };
-    // Tiny problems are not worth waking the workers.
-    const bool parallel = static_cast<double>(n) * rows * cols >= 65536.0;
     pool.run(ntasks, task, parallel);
 }
 

@@ -919,13 +919,21 @@ inline void matmul_qd8(const WView& W, const float* x, int64_t n, float* out) {
     const int64_t rows = W.rows, cols = W.cols;
     QAct A;
     quantize_input(A, W.scheme, x, n, cols);
+    const bool parallel = static_cast<double>(n) * rows * cols >= 65536.0;
+    if (n == 1) {
+        GemvSplit split(rows, row_bytes(W.scheme, cols), static_cast<int>(T));
+        auto band = [&](int64_t r0, int64_t r1) { q_band(W, A, 1, r0, r1, out, rows); };
+        auto task = [&](int64_t t) { split.run(static_cast<int>(t), band); };
+        pool.run(split.parts(), task, parallel);
+        return;
+    }
     const int64_t chunk = band_rows(W, n, T);
     const int64_t ntasks = ceil_div(rows, chunk);
     auto task = [&](int64_t t) {
         const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
         q_band(W, A, n, r0, r1, out, rows);
     };
-    pool.run(ntasks, task, static_cast<double>(n) * rows * cols >= 65536.0);
+    pool.run(ntasks, task, parallel);
 }
 
 }  // namespace edgelm
