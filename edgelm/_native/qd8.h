@@ -208,6 +208,32 @@ EDGELM_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_add_epi32(pe, po));
 }
 #endif
+// The block scales of pair p (blocks 2p, 2p + 1) in the pair lanes: [d0 x4 | d1 x4] for
+// BS 32 (pidx = 0,0,0,0,1,1,1,1); BS 128: the one scale both blocks share, broadcast.
+template <int BS>
+EDGELM_INLINE __m256 pair_scales(const uint16_t* ws, int64_t p, __m256i pidx) {
+    if (BS == 32) {
+        int32_t two;
+        std::memcpy(&two, ws + 2 * p, 4);
+        return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)), pidx);
+    }
+    return _mm256_set1_ps(_cvtsh_ss(ws[(64 * p) / BS]));
+}
+
+// int32 lane sums of a block pair's nibbles wv (low nibbles: elements 0..15 of both
+// blocks, high: 16..31) with the pair unit's activations un ([xa 32][xb 32] bytes).
+EDGELM_INLINE __m256i pair_dot(__m256i wv, const uint8_t* un, __m256i m0f, [[maybe_unused]] __m256i ones) {
+    const __m256i lo = _mm256_and_si256(wv, m0f);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m0f);
+    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
+    const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
+#if defined(EDGELM_VNNI)
+    return dpbusd(dpbusd(_mm256_setzero_si256(), lo, xa), hi, xb);
+#else
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb)), ones);
+#endif
+}
+
 // Weights of a one-row GEMV are read once, so they are prefetched into L1 at a steady
 // distance along each thread's contiguous range (rows are contiguous), one line per 64
 // bytes consumed. (Until session 6 each row prefetched a whole row ~2.5 KB ahead at its
@@ -242,18 +268,8 @@ void q4_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
         const uint16_t* ws = S + r * (cols / BS);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         auto pairv = [&](int64_t p) EDGELM_INLINE_LAMBDA {
-            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p));
-            const __m256i lo = _mm256_and_si256(wv, m0f);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m0f);
-            const uint8_t* un = xr + 128 * p;
-            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
-            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
-#if defined(EDGELM_VNNI)
-            return dpbusd(dpbusd(_mm256_setzero_si256(), lo, xa), hi, xb);
-#else
-            return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb)),
-                                     ones);
-#endif
+            return pair_dot(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p)), xr + 128 * p, m0f,
+                            ones);
         };
         auto group = [&](int64_t g, __m256& acc) EDGELM_INLINE_LAMBDA {
             _mm_prefetch(reinterpret_cast<const char*>(wq + 128 * g + kGemvPrefetch), _MM_HINT_T0);
@@ -287,31 +303,10 @@ void q4_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
             const __m256 d = _mm256_mul_ps(dw, _mm256_loadu_ps(reinterpret_cast<const float*>(un + 64)));
             acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc1);
         };
-        for (int64_t p = 4 * ng; p < np; ++p) {
-            __m256 dw;
-            if (BS == 32) {
-                int32_t two;
-                std::memcpy(&two, ws + 2 * p, 4);
-                dw = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)), pidx);
-            } else {
-                dw = _mm256_set1_ps(_cvtsh_ss(ws[(64 * p) / BS]));
-            }
-            tail(pairv(p), dw, p);
-        }
+        for (int64_t p = 4 * ng; p < np; ++p) tail(pairv(p), pair_scales<BS>(ws, p, pidx), p);
         if (nb & 1) {  // the last block alone: the high half of its pair unit is zero
             const __m256i wv = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 32 * np)));
-            const __m256i lo = _mm256_and_si256(wv, m0f);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m0f);
-            const uint8_t* un = xr + 128 * np;
-            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un));
-            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(un + 32));
-#if defined(EDGELM_VNNI)
-            const __m256i s32 = dpbusd(dpbusd(_mm256_setzero_si256(), lo, xa), hi, xb);
-#else
-            const __m256i s32 = _mm256_madd_epi16(
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb)), ones);
-#endif
-            tail(s32, _mm256_set1_ps(_cvtsh_ss(ws[(64 * np) / BS])), np);
+            tail(pair_dot(wv, xr + 128 * np, m0f, ones), _mm256_set1_ps(_cvtsh_ss(ws[(64 * np) / BS])), np);
         }
         out[r] = hsum8(_mm256_add_ps(acc0, acc1));
     }
@@ -359,16 +354,7 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
             }
         };
         auto pair = [&](int64_t p, int a) EDGELM_INLINE_LAMBDA {
-            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p));
-            __m256 dw;
-            if (BS == 32) {
-                int32_t two;
-                std::memcpy(&two, ws + 2 * p, 4);
-                dw = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)), pidx);
-            } else {
-                dw = _mm256_set1_ps(_cvtsh_ss(ws[(64 * p) / BS]));
-            }
-            step(wv, dw, p, a);
+            step(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p)), pair_scales<BS>(ws, p, pidx), p, a);
         };
         // Accumulator indices must be compile-time constants (a runtime index spills them).
         int64_t p = 0;
