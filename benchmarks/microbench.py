@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Small measurements behind docs/kernels.md's session-3 to session-5 figures. Not part of the test suite.
+"""Small measurements behind docs/kernels.md's session-3 to session-6 figures. Not part of the test suite.
 
     python benchmarks/microbench.py smt                 # do the 2 vCPUs share one core's SIMD units?
     python benchmarks/microbench.py attention           # prefill/decode attention, 1 and 2 threads
