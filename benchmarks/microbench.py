@@ -401,8 +401,10 @@ def cmd_gemv_native(a) -> None:
         if a.base:
             old = Path(d) / "base"
             old.mkdir()
-            arc = subprocess.run(["git", "-C", str(root), "archive", a.base, "edgelm/_native"], check=True,
-                                 capture_output=True).stdout
+            got = subprocess.run(["git", "-C", str(root), "archive", a.base, "edgelm/_native"], capture_output=True)
+            if got.returncode != 0:
+                raise SystemExit(f"gemv-native: --base {a.base}: {got.stderr.decode(errors='replace').strip()}")
+            arc = got.stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=arc, check=True)
             exe = Path(d) / "gemv_base"
             subprocess.run(["g++", *flags, "-I", str(old / "edgelm" / "_native"), "-o", str(exe), str(src)], check=True)
@@ -455,6 +457,10 @@ def cmd_ab_module(a) -> None:
     from edgelm.runtime.engine import Engine
 
     name = Path(a.old_so).name.split(".")[0]
+    if not Path(a.old_so).is_file() or not name.startswith("_kern_"):
+        raise SystemExit(f"ab-module: {a.old_so}: not a kernel module file (_kern_<isa>.*.so)")
+    if not Path(a.bundle).is_file():
+        raise SystemExit(f"ab-module: {a.bundle}: no such bundle")
     spec = importlib.util.spec_from_file_location(name, a.old_so)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
