@@ -260,7 +260,7 @@ def test_packed_gemm_against_tiles(kern, scheme):
     assert m.get_packed_gemm() == 1
     try:
         for cols in cols_list:
-            for rows in (3, 8, 17, 70):
+            for rows in (3, 8, 17, 24, 70, 130):
                 t = qtensor(scheme, rows, cols)
                 W = t.dequantize().astype(np.float64)
                 for n in (15, 16, 17, 40):
@@ -280,6 +280,15 @@ def test_packed_gemm_against_tiles(kern, scheme):
                     tol = 2 * k * u / (1 - k * u) * (np.abs(qd8_activations(x)) @ np.abs(W).T) + 1e-30
                     assert np.all(np.abs(y.astype(np.float64) - y0) <= tol), (scheme, cols, rows, n)
                     assert np.all(y[1] == 0)
+        # int4 packs 16 weight rows at a time (two groups of 8) and a last group of 8 alone:
+        # an output row's value does not depend on which grouping computed it
+        if m.packed_gemm_built() and scheme.startswith("int4"):
+            cols = cols_list[-1]
+            w = rng.standard_normal((24, cols)).astype(np.float32)
+            x = rng.standard_normal((20, cols)).astype(np.float32)
+            y = kern.matmul(x, quantize(w, scheme), qd8=True)  # rows 0-15: two groups; 16-23: one group
+            y2 = kern.matmul(x, quantize(w[8:], scheme), qd8=True)  # rows 8-23 as one pair of groups
+            np.testing.assert_array_equal(y[:, 8:], y2)
     finally:
         m.set_packed_gemm(1)
     with pytest.raises(ValueError, match="set_packed_gemm"):

@@ -223,12 +223,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Output rows per task. GEMV (n = 1): one contiguous range per thread, so each thread's
 // reads form one long stream the hardware prefetcher follows. GEMM: a band of weight rows
-// small enough to stay in L2 while every activation tile sweeps over it.
+// small enough to stay in L2 while every activation tile sweeps over it, in whole 16-row
+// groups (the packed int4 GEMM packs two groups of 8 at a time).
 inline int64_t band_rows(const WView& W, int64_t n, int64_t T) {
     if (n == 1) return std::max<int64_t>(16, ceil_div(W.rows, T));
     constexpr int64_t kL2Band = 160 * 1024;
     const int64_t chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, W.cols)));
-    return std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
+    const int64_t c = std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
+    return (c + 15) & ~int64_t(15);  // whole 16-row groups for the packed int4 GEMM
 }
 
 // One-row products (decode) are bandwidth-bound, and each thread streams one contiguous

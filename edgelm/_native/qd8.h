@@ -648,55 +648,76 @@ EDGELM_INLINE __m256i bcast4(const int8_t* p) {
     return _mm256_set1_epi32(v);
 }
 
-// out[i, 0..8) for activation rows i0..i0+NX of A (gemm layout) against one packed group.
-template <int NX>
-inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t nb, const QAct& A, int64_t i0, float* out,
-                         int64_t ldo) {
+// out[i, 8g..8g+8) for activation rows i0..i0+NX of A (gemm layout) against G packed groups
+// of 8 weight rows each (group g at pw + g * gs, its scales at dw + g * ds). Two groups with
+// three rows (the default) share each activation broadcast between two vpmaddubsw: measured
+// 1.2x over one group with six rows, in L1 (docs/kernels.md, "Session 7"). Every output's
+// float accumulation is the same sequence of operations for any G, so results do not depend
+// on the grouping.
+template <int G, int NX>
+inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t gs, int64_t ds, int64_t nb, const QAct& A,
+                         int64_t i0, float* out, int64_t ldo) {
     [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const int8_t* xq[NX];
     const float* xd[NX];
     const float* xc[NX];
-    __m256 acc[NX];
+    __m256 acc[NX][G];
     for (int i = 0; i < NX; ++i) {
         xq[i] = A.q(i0 + i);
         xd[i] = A.d(i0 + i);
         xc[i] = A.c(i0 + i);
-        acc[i] = _mm256_setzero_ps();
+        for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* wb = pw + 256 * b;
-        __m256i s[NX];
+        __m256i s[NX][G];
 #if defined(EDGELM_VNNI)
-        for (int i = 0; i < NX; ++i) s[i] = _mm256_setzero_si256();
+        for (int i = 0; i < NX; ++i)
+            for (int g = 0; g < G; ++g) s[i][g] = _mm256_setzero_si256();
         for (int k = 0; k < 8; ++k) {
-            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * k));
+            __m256i w[G];
+            for (int g = 0; g < G; ++g) w[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + g * gs + 32 * k));
             for (int i = 0; i < NX; ++i) {
-                s[i] = dpbusd(s[i], w, bcast4(xq[i] + 32 * b + 4 * k));
-                EDGELM_PIN(s[i]);
+                const __m256i x = bcast4(xq[i] + 32 * b + 4 * k);
+                for (int g = 0; g < G; ++g) {
+                    s[i][g] = dpbusd(s[i][g], w[g], x);
+                    EDGELM_PIN(s[i][g]);
+                }
             }
         }
 #else
         {
-            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb));
-            for (int i = 0; i < NX; ++i) s[i] = _mm256_maddubs_epi16(w, bcast4(xq[i] + 32 * b));
-        }
-        for (int k = 1; k < 8; ++k) {
-            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * k));
+            __m256i w[G];
+            for (int g = 0; g < G; ++g) w[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + g * gs));
             for (int i = 0; i < NX; ++i) {
-                s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(w, bcast4(xq[i] + 32 * b + 4 * k)));
-                EDGELM_PIN(s[i]);
+                const __m256i x = bcast4(xq[i] + 32 * b);
+                for (int g = 0; g < G; ++g) s[i][g] = _mm256_maddubs_epi16(w[g], x);
             }
         }
-        for (int i = 0; i < NX; ++i) s[i] = _mm256_madd_epi16(s[i], ones);
+        for (int k = 1; k < 8; ++k) {
+            __m256i w[G];
+            for (int g = 0; g < G; ++g) w[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + g * gs + 32 * k));
+            for (int i = 0; i < NX; ++i) {
+                const __m256i x = bcast4(xq[i] + 32 * b + 4 * k);
+                for (int g = 0; g < G; ++g) {
+                    s[i][g] = _mm256_add_epi16(s[i][g], _mm256_maddubs_epi16(w[g], x));
+                    EDGELM_PIN(s[i][g]);
+                }
+            }
+        }
+        for (int i = 0; i < NX; ++i)
+            for (int g = 0; g < G; ++g) s[i][g] = _mm256_madd_epi16(s[i][g], ones);
 #endif
-        const __m256 d = _mm256_load_ps(dw + 8 * b);
         for (int i = 0; i < NX; ++i) {
-            const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s[i]),
-                                             _mm256_broadcast_ss(xd[i] + b), _mm256_broadcast_ss(xc[i] + b));
-            acc[i] = _mm256_fmadd_ps(t, d, acc[i]);
+            const __m256 xdv = _mm256_broadcast_ss(xd[i] + b), xcv = _mm256_broadcast_ss(xc[i] + b);
+            for (int g = 0; g < G; ++g) {
+                const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s[i][g]), xdv, xcv);
+                acc[i][g] = _mm256_fmadd_ps(t, _mm256_load_ps(dw + g * ds + 8 * b), acc[i][g]);
+            }
         }
     }
-    for (int i = 0; i < NX; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);
+    for (int i = 0; i < NX; ++i)
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + i * ldo + 8 * g, acc[i][g]);
 }
 
 // int8 weights (per-row or b32), packed the same way: vector 8b+k holds the signed bytes of
@@ -793,15 +814,28 @@ inline void q8_gemm_tile(const uint8_t* pw, const float* dw, int64_t nbt, const 
     for (int i = 0; i < NX; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);
 }
 
-using GemmTileFn = void (*)(const uint8_t*, const float*, int64_t, const QAct&, int64_t, float*, int64_t);
-template <int K, int... I>  // K: 0 = int4, 1 = int8 per-row, 2 = int8-b32
-constexpr std::array<GemmTileFn, sizeof...(I) + 1> gemm_tiles(std::integer_sequence<int, I...>) {
-    if constexpr (K == 0)
-        return {nullptr, &q4_gemm_tile<I + 1>...};
-    else
-        return {nullptr, &q8_gemm_tile<K == 1, I + 1>...};
+// Every packed tile takes (pw, dw, gs, ds, nb, A, i0, out, ldo); gs / ds are the strides of a
+// second packed group (bytes / floats), read only by the two-group int4 tile.
+using GemmTileFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, int64_t, const QAct&, int64_t, float*,
+                            int64_t);
+template <bool ROWSCALE, int NX>
+inline void q8_gemm_tile_g(const uint8_t* pw, const float* dw, int64_t, int64_t, int64_t nbt, const QAct& A,
+                           int64_t i0, float* out, int64_t ldo) {
+    q8_gemm_tile<ROWSCALE, NX>(pw, dw, nbt, A, i0, out, ldo);
 }
+template <int K, int... I>  // K: 0 = int4 one group, 1 = int8 per-row, 2 = int8-b32, 3 = int4 two groups
+constexpr std::array<GemmTileFn, kGemmNX + 1> gemm_tiles(std::integer_sequence<int, I...>) {
+    if constexpr (K == 0)
+        return {nullptr, &q4_gemm_tile<1, I + 1>...};
+    else if constexpr (K == 3)
+        return {nullptr, &q4_gemm_tile<2, I + 1>..., nullptr, nullptr, nullptr};
+    else
+        return {nullptr, &q8_gemm_tile_g<K == 1, I + 1>...};
+}
+constexpr int kGemmNX2 = 3;  // rows per two-group int4 tile (2 x 3 x 2 accumulators + 2 weights + 1 broadcast)
+static_assert(kGemmNX == kGemmNX2 + 3, "the two-group table pads kGemmNX - kGemmNX2 entries");
 inline constexpr auto kQ4GemmTiles = gemm_tiles<0>(std::make_integer_sequence<int, kGemmNX>{});
+inline constexpr auto kQ4Gemm2Tiles = gemm_tiles<3>(std::make_integer_sequence<int, kGemmNX2>{});
 inline constexpr auto kQ8RowGemmTiles = gemm_tiles<1>(std::make_integer_sequence<int, kGemmNX>{});
 inline constexpr auto kQ8B32GemmTiles = gemm_tiles<2>(std::make_integer_sequence<int, kGemmNX>{});
 
@@ -812,33 +846,47 @@ inline uint8_t* pack_buffer(size_t bytes) {
     return reinterpret_cast<uint8_t*>((p + 63) & ~uintptr_t(63));
 }
 
-// Rows [r0, r1) of W for all n activation rows of A (gemm layout).
+// Rows [r0, r1) of W for all n activation rows of A (gemm layout). int4 packs 16 rows (two
+// groups) at a time for the two-group tiles; a last group of 8 or fewer rows alone takes the
+// one-group tiles; int8 packs 8.
 inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nbt = (W.cols + 31) / 32;
-    uint8_t* pw = pack_buffer(static_cast<size_t>(nbt) * (256 + 32));
-    float* dw = reinterpret_cast<float*>(pw + nbt * 256);
-    const auto& tiles = W.scheme == kINT8 ? kQ8RowGemmTiles : W.scheme == kINT8B32 ? kQ8B32GemmTiles : kQ4GemmTiles;
-    for (int64_t g = r0; g < r1; g += 8) {
-        const int nr = static_cast<int>(std::min<int64_t>(8, r1 - g));
-        switch (W.scheme) {
-            case kINT8: q8_pack8<true>(W, g, nr, pw, dw); break;
-            case kINT8B32: q8_pack8<false>(W, g, nr, pw, dw); break;
-            case kINT4B32: q4_pack8<32>(W, g, nr, pw, dw); break;
-            default: q4_pack8<128>(W, g, nr, pw, dw); break;
+    const int64_t gs = nbt * 256, ds = nbt * 8;
+    uint8_t* pw = pack_buffer(static_cast<size_t>(nbt) * 2 * (256 + 32));
+    float* dw = reinterpret_cast<float*>(pw + 2 * gs);
+    const bool int4 = W.scheme == kINT4B32 || W.scheme == kINT4B128;
+    const int64_t step = int4 ? 16 : 8;
+    for (int64_t g = r0; g < r1; g += step) {
+        const int nr = static_cast<int>(std::min<int64_t>(step, r1 - g));
+        const int G = nr > 8 ? 2 : 1;
+        for (int h = 0; h < G; ++h) {
+            const int64_t gr = g + 8 * h;
+            const int hr = std::min(8, nr - 8 * h);
+            switch (W.scheme) {
+                case kINT8: q8_pack8<true>(W, gr, hr, pw, dw); break;
+                case kINT8B32: q8_pack8<false>(W, gr, hr, pw, dw); break;
+                case kINT4B32: q4_pack8<32>(W, gr, hr, pw + h * gs, dw + h * ds); break;
+                default: q4_pack8<128>(W, gr, hr, pw + h * gs, dw + h * ds); break;
+            }
         }
+        const auto& tiles = W.scheme == kINT8 ? kQ8RowGemmTiles
+                            : W.scheme == kINT8B32 ? kQ8B32GemmTiles
+                            : G == 2 ? kQ4Gemm2Tiles : kQ4GemmTiles;
+        const int64_t maxnx = G == 2 ? kGemmNX2 : kGemmNX;
+        const bool full = nr == 8 * G;
         for (int64_t i0 = 0; i0 < n;) {
-            // tiles of kGemmNX rows; a short remainder is shared with the tile before it
-            // (n = 128: 20 tiles of 6 and 2 of 4, not 21 of 6 and 1 of 2)
+            // tiles of maxnx rows; a short remainder is shared with the tile before it
+            // (n = 128, maxnx 6: 20 tiles of 6 and 2 of 4, not 21 of 6 and 1 of 2)
             int64_t left = n - i0;
-            int nx = static_cast<int>(left > 2 * kGemmNX || left == kGemmNX ? kGemmNX
-                                      : left > kGemmNX ? (left + 1) / 2 : left);
-            float tmp[kGemmNX * 8];
-            float* o = nr == 8 ? out + i0 * ldo + g : tmp;
-            const int64_t lo = nr == 8 ? ldo : 8;
-            tiles[nx](pw, dw, nbt, A, i0, o, lo);
-            if (nr < 8)
+            int nx = static_cast<int>(left > 2 * maxnx || left == maxnx ? maxnx
+                                      : left > maxnx ? (left + 1) / 2 : left);
+            float tmp[kGemmNX * 8];  // kGemmNX * 8 >= kGemmNX2 * 16
+            float* o = full ? out + i0 * ldo + g : tmp;
+            const int64_t lo = full ? ldo : 8 * G;
+            tiles[nx](pw, dw, gs, ds, nbt, A, i0, o, lo);
+            if (!full)
                 for (int i = 0; i < nx; ++i)
-                    for (int j = 0; j < nr; ++j) out[(i0 + i) * ldo + g + j] = tmp[i * 8 + j];
+                    for (int j = 0; j < nr; ++j) out[(i0 + i) * ldo + g + j] = tmp[i * 8 * G + j];
             i0 += nx;
         }
     }
