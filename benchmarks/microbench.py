@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Small measurements behind docs/kernels.md's session-3 to session-6 figures. Not part of the test suite.
+"""Small measurements behind docs/kernels.md's session-3 to session-7 figures. Not part of the test suite.
 
     python benchmarks/microbench.py smt                 # do the 2 vCPUs share one core's SIMD units?
     python benchmarks/microbench.py attention           # prefill/decode attention, 1 and 2 threads
@@ -16,6 +16,8 @@
     python benchmarks/microbench.py gemv1b              # int4 GEMVs at the 1B's layer shapes vs the probe
     python benchmarks/microbench.py decode-phases BUNDLE  # a decode token's time by block phase vs the probe
     python benchmarks/microbench.py gemv-native [--base REV]  # one-row GEMV kernels in C++, vs a git revision
+    python benchmarks/microbench.py gemm-native [--base REV]  # prefill-chunk GEMMs in C++, vs a git revision
+    python benchmarks/microbench.py prefill-phases BUNDLE     # a p512 prefill's time by block phase
     python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
@@ -387,6 +389,56 @@ def cmd_decode_phases(a) -> None:
         print(f"{k:38s} {np.median(sh):5.1f} ({sh.min():.1f}-{sh.max():.1f}) {b:>18s}")
 
 
+_NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
+
+
+def _native_base_exe(root: Path, src: Path, base: str, d: str, what: str) -> Path:
+    """Compiles `src` against edgelm/_native at git revision `base` (its headers only)."""
+    old = Path(d) / "base"
+    old.mkdir()
+    got = subprocess.run(["git", "-C", str(root), "archive", base, "edgelm/_native"], capture_output=True)
+    if got.returncode != 0:
+        raise SystemExit(f"{what}: --base {base}: {got.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=got.stdout, check=True)
+    exe = Path(d) / "bench_base"
+    subprocess.run(["g++", *_NATIVE_FLAGS, "-I", str(old / "edgelm" / "_native"), "-o", str(exe), str(src)],
+                   check=True)
+    return exe
+
+
+def cmd_prefill_phases(a) -> None:
+    """Where a 512-token prefill's time goes (chunks of 128), by phase of the fused blocks (the
+    native phase clock), in one process: rounds alternate between the clock off (the time
+    printed as "prefill") and on (the split), so the clock's own cost shows as their ratio."""
+    from edgelm.backends import native
+    from edgelm.runtime.engine import Engine
+
+    eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    m = native.kernels(eng.ops.isa).module
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    plain, timed, rows = [], [], {}
+    for r in range(2 * a.rounds):
+        s = eng.create_session({"temperature": 0.0})
+        m.phase_times(True)
+        m.set_phase_timing(r % 2)
+        try:
+            t = time.perf_counter()
+            s.prefill(ids)
+            dt = time.perf_counter() - t
+        finally:
+            m.set_phase_timing(0)
+        ph = m.phase_times(True)
+        (timed if r % 2 else plain).append(dt)
+        if r % 2:
+            for k, (sec, _calls, _b) in ph.items():
+                rows.setdefault(k, []).append(100 * sec / dt)
+            rows.setdefault("rest (embedding, head, Python)", []).append(100 * (dt - sum(v[0] for v in ph.values())) / dt)
+    print(f"prefill p512: {np.median(plain) * 1e3:.0f} ms (clock off), {np.median(timed) * 1e3:.0f} ms (clock on); "
+          f"medians of {a.rounds}")
+    for k, v in sorted(rows.items(), key=lambda kv: -np.median(kv[1])):
+        print(f"  {k:32s} {np.median(v):5.1f}% ({min(v):.1f}-{max(v):.1f})")
+
+
 def cmd_gemv_native(a) -> None:
     """The one-row qd8 GEMV straight on the kernel headers (benchmarks/native/gemvbench.cpp,
     compiled here with g++ and the avx2 build's flags) at L2, L3 and DRAM sizes. With --base
@@ -395,25 +447,15 @@ def cmd_gemv_native(a) -> None:
     --busy-cpu N keeps a spinning process on CPU N meanwhile (a tenant taking one vCPU)."""
     root = Path(__file__).resolve().parent.parent
     src = root / "benchmarks" / "native" / "gemvbench.cpp"
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
     with tempfile.TemporaryDirectory() as d:
         exes: list[tuple[str, Path]] = []
         if a.base:
-            old = Path(d) / "base"
-            old.mkdir()
-            got = subprocess.run(["git", "-C", str(root), "archive", a.base, "edgelm/_native"], capture_output=True)
-            if got.returncode != 0:
-                raise SystemExit(f"gemv-native: --base {a.base}: {got.stderr.decode(errors='replace').strip()}")
-            arc = got.stdout
-            subprocess.run(["tar", "-x", "-C", str(old)], input=arc, check=True)
-            exe = Path(d) / "gemv_base"
-            subprocess.run(["g++", *flags, "-I", str(old / "edgelm" / "_native"), "-o", str(exe), str(src)], check=True)
-            exes.append((f"base {a.base}", exe))
+            exes.append((f"base {a.base}", _native_base_exe(root, src, a.base, d, "gemv-native")))
         for pf in a.prefetch or [None]:
             exe = Path(d) / f"gemv_{pf}"
             extra = [f"-DEDGELM_GEMV_PREFETCH={pf}"] if pf else []
-            subprocess.run(["g++", *flags, *extra, "-I", str(root / "edgelm" / "_native"), "-o", str(exe), str(src)],
-                           check=True)
+            subprocess.run(["g++", *_NATIVE_FLAGS, *extra, "-I", str(root / "edgelm" / "_native"), "-o", str(exe),
+                            str(src)], check=True)
             exes.append(("now" + (f" prefetch {pf}" if pf else ""), exe))
         names = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}
         busy = None
@@ -425,6 +467,46 @@ def cmd_gemv_native(a) -> None:
             if busy is not None:
                 busy.kill()
                 busy.wait()
+
+
+def cmd_gemm_native(a) -> None:
+    """Prefill-chunk products (n = 128, the 270M's q/k/v, o, gate/up and down shapes) through
+    the packed GEMM, straight on the kernel headers (benchmarks/native/gemmbench.cpp, g++
+    with the avx2 build's flags). With --base REV the same program is also compiled against
+    edgelm/_native at that revision; the builds alternate, --rounds times, and the medians
+    of GMAC/s are printed with now / base per round."""
+    root = Path(__file__).resolve().parent.parent
+    src = root / "benchmarks" / "native" / "gemmbench.cpp"
+    names = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}
+    with tempfile.TemporaryDirectory() as d:
+        exes: list[tuple[str, Path]] = []
+        if a.base:
+            exes.append(("base", _native_base_exe(root, src, a.base, d, "gemm-native")))
+        exe = Path(d) / "gemm_now"
+        subprocess.run(["g++", *_NATIVE_FLAGS, "-I", str(root / "edgelm" / "_native"), "-o", str(exe), str(src)],
+                       check=True)
+        exes.append(("now", exe))
+        for scheme in a.schemes:
+            for threads in a.threads:
+                res: dict[str, list[list[float]]] = {n: [] for n, _ in exes}
+                shapes: list[str] = []
+                for _ in range(a.rounds):
+                    for name, e in exes:
+                        out = subprocess.run([str(e), str(scheme), str(threads)], check=True, capture_output=True,
+                                             text=True).stdout.splitlines()
+                        shapes = [line.split()[0] for line in out]
+                        res[name].append([float(line.split()[4]) for line in out])
+                print(f"{names[scheme]}, {threads} thread(s), n 128: GMAC/s, median (min-max) of {a.rounds}"
+                      + (f"; base = {a.base}" if a.base else ""))
+                now = np.array(res["now"])
+                for j, shape in enumerate(shapes):
+                    line = f"  {shape:8s} now {np.median(now[:, j]):6.1f} ({now[:, j].min():.1f}-{now[:, j].max():.1f})"
+                    if a.base:
+                        base = np.array(res["base"])
+                        r = now[:, j] / base[:, j]
+                        line += (f"  base {np.median(base[:, j]):6.1f}  now / base {np.median(r):.3f} "
+                                 f"({r.min():.3f}-{r.max():.3f})")
+                    print(line)
 
 
 def _gemv_native_runs(a, exes, names) -> None:
@@ -638,7 +720,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     for name in ("fused", "rss", "prefill", "decode-bound", "decode-prefetch", "capacity", "prefault",
-                 "decode-phases"):
+                 "decode-phases", "prefill-phases"):
         p = sub.add_parser(name)
         p.add_argument("bundle")
         p.add_argument("--threads", type=int, default=2)
@@ -652,6 +734,12 @@ def main() -> int:
     p.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--busy-cpu", type=int, help="run a spinning process pinned to this CPU meanwhile")
+    p = sub.add_parser("gemm-native")
+    p.add_argument("--base", help="a git revision to compare against (its edgelm/_native headers)")
+    p.add_argument("--schemes", type=lambda v: [int(x) for x in v.split(",")], default=[4, 5, 2],
+                   help="scheme ids: 2 int8, 3 int8-b32, 4 int4-b32, 5 int4-b128 (default 4,5,2)")
+    p.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("ab-module")
     p.add_argument("old_so")
     p.add_argument("bundle")
@@ -667,7 +755,8 @@ def main() -> int:
      "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b, "decode-prefetch": cmd_decode_prefetch,
      "capacity": cmd_capacity, "prefault": cmd_prefault, "perf-target": cmd_perf_target,
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
-     "gemv-native": cmd_gemv_native, "ab-module": cmd_ab_module}[a.cmd](a)
+     "prefill-phases": cmd_prefill_phases,
+     "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "ab-module": cmd_ab_module}[a.cmd](a)
     return 0
 
 

@@ -528,8 +528,8 @@ inline const QKernels& q_kernels(int scheme) {
 
 // ----------------------------------------------------------------------------- packed GEMM
 // For prefill-sized products (n >= kGemmMinN activation rows) the integer schemes take a
-// different route on AVX2. Each task packs 8 weight rows at a time into a small L1-resident
-// buffer, "row-interleaved": vector 8b+k holds, for each of the 8 rows j, the 4 weights of
+// different route on AVX2. Each task packs 8 weight rows at a time (int4: two such groups,
+// 16 rows, for the two-group tiles) into a small L1-resident buffer, "row-interleaved": vector 8b+k holds, for each of the 8 rows j, the 4 weights of
 // elements 4k..4k+3 of block b in bytes 4j..4j+3 (int4: the unsigned nibble values u), and
 // the 8 rows' block scales sit in one float vector per block. One vpmaddubsw of such a
 // vector with 4 broadcast activation bytes yields 32 MACs spread over 8 rows, so a block's
@@ -538,7 +538,8 @@ inline const QKernels& q_kernels(int scheme) {
 // once per row. int4: the 8 products of a block add up in int16 without saturating
 // (8 * 2 * 15 * 127 = 30480), then one vpmaddwd, and
 //     acc_j += dw_{j,b} * (dx_b * S_{j,b} - 8 dx_b sx_b)
-// ~19 vector ops per 256 MACs against ~32 for the one-row tiles above (measured 1.5x).
+// ~19 vector ops per 256 MACs against ~32 for the one-row tiles above (measured 1.5x);
+// with two groups per tile, one activation broadcast feeds two vpmaddubsw (1.2x more).
 // int8: |w| x sign-adjusted x as in the tiles, each product widened by vpmaddwd and summed in
 // int32 (~35 ops against ~48; measured 1.3-1.6x). Packing costs a few shuffles per weight
 // byte, paid once per call and spread over all n rows; the bundle layout (which the

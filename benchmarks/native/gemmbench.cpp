@@ -1,0 +1,64 @@
+// Prefill-sized qd8 products (the packed GEMM) straight on the kernel headers (no Python):
+// one 128-token chunk (n = 128 activation rows) through the 270M's four products, random
+// weights of the given scheme, best of 9 timed loops each. Built and run by
+// `python benchmarks/microbench.py gemm-native` (which can also build the same program
+// against an older revision's headers and alternate the two).
+//
+//   gemmbench SCHEME_ID THREADS      (scheme ids: 2 int8, 3 int8-b32, 4 int4-b32, 5 int4-b128)
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "kernels.h"
+#include "qd8.h"
+
+using namespace edgelm;
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: gemmbench SCHEME_ID THREADS\n");
+        return 2;
+    }
+    const int scheme = std::atoi(argv[1]);
+    const int T = std::atoi(argv[2]);
+    if (scheme < kINT8 || scheme > kINT4B128 || T < 1 || T > 64) {
+        std::fprintf(stderr, "gemmbench: bad arguments (scheme 2-5, threads 1-64)\n");
+        return 2;
+    }
+    ThreadPool::instance().set_threads(T);
+    std::mt19937 rng(1);
+    const int64_t n = 128;
+    const int64_t blk = scheme == kINT4B128 ? 128 : 32;
+    const bool i8 = scheme == kINT8 || scheme == kINT8B32;
+    struct Shape { const char* name; int64_t rows, cols; };
+    for (const Shape& sh : {Shape{"qkv", 1536, 640}, Shape{"o", 640, 1024}, Shape{"gate_up", 4096, 640},
+                            Shape{"down", 640, 2048}}) {
+        const int64_t rows = sh.rows, cols = sh.cols;
+        std::vector<uint8_t> w(static_cast<size_t>(i8 ? rows * cols : rows * cols / 2));
+        for (auto& b : w) b = static_cast<uint8_t>(rng());
+        std::vector<uint16_t> s16(static_cast<size_t>(rows * (cols / blk)));
+        for (auto& x : s16) x = static_cast<uint16_t>(0x2000 + (rng() & 0x3ff));  // fp16 ~0.008-0.016
+        std::vector<float> s32(static_cast<size_t>(rows), 0.01f);
+        WView W;
+        W.scheme = scheme;
+        W.rows = rows;
+        W.cols = cols;
+        W.w = w.data();
+        W.scale = scheme == kINT8 ? static_cast<const void*>(s32.data()) : static_cast<const void*>(s16.data());
+        std::vector<float> x(static_cast<size_t>(n * cols)), out(static_cast<size_t>(n * rows));
+        for (auto& v : x) v = static_cast<float>(rng() % 2000) / 1000.f - 1.f;
+        double best = 1e9;
+        for (int k = 0; k < 9; ++k) {
+            const auto t0 = std::chrono::steady_clock::now();
+            for (int r = 0; r < 5; ++r) matmul_qd8(W, x.data(), n, out.data());
+            best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 5);
+        }
+        std::printf("%-8s %5ldx%5ldx%5ld  %8.1f us  %6.1f GMAC/s\n", sh.name, static_cast<long>(n),
+                    static_cast<long>(rows), static_cast<long>(cols), best * 1e6,
+                    static_cast<double>(n) * rows * cols / best / 1e9);
+    }
+    return 0;
+}
