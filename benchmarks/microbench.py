@@ -495,7 +495,7 @@ def cmd_gemm_native(a) -> None:
                         out = subprocess.run([str(e), str(scheme), str(threads)], check=True, capture_output=True,
                                              text=True).stdout.splitlines()
                         shapes = [line.split()[0] for line in out]
-                        res[name].append([float(line.split()[4]) for line in out])
+                        res[name].append([float(line.split()[-2]) for line in out])  # "... N GMAC/s"
                 print(f"{names[scheme]}, {threads} thread(s), n 128: GMAC/s, median (min-max) of {a.rounds}"
                       + (f"; base = {a.base}" if a.base else ""))
                 now = np.array(res["now"])
