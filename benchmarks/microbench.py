@@ -19,6 +19,7 @@
     python benchmarks/microbench.py gemm-native [--base REV]  # prefill-chunk GEMMs in C++, vs a git revision
     python benchmarks/microbench.py prefill-phases BUNDLE     # a p512 prefill's time by block phase
     python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
+    python benchmarks/microbench.py attention-ab OLD_SO       # prefill-chunk attention: this build vs an older .so
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
 and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
@@ -533,20 +534,12 @@ def cmd_ab_module(a) -> None:
     build against an older build of the same ISA (OLD_SO, e.g. built from a git worktree of
     an earlier commit with `EDGELM_BUILD_ISAS=avx2 python setup.py build_ext --inplace`), in one
     process, alternating; prints new / old per round."""
-    import importlib.util
-
     from edgelm.backends import native
     from edgelm.runtime.engine import Engine
 
-    name = Path(a.old_so).name.split(".")[0]
-    if not Path(a.old_so).is_file() or not name.startswith("_kern_"):
-        raise SystemExit(f"ab-module: {a.old_so}: not a kernel module file (_kern_<isa>.*.so)")
+    old, isa = _load_old_kernels(a.old_so, "ab-module")
     if not Path(a.bundle).is_file():
         raise SystemExit(f"ab-module: {a.bundle}: no such bundle")
-    spec = importlib.util.spec_from_file_location(name, a.old_so)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    isa = name.removeprefix("_kern_")
     engines = {}
     for which in ("old", "new"):
         eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
@@ -572,6 +565,57 @@ def cmd_ab_module(a) -> None:
           f"{np.median(dec):.3f} ({dec.min():.3f}-{dec.max():.3f})")
     print(f"TTFT p512 old {np.median(o[:, 0]) * 1e3:.0f} ms, new {np.median(n[:, 0]) * 1e3:.0f} ms; speed new / old "
           f"{np.median(pre):.3f} ({pre.min():.3f}-{pre.max():.3f}); {a.rounds} rounds")
+
+
+def _load_old_kernels(old_so: str, what: str):
+    """An older build of a kernel module (a _kern_<isa>.*.so file) as a second CpuOps-usable
+    module object, with its ISA name."""
+    import importlib.util
+
+    name = Path(old_so).name.split(".")[0]
+    if not Path(old_so).is_file() or not name.startswith("_kern_"):
+        raise SystemExit(f"{what}: {old_so}: not a kernel module file (_kern_<isa>.*.so)")
+    spec = importlib.util.spec_from_file_location(name, old_so)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    return old, name.removeprefix("_kern_")
+
+
+def cmd_attention_ab(a) -> None:
+    """Prefill-chunk attention (128 queries, 4 heads on 1 KV head, head_dim 256) through this
+    checkout's kernels and an older build of the same ISA (OLD_SO), in one process,
+    alternating, best of 5 calls per turn; checks that both give bitwise the same output."""
+    from edgelm.backends import cpu, native
+
+    old, isa = _load_old_kernels(a.old_so, "attention-ab")
+    new_ops = cpu.CpuOps()
+    old_ops = cpu.CpuOps()
+    if new_ops.isa != isa:
+        raise SystemExit(f"attention-ab: this CPU's build is {new_ops.isa}, OLD_SO is {isa}")
+    old_ops._k = native.Kernels(isa, old)
+    old_ops._m = old
+    for o in (new_ops, old_ops):
+        o.set_threads(a.threads)
+    r = np.random.default_rng(0)
+    H, KV, hd, n = 4, 1, 256, 128
+    for T, kvd in ((512, np.float16), (256, np.float16), (512, np.float32)):
+        q = r.standard_normal((n, H, hd)).astype(np.float32)
+        k = r.standard_normal((T, KV, hd)).astype(kvd)
+        v = r.standard_normal((T, KV, hd)).astype(kvd)
+        qp, kp = np.arange(T - n, T, dtype=np.int64), np.arange(T, dtype=np.int64)
+        outs = {name: o.attention(q, k, v, qp, kp, 0, hd ** -0.5) for name, o in (("old", old_ops), ("new", new_ops))}
+        if not np.array_equal(outs["old"], outs["new"]):
+            raise SystemExit("attention-ab: the two builds give different outputs")
+        ts: dict[str, list[float]] = {"old": [], "new": []}
+        for _ in range(a.rounds):
+            for name, o in (("old", old_ops), ("new", new_ops)):
+                ts[name].append(_best(lambda o=o: o.attention(q, k, v, qp, kp, 0, hd ** -0.5), 5))
+        macs = 2 * H * hd * sum(min(T, T - n + i + 1) for i in range(n))
+        ratio = np.array(ts["old"]) / np.array(ts["new"])
+        print(f"{n} queries x {T} keys, K/V {np.dtype(kvd).name}, {a.threads} thread(s): old "
+              f"{macs / np.median(ts['old']) / 1e9:.1f}, new {macs / np.median(ts['new']) / 1e9:.1f} GMAC/s; "
+              f"new / old speed {np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f}), {a.rounds} rounds; "
+              f"outputs bitwise equal")
 
 
 def cmd_decode_prefetch(a) -> None:
@@ -740,6 +784,10 @@ def main() -> int:
                    help="scheme ids: 2 int8, 3 int8-b32, 4 int4-b32, 5 int4-b128 (default 4,5,2)")
     p.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("attention-ab")
+    p.add_argument("old_so")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9)
     p = sub.add_parser("ab-module")
     p.add_argument("old_so")
     p.add_argument("bundle")
@@ -756,7 +804,8 @@ def main() -> int:
      "capacity": cmd_capacity, "prefault": cmd_prefault, "perf-target": cmd_perf_target,
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
      "prefill-phases": cmd_prefill_phases,
-     "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "ab-module": cmd_ab_module}[a.cmd](a)
+     "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "ab-module": cmd_ab_module,
+     "attention-ab": cmd_attention_ab}[a.cmd](a)
     return 0
 
 

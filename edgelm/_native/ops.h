@@ -235,7 +235,8 @@ EDGELM_INLINE float ld1(const uint16_t* p) { return half_to_float(*p); }
 
 // Keeps a vector in a register: without it GCC may fold one query load into each of the NK
 // FMAs that use it (seen in the fp16-K instantiation inside attn_unit_t: 15 loads per 12
-// FMAs instead of 7, load-bound; prefill attention measured 1.2x faster with the pin).
+// FMAs instead of 7, load-bound; prefill attention on fp16 K/V measured 1.25-1.29x faster
+// with the pin, `microbench.py attention-ab`).
 #if defined(EDGELM_PATH_AVX2) && (defined(__GNUC__) || defined(__clang__))
 EDGELM_INLINE void vpin(VF& x) { __asm__("" : "+x"(x.v)); }
 #else

@@ -539,7 +539,7 @@ inline const QKernels& q_kernels(int scheme) {
 // (8 * 2 * 15 * 127 = 30480), then one vpmaddwd, and
 //     acc_j += dw_{j,b} * (dx_b * S_{j,b} - 8 dx_b sx_b)
 // ~19 vector ops per 256 MACs against ~32 for the one-row tiles above (measured 1.5x);
-// with two groups per tile, one activation broadcast feeds two vpmaddubsw (1.2x more).
+// with two groups per tile, one activation broadcast feeds two vpmaddubsw (1.16-1.26x more).
 // int8: |w| x sign-adjusted x as in the tiles, each product widened by vpmaddwd and summed in
 // int32 (~35 ops against ~48; measured 1.3-1.6x). Packing costs a few shuffles per weight
 // byte, paid once per call and spread over all n rows; the bundle layout (which the
@@ -652,7 +652,8 @@ EDGELM_INLINE __m256i bcast4(const int8_t* p) {
 // out[i, 8g..8g+8) for activation rows i0..i0+NX of A (gemm layout) against G packed groups
 // of 8 weight rows each (group g at pw + g * gs, its scales at dw + g * ds). Two groups with
 // three rows (the default) share each activation broadcast between two vpmaddubsw: measured
-// 1.2x over one group with six rows, in L1 (docs/kernels.md, "Session 7"). Every output's
+// 1.16-1.26x over one group with six rows on the 270M's prefill products (`microbench.py
+// gemm-native`; docs/kernels.md, "Session 7"). Every output's
 // float accumulation is the same sequence of operations for any G, so results do not depend
 // on the grouping.
 template <int G, int NX>
