@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 #include "qd8.h"
+#include "randweight.h"
 
 using namespace edgelm;
 
@@ -31,25 +32,14 @@ int main(int argc, char** argv) {
     ThreadPool::instance().set_threads(T);
     std::mt19937 rng(1);
     const int64_t n = 128;
-    const int64_t blk = scheme == kINT4B128 ? 128 : 32;
-    const bool i8 = scheme == kINT8 || scheme == kINT8B32;
     struct Shape { const char* name; int64_t rows, cols; };
     for (const Shape& sh : {Shape{"qkv", 1536, 640}, Shape{"o", 640, 1024}, Shape{"gate_up", 4096, 640},
                             Shape{"down", 640, 2048}}) {
         const int64_t rows = sh.rows, cols = sh.cols;
-        std::vector<uint8_t> w(static_cast<size_t>(i8 ? rows * cols : rows * cols / 2));
-        for (auto& b : w) b = static_cast<uint8_t>(rng());
-        std::vector<uint16_t> s16(static_cast<size_t>(rows * (cols / blk)));
-        for (auto& x : s16) x = static_cast<uint16_t>(0x2000 + (rng() & 0x3ff));  // fp16 ~0.008-0.016
-        std::vector<float> s32(static_cast<size_t>(rows), 0.01f);
-        WView W;
-        W.scheme = scheme;
-        W.rows = rows;
-        W.cols = cols;
-        W.w = w.data();
-        W.scale = scheme == kINT8 ? static_cast<const void*>(s32.data()) : static_cast<const void*>(s16.data());
-        std::vector<float> x(static_cast<size_t>(n * cols)), out(static_cast<size_t>(n * rows));
-        for (auto& v : x) v = static_cast<float>(rng() % 2000) / 1000.f - 1.f;
+        const RandomWeight rw(scheme, rows, cols, rng);
+        const WView& W = rw.W;
+        const std::vector<float> x = random_activations(n, cols, rng);
+        std::vector<float> out(static_cast<size_t>(n * rows));
         double best = 1e9;
         for (int k = 0; k < 9; ++k) {
             const auto t0 = std::chrono::steady_clock::now();

@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 #include "qd8.h"
+#include "randweight.h"
 
 using namespace edgelm;
 
@@ -35,20 +36,10 @@ int main(int argc, char** argv) {
     for (const int64_t target : {int64_t(192) << 10, int64_t(3) << 20, int64_t(256) << 20}) {
         const int64_t rb = row_bytes(scheme, cols);
         const int64_t rows = std::max<int64_t>(16, target / rb);
-        const bool i8 = scheme == kINT8 || scheme == kINT8B32;
-        std::vector<uint8_t> w(static_cast<size_t>(i8 ? rows * cols : rows * cols / 2));
-        for (auto& b : w) b = static_cast<uint8_t>(rng());
-        std::vector<uint16_t> s16(static_cast<size_t>(rows * (cols / blk)));
-        for (auto& x : s16) x = static_cast<uint16_t>(0x2000 + (rng() & 0x3ff));  // fp16 ~0.008-0.016
-        std::vector<float> s32(static_cast<size_t>(rows), 0.01f);
-        WView W;
-        W.scheme = scheme;
-        W.rows = rows;
-        W.cols = cols;
-        W.w = w.data();
-        W.scale = scheme == kINT8 ? static_cast<const void*>(s32.data()) : static_cast<const void*>(s16.data());
-        std::vector<float> x(static_cast<size_t>(cols)), out(static_cast<size_t>(rows));
-        for (auto& v : x) v = static_cast<float>(rng() % 2000) / 1000.f - 1.f;
+        const RandomWeight rw(scheme, rows, cols, rng);
+        const WView& W = rw.W;
+        const std::vector<float> x = random_activations(1, cols, rng);
+        std::vector<float> out(static_cast<size_t>(rows));
         const int reps = static_cast<int>(std::max<int64_t>(3, static_cast<int64_t>(4e9 / (rows * rb))));
         double best = 1e9;
         for (int k = 0; k < 7; ++k) {

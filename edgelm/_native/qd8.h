@@ -529,8 +529,9 @@ inline const QKernels& q_kernels(int scheme) {
 // ----------------------------------------------------------------------------- packed GEMM
 // For prefill-sized products (n >= kGemmMinN activation rows) the integer schemes take a
 // different route on AVX2. Each task packs 8 weight rows at a time (int4: two such groups,
-// 16 rows, for the two-group tiles) into a small L1-resident buffer, "row-interleaved": vector 8b+k holds, for each of the 8 rows j, the 4 weights of
-// elements 4k..4k+3 of block b in bytes 4j..4j+3 (int4: the unsigned nibble values u), and
+// 16 rows, for the two-group tiles) into a small L1-resident buffer, "row-interleaved":
+// vector 8b+k holds, for each of the 8 rows j, the 4 weights of elements 4k..4k+3 of block
+// b in bytes 4j..4j+3 (int4: the unsigned nibble values u), and
 // the 8 rows' block scales sit in one float vector per block. One vpmaddubsw of such a
 // vector with 4 broadcast activation bytes yields 32 MACs spread over 8 rows, so a block's
 // dot products for 8 rows come out in one vector, and the per-block conversion, scaling and
@@ -653,9 +654,8 @@ EDGELM_INLINE __m256i bcast4(const int8_t* p) {
 // of 8 weight rows each (group g at pw + g * gs, its scales at dw + g * ds). Two groups with
 // three rows (the default) share each activation broadcast between two vpmaddubsw: measured
 // 1.16-1.26x over one group with six rows on the 270M's prefill products (`microbench.py
-// gemm-native`; docs/kernels.md, "Session 7"). Every output's
-// float accumulation is the same sequence of operations for any G, so results do not depend
-// on the grouping.
+// gemm-native`; docs/kernels.md, "Session 7"). Every output's float accumulation is the
+// same sequence of operations for any G, so results do not depend on the grouping.
 template <int G, int NX>
 inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t gs, int64_t ds, int64_t nb, const QAct& A,
                          int64_t i0, float* out, int64_t ldo) {
