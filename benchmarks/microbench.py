@@ -391,6 +391,7 @@ def cmd_decode_phases(a) -> None:
 
 
 _NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
+_SCHEME_IDS = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}  # the native scheme ids
 
 
 def _native_base_exe(root: Path, src: Path, base: str, d: str, what: str) -> Path:
@@ -414,6 +415,8 @@ def cmd_prefill_phases(a) -> None:
     from edgelm.backends import native
     from edgelm.runtime.engine import Engine
 
+    if not Path(a.bundle).is_file():
+        raise SystemExit(f"prefill-phases: {a.bundle}: no such bundle")
     eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
     m = native.kernels(eng.ops.isa).module
     ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
@@ -458,12 +461,11 @@ def cmd_gemv_native(a) -> None:
             subprocess.run(["g++", *_NATIVE_FLAGS, *extra, "-I", str(root / "edgelm" / "_native"), "-o", str(exe),
                             str(src)], check=True)
             exes.append(("now" + (f" prefetch {pf}" if pf else ""), exe))
-        names = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}
         busy = None
         if a.busy_cpu is not None:  # another tenant: a spinning process pinned to one CPU
             busy = subprocess.Popen(["taskset", "-c", str(a.busy_cpu), sys.executable, "-c", "while True: pass"])
         try:
-            _gemv_native_runs(a, exes, names)
+            _gemv_native_runs(a, exes)
         finally:
             if busy is not None:
                 busy.kill()
@@ -478,7 +480,6 @@ def cmd_gemm_native(a) -> None:
     of GMAC/s are printed with now / base per round."""
     root = Path(__file__).resolve().parent.parent
     src = root / "benchmarks" / "native" / "gemmbench.cpp"
-    names = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}
     with tempfile.TemporaryDirectory() as d:
         exes: list[tuple[str, Path]] = []
         if a.base:
@@ -497,7 +498,7 @@ def cmd_gemm_native(a) -> None:
                                              text=True).stdout.splitlines()
                         shapes = [line.split()[0] for line in out]
                         res[name].append([float(line.split()[-2]) for line in out])  # "... N GMAC/s"
-                print(f"{names[scheme]}, {threads} thread(s), n 128: GMAC/s, median (min-max) of {a.rounds}"
+                print(f"{_SCHEME_IDS[scheme]}, {threads} thread(s), n 128: GMAC/s, median (min-max) of {a.rounds}"
                       + (f"; base = {a.base}" if a.base else ""))
                 now = np.array(res["now"])
                 for j, shape in enumerate(shapes):
@@ -510,7 +511,7 @@ def cmd_gemm_native(a) -> None:
                     print(line)
 
 
-def _gemv_native_runs(a, exes, names) -> None:
+def _gemv_native_runs(a, exes) -> None:
     for scheme in a.schemes:
         for cols in a.cols:
             for threads in a.threads:
@@ -520,7 +521,7 @@ def _gemv_native_runs(a, exes, names) -> None:
                         out = subprocess.run([str(exe), str(scheme), str(threads), str(cols)], check=True,
                                              capture_output=True, text=True).stdout
                         res[name].append([float(line.split()[4]) for line in out.splitlines()])
-                print(f"{names[scheme]} cols {cols}, {threads} thread(s): GB/s at L2 / L3 / DRAM sizes, "
+                print(f"{_SCHEME_IDS[scheme]} cols {cols}, {threads} thread(s): GB/s at L2 / L3 / DRAM sizes, "
                       f"median (min-max) of {a.rounds}")
                 for name, v in res.items():
                     arr = np.array(v)
