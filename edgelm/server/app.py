@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -19,12 +20,15 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import BadInputError
 from ..runtime.conversation import render_chat
+from ..runtime.modelinfo import BASE_MODEL_NOTICE, is_instruction_tuned
 from ..runtime.sampler import SamplerConfig
-from .protocol import ApiError, GenParams, bad, parse_common, parse_messages, parse_prompt
+from .protocol import (MAX_JSON_DEPTH, ApiError, GenParams, bad, check_json_tree, check_model, model_not_found,
+                       parse_common, parse_messages, parse_prompt)
 from .scheduler import Job, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a request's head, and again for its body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -34,6 +38,8 @@ class ClientGone(Exception):
 
 def _error_response(e: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status == 429 else None
+    if e.status in (408, 413):  # the rest of the body may still be coming: do not reuse the connection
+        headers = {"Connection": "close"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -90,12 +96,12 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, job: Job, chunks):
+    def __init__(self, job: Job, chunks, headers: dict | None = None):
         self.job = job
         self.chunks = chunks  # callable(kind, value) -> list[dict] of events to send
         self.status_code = 200
         self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def __call__(self, scope, receive, send) -> None:
         job = self.job
@@ -125,47 +131,70 @@ class SSEResponse(Response):
 
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY,
-               model_name: str | None = None, pool_size: int = 2) -> Starlette:
-    """The ASGI app. `engine` is an edgelm Engine; generation runs in one worker thread."""
+               model_name: str | None = None, pool_size: int = 2,
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> Starlette:
+    """The ASGI app. `engine` is an edgelm Engine; generation runs in one worker thread.
+
+    request_timeout: seconds a client has to send a request's head (enforced by the server,
+    see edgelm.server.connection) and then again its body (enforced here); past it, 408."""
     if not isinstance(max_queue, int) or max_queue < 0:
         raise BadInputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    if (isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
+            or not math.isfinite(request_timeout) or request_timeout <= 0):
+        raise BadInputError(f"request_timeout must be a number of seconds > 0, got {request_timeout!r}")
     name = model_name or engine.path.name.removesuffix(".edgelm")
     created = int(time.time())
     scheduler = Scheduler(engine, max_queue=max_queue, pool_size=pool_size)
+    tuned = is_instruction_tuned(getattr(getattr(engine, "bundle", None), "header", None))
+    # chat with a base model works but rambles: say so on every chat response
+    chat_headers = {"X-Edgelm-Notice": BASE_MODEL_NOTICE} if tuned is False else {}
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "edgelm",
-                "context_length": engine.max_tokens}
+                "context_length": engine.max_tokens, "instruction_tuned": tuned}
 
     def check_auth(request: Request) -> None:
         if api_key is None:
             return
-        got = request.headers.get("authorization", "")
-        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].strip().encode(), api_key.encode()):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme name is case-insensitive (RFC 7235); the key is compared exactly
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "Incorrect or missing API key (send 'Authorization: Bearer KEY')", None,
                            "invalid_api_key")
 
-    async def read_json(request: Request) -> dict:
-        cl = request.headers.get("content-length")
-        if cl is not None:
-            try:
-                if int(cl) > max_body_bytes:
-                    raise ApiError(413, f"the request body is larger than {max_body_bytes} bytes", None,
-                                   "request_too_large")
-            except ValueError:
-                raise bad("invalid Content-Length header") from None
+    async def read_body(request: Request) -> bytes:
         buf = bytearray()
         async for chunk in request.stream():
             buf += chunk
             if len(buf) > max_body_bytes:
                 raise ApiError(413, f"the request body is larger than {max_body_bytes} bytes", None,
                                "request_too_large")
+        return bytes(buf)
+
+    async def read_json(request: Request) -> dict:
+        cl = request.headers.get("content-length")
+        if cl is not None:  # (the HTTP layer has already rejected a malformed one)
+            try:
+                if int(cl) > max_body_bytes:
+                    raise ApiError(413, f"the request body is larger than {max_body_bytes} bytes", None,
+                                   "request_too_large")
+            except ValueError:
+                raise bad("invalid Content-Length header") from None
         try:
-            body = json.loads(bytes(buf))
+            raw = await asyncio.wait_for(read_body(request), request_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {request_timeout:g} s "
+                                f"(--request-timeout)", None, "request_timeout") from None
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            raise bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", None,
+                      "invalid_json") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise bad("the request body must be a JSON object", None, "invalid_json")
+        check_json_tree(body)
         return body
 
     def make_job(ids: list[int], p: GenParams, default_max: int | None, param: str) -> Job:
@@ -229,8 +258,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
     async def model(request: Request):
         check_auth(request)
         if request.path_params["model"] != name:
-            raise ApiError(404, f"The model '{request.path_params['model']}' does not exist", "model",
-                           "model_not_found")
+            raise model_not_found(request.path_params["model"], name)
         return JSONResponse(model_card())
 
     async def chat_completions(request: Request):
@@ -238,6 +266,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         body = await read_json(request)
         p = parse_common(body)
         messages = parse_messages(body)
+        check_model(body, name)  # (after the request's shape: a malformed request is a 400 whatever its model)
         try:
             _, ids = render_chat(engine, messages, add_generation_prompt=True)
         except BadInputError as e:
@@ -265,7 +294,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
                                 "system_fingerprint": None, "choices": [], "usage": _usage(job, value),
                                 "timings": _timings(value)})
                 return out
-            return SSEResponse(job, events)
+            return SSEResponse(job, events, chat_headers)
         try:
             text, stats = await collect(request, job)
         except ClientGone:
@@ -275,7 +304,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": _finish_reason(stats)}],
             "usage": _usage(job, stats), "timings": _timings(stats),
-        })
+        }, headers=chat_headers)
 
     async def completions(request: Request):
         check_auth(request)
@@ -286,6 +315,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         if body.get("suffix"):
             raise bad("suffix is not supported", "suffix", "unsupported_parameter")
         prompt = parse_prompt(body, engine.config.vocab_size)
+        check_model(body, name)
         ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
         if not ids:
             raise bad("'prompt' is empty", "prompt", "invalid_value")
@@ -361,4 +391,6 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
     app.state.scheduler = scheduler
     app.state.engine = engine
     app.state.model_name = name
+    app.state.instruction_tuned = tuned
+    app.state.request_timeout = float(request_timeout)
     return app

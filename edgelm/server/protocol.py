@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 MAX_STOP = 4
+MAX_JSON_DEPTH = 64  # OpenAI request bodies nest about 5 deep
 
 
 class ApiError(Exception):
@@ -22,6 +23,57 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code)
+
+
+def _join(path: str, key) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def check_json_tree(body) -> None:
+    """Reject what json.loads lets through but nothing downstream can use: nesting deeper than
+    MAX_JSON_DEPTH, and strings holding lone UTF-16 surrogates (a "\\ud800" escape, or the same
+    code point sent as bytes), which cannot be encoded as UTF-8. The error names the field."""
+    stack = [(body, "", 0)]  # iterative: a recursive walk is what the depth limit protects against
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad(f"{path or 'the body'} contains a lone UTF-16 surrogate (such as \\ud800), which is not "
+                          f"valid Unicode", path or None, "invalid_value") from None
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise bad(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        for key, child in reversed(items):  # reversed: the first bad field is the one reported
+            if isinstance(key, str):
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad(f"an object key in {path or 'the body'} contains a lone UTF-16 surrogate, which is "
+                              f"not valid Unicode", path or None, "invalid_value") from None
+            stack.append((child, _join(path, key), depth + 1))
+
+
+def check_model(body: dict, served: str) -> None:
+    """`model` may be omitted (or null); otherwise it must be the served model's id."""
+    model = body.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise bad("'model' must be a string", "model", "invalid_type")
+    if model != served:
+        raise model_not_found(model, served)
+
+
+def model_not_found(model: str, served: str) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist; this server serves '{served}' (GET /v1/models)",
+                    "model", "model_not_found")
 
 
 @dataclass
@@ -73,9 +125,6 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
 
 
 def parse_common(body: dict) -> GenParams:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad("'model' must be a string", "model", "invalid_type")
     n = body.get("n")
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int):

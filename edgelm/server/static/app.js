@@ -8,7 +8,10 @@ let history = [];      // [{role, content}] of finished turns
 let controller = null; // AbortController of the reply in flight
 
 $("api-key").value = localStorage.getItem("edgelm-api-key") || "";
-$("api-key").addEventListener("change", () => localStorage.setItem("edgelm-api-key", $("api-key").value));
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("edgelm-api-key", $("api-key").value);
+  loadModel();  // /v1/models needs the key when the server has one
+});
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -38,12 +41,25 @@ function setBusy(busy, state) {
   $("state").textContent = state;
 }
 
+// the text of edgelm.runtime.modelinfo.BASE_MODEL_NOTICE (tests/test_web.py checks they agree)
+const BASE_NOTICE = "This is a base model: it continues text and is not tuned for chat, so its replies may ramble. Use an instruction-tuned (-it) model to chat.";
+
+function showNotice(text) {
+  const n = $("notice");
+  n.textContent = text || "";
+  n.hidden = !text;
+}
+
 async function loadModel() {
   try {
     const r = await fetch("/v1/models", { headers: headers() });
     if (r.ok) {
       const j = await r.json();
-      if (j.data && j.data[0]) $("model-name").textContent = j.data[0].id;
+      const m = j.data && j.data[0];
+      if (m) {
+        $("model-name").textContent = m.id;
+        showNotice(m.instruction_tuned === false ? BASE_NOTICE : "");
+      }
     }
   } catch (e) { /* shown on first send */ }
 }
@@ -59,8 +75,9 @@ async function send(text) {
   const body = div.querySelector(".content");
   const temperature = parseFloat($("temperature").value);
   const maxTokens = parseInt($("max-tokens").value, 10);
-  const req = { model: $("model-name").textContent || "edgelm", messages, stream: true,
-                stream_options: { include_usage: true } };
+  const req = { messages, stream: true, stream_options: { include_usage: true } };
+  const model = $("model-name").textContent;
+  if (model) req.model = model;  // (omitted: the server's one model)
   if (!Number.isNaN(temperature)) req.temperature = temperature;
   if (!Number.isNaN(maxTokens)) req.max_tokens = maxTokens;
 
@@ -71,6 +88,8 @@ async function send(text) {
   try {
     const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
                                                         body: JSON.stringify(req), signal: controller.signal });
+    const notice = resp.headers.get("X-Edgelm-Notice");
+    if (notice) showNotice(notice);
     if (!resp.ok) {
       let msg = resp.status + " " + resp.statusText;
       try { msg = (await resp.json()).error.message; } catch (e) { /* keep status */ }
