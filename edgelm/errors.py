@@ -23,3 +23,10 @@ class CapacityError(EdgelmError):
     """A request does not fit the KV-cache capacity chosen at load time."""
 
     exit_code = 4
+
+
+class OutputError(EdgelmError):
+    """An output file cannot be written: a full disk, a read-only or missing directory, no
+    permission. The message names the path and the system's reason."""
+
+    exit_code = 5

@@ -62,9 +62,16 @@ def _gemma3_config(reader, path: Path) -> dict:
             raise FormatError(f"{path}: GGUF field {a}.{key} is missing")
         return v
 
-    layers = int(req("block_count"))
-    hidden = int(req("embedding_length"))
-    heads = int(req("attention.head_count"))
+    def positive(key):
+        v = req(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or not 0 < v < 2**31:
+            raise FormatError(f"{path}: GGUF field {a}.{key} must be a positive integer, got {v!r:.80}")
+        return int(v)
+
+    layers = positive("block_count")
+    hidden = positive("embedding_length")
+    heads = positive("attention.head_count")
+    positive("feed_forward_length")
     head_dim = int(_field(reader, f"{a}.attention.key_length", hidden // heads))
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is None:
@@ -81,7 +88,7 @@ def _gemma3_config(reader, path: Path) -> dict:
     qscale = hidden / heads if layers == 62 else head_dim
     softcap = _field(reader, f"{a}.final_logit_softcapping")
     attn_softcap = _field(reader, f"{a}.attn_logit_softcapping")
-    return {
+    config = {
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(req("feed_forward_length")),
@@ -100,6 +107,13 @@ def _gemma3_config(reader, path: Path) -> dict:
         "attn_logit_softcap": float(attn_softcap) if attn_softcap else None,
         "max_position_embeddings": int(_field(reader, f"{a}.context_length", 32768)),
     }
+    from ..models.gemma3 import Gemma3Config
+
+    try:  # the model's own invariants, checked before any tensor is read
+        Gemma3Config.from_dict(config)
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+    return config
 
 
 def _tensor_loaders(t):
@@ -180,6 +194,7 @@ def load_gguf_source(path: str | os.PathLike) -> Source:
                      "file_type": _field(reader, "general.file_type")},
         add_bos=bool(special.get("add_bos", True)),
         notes=notes,
+        input_files=[path],
     )
 
 

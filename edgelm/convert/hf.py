@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FormatError
-from ..models.gemma3 import ARCH, GLOBAL, LOCAL, Gemma3Config, default_layer_types
+from ..models.gemma3 import ARCH, GLOBAL, LOCAL, Gemma3Config, default_layer_types, tensor_shapes
 from .common import Source, SourceTensor
 
 # Gemma3TextConfig's defaults: hub configs (e.g. gemma-3-4b-it's text_config) omit
@@ -376,30 +376,8 @@ def text_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[dict, di
 
 
 def expected_shapes(c: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Canonical name -> (shape, kind), in bundle order."""
-    h, hd, inter = c["hidden_size"], c["head_dim"], c["intermediate_size"]
-    q, kv = c["num_heads"] * hd, c["num_kv_heads"] * hd
-    out = {"token_embd.weight": ((c["vocab_size"], h), "embed")}
-    per = {
-        "attn_norm.weight": ((h,), "norm"),
-        "attn_q.weight": ((q, h), "linear"),
-        "attn_k.weight": ((kv, h), "linear"),
-        "attn_v.weight": ((kv, h), "linear"),
-        "attn_q_norm.weight": ((hd,), "norm"),
-        "attn_k_norm.weight": ((hd,), "norm"),
-        "attn_output.weight": ((h, q), "linear"),
-        "post_attention_norm.weight": ((h,), "norm"),
-        "ffn_norm.weight": ((h,), "norm"),
-        "ffn_gate.weight": ((inter, h), "linear"),
-        "ffn_up.weight": ((inter, h), "linear"),
-        "ffn_down.weight": ((h, inter), "linear"),
-        "post_ffw_norm.weight": ((h,), "norm"),
-    }
-    for i in range(c["num_layers"]):
-        for k, v in per.items():
-            out[f"blk.{i}.{k}"] = v
-    out["output_norm.weight"] = ((h,), "norm")
-    return out
+    """Canonical name -> (shape, kind), in bundle order, of the Gemma 3 config dict `c`."""
+    return tensor_shapes(Gemma3Config.from_dict(c))
 
 
 # ----------------------------------------------------------------------------- names
@@ -604,6 +582,7 @@ def load_hf_source(path: str | os.PathLike) -> Source:
         description=description,
         add_bos=bool(special.get("add_bos", True)),
         notes=notes,
+        input_files=_input_files(d, files),
     )
 
 
@@ -919,7 +898,19 @@ def load_gemma3n_source(d: Path, raw_cfg: dict) -> Source:
         description=description,
         add_bos=bool(special.get("add_bos", True)),
         notes=notes,
+        input_files=_input_files(d, files),
     )
+
+
+# The files besides the weights that the importer reads (config, tokenizer, chat template).
+_AUX_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+              "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "chat_template.jinja", "chat_template.json")
+
+
+def _input_files(d: Path, weight_files: list[Path]) -> list[Path]:
+    """Every file of the checkpoint that the importer reads: the conversion may write none of them."""
+    return list(weight_files) + [d / n for n in _AUX_FILES if (d / n).is_file()]
 
 
 def _description(d: Path, raw_cfg: dict, files, dtypes) -> dict:

@@ -11,18 +11,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import struct
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 from ..quant.schemes import SCHEMES, QTensor, Scheme
 
 MAGIC = b"\x89EDGELM\n"
@@ -51,6 +52,69 @@ class TensorPlan:
             return {"w": (np.dtype(np.float32), tuple(self.shape))}
         rows, cols = self.shape[0], int(np.prod(self.shape[1:]))
         return self.scheme.part_specs(rows, cols)
+
+
+# ----------------------------------------------------------------------------- writing
+
+# The writer fills ".NAME.edgelm-tmp.PID.RANDOM" next to NAME, then renames it over NAME. A
+# writer that is killed leaves its temp file behind; the next write of NAME removes those of
+# dead processes (and of this process that no thread is writing: a container reuses pids).
+_TMP_TAG = ".edgelm-tmp."
+_active_temps: set[str] = set()
+_active_lock = threading.Lock()
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}.{os.urandom(4).hex()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no harmless liveness probe (os.kill would terminate it): keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # EPERM: alive, another user's
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed writers of `path` left; returns those removed.
+    Best effort: a file that cannot be removed is left alone."""
+    path = Path(path)
+    prefix = f".{path.name}{_TMP_TAG}"
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix):
+            continue
+        pid_text = e.name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) <= 0:
+            continue
+        pid = int(pid_text)
+        with _active_lock:
+            if os.path.abspath(e.path) in _active_temps:
+                continue
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                continue
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    reason = e.strerror or str(e)
+    return OutputError(f"{path}: cannot write the bundle: {reason}")
 
 
 def write_bundle(
@@ -86,38 +150,78 @@ def write_bundle(
     data_off = _align(_PREFIX.size + len(hjson), PAGE)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    parent = path.parent
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, VERSION, ALIGN, len(hjson), data_off))
-            f.write(hjson)
-            f.write(b"\0" * (data_off - f.tell()))
-            it = progress(list(zip(plans, tensors_hdr))) if progress else zip(plans, tensors_hdr)
-            for plan, th in it:
-                qt = produce(plan)
-                if qt.scheme.name != plan.scheme.name or tuple(qt.shape) != tuple(plan.shape):
-                    raise RuntimeError(f"tensor {plan.name}: produced {qt.scheme.name}{qt.shape}, planned {plan.scheme.name}{plan.shape}")
-                for pname, ph in th["parts"].items():
-                    arr = np.ascontiguousarray(qt.parts[pname])
-                    if arr.dtype.name != ph["dtype"] or list(arr.shape) != ph["shape"]:
-                        raise RuntimeError(f"tensor {plan.name} part {pname}: got {arr.dtype}{arr.shape}, planned {ph['dtype']}{ph['shape']}")
-                    f.seek(data_off + ph["offset"])
-                    f.write(memoryview(arr.reshape(-1)).cast("B"))  # no copy of the tensor
-            for bname, data in blobs.items():
-                f.seek(data_off + blobs_hdr[bname]["offset"])
-                f.write(data)
-            f.truncate(data_off + data_size)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{parent} is not a directory")
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(path, e) from None
+    remove_stale_temps(path)
+    tmp = _temp_path(path)
+    with _active_lock:
+        _active_temps.add(os.path.abspath(tmp))
+    f = None
+    try:
+        try:  # 0o666 as any new file: the umask decides (mkstemp would force 0600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            f = os.fdopen(fd, "wb")
+        except OSError as e:
+            raise _output_error(path, e) from None
+
+        def io(fn, *args):
+            """A write-side file operation; its OSError (ENOSPC, EIO, EROFS...) becomes OutputError."""
+            try:
+                return fn(*args)
+            except OSError as e:
+                raise _output_error(path, e) from None
+
+        def put(offset: int, data) -> None:
+            io(f.seek, offset)
+            io(f.write, data)
+
+        put(0, _PREFIX.pack(MAGIC, VERSION, ALIGN, len(hjson), data_off) + hjson)
+        io(f.write, b"\0" * (data_off - _PREFIX.size - len(hjson)))
+        it = progress(list(zip(plans, tensors_hdr))) if progress else zip(plans, tensors_hdr)
+        for plan, th in it:
+            qt = produce(plan)
+            if qt.scheme.name != plan.scheme.name or tuple(qt.shape) != tuple(plan.shape):
+                raise RuntimeError(f"tensor {plan.name}: produced {qt.scheme.name}{qt.shape}, planned {plan.scheme.name}{plan.shape}")
+            for pname, ph in th["parts"].items():
+                arr = np.ascontiguousarray(qt.parts[pname])
+                if arr.dtype.name != ph["dtype"] or list(arr.shape) != ph["shape"]:
+                    raise RuntimeError(f"tensor {plan.name} part {pname}: got {arr.dtype}{arr.shape}, planned {ph['dtype']}{ph['shape']}")
+                put(data_off + ph["offset"], memoryview(arr.reshape(-1)).cast("B"))  # no copy of the tensor
+        for bname, data in blobs.items():
+            put(data_off + blobs_hdr[bname]["offset"], data)
+        io(f.truncate, data_off + data_size)
+        io(f.flush)
+        io(os.fsync, f.fileno())
+        io(f.close)
+        io(os.replace, tmp, path)
     except BaseException:
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+    finally:
+        with _active_lock:
+            _active_temps.discard(os.path.abspath(tmp))
     return data_off + data_size
+
+
+def _convert_hint(src: Path) -> str:
+    import shlex
+
+    stem = src.name[:-5] if src.name.endswith(".gguf") else src.name
+    out = src.with_name(f"{stem or 'model'}.edgelm")
+    return f"edgelm convert {shlex.quote(str(src))} -o {shlex.quote(str(out))}"
 
 
 class Bundle:
@@ -126,6 +230,9 @@ class Bundle:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if self.path.is_dir():
+            if (self.path / "config.json").is_file():
+                raise FormatError(f"{self.path}: is a Hugging Face checkpoint directory, not an edgelm bundle; "
+                                  f"convert it first: {_convert_hint(self.path)}")
             raise FormatError(f"{self.path}: is a directory, not a bundle file")
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -156,6 +263,8 @@ class Bundle:
     def _parse(self) -> None:
         magic, version, align, hlen, data_off = _PREFIX.unpack_from(self._mm, 0)
         if magic != MAGIC:
+            if magic[:4] == b"GGUF":
+                self._fail(f"is a GGUF file, not an edgelm bundle; convert it first: {_convert_hint(self.path)}")
             self._fail(f"not an edgelm bundle (magic {magic!r}, expected {MAGIC!r})")
         if version != VERSION:
             self._fail(f"bundle format version {version} is not supported (this edgelm reads version {VERSION})")
@@ -194,6 +303,31 @@ class Bundle:
         for bname, b in blobs.items():
             self._check_extent(f"blob {bname}", b, data_size)
         self.blobs_meta = blobs
+        self._check_meta(header)
+
+    # the documented header fields (docs/bundle-format.md) that readers use: their JSON types
+    _META_TYPES = {
+        "arch": (str,), "config": (dict,), "tokenizer": (dict,), "chat_template": (str, type(None)),
+        "chat_template_origin": (str,), "special_tokens": (dict,), "add_bos": (bool,), "sampler": (dict,),
+        "quantization": (dict,), "source": (dict,), "notes": (list,), "created_by": (str,),
+    }
+    _JSON_NAMES = {str: "a string", dict: "an object", bool: "true or false", list: "a list", type(None): "null"}
+
+    def _check_meta(self, header: dict) -> None:
+        for field, types in self._META_TYPES.items():
+            if field in header and not isinstance(header[field], types):
+                want = " or ".join(self._JSON_NAMES[t] for t in types)
+                self._fail(f"header field {field!r} must be {want}, got {header[field]!r:.80}")
+        tok = header.get("tokenizer")
+        if tok is not None:
+            for key in ("kind", "blob"):
+                if not isinstance(tok.get(key), str):
+                    self._fail(f"header field 'tokenizer.{key}' must be a string, got {tok.get(key)!r:.80}")
+            if tok["blob"] not in self.blobs_meta:
+                self._fail(f"header field 'tokenizer.blob' names blob {tok['blob']!r}, which the bundle does not have")
+        lt = header["config"].get("layer_types")
+        if lt is not None and not isinstance(lt, list):
+            self._fail(f"config field 'layer_types' must be a list, got {lt!r:.80}")
 
     def _check_extent(self, what: str, e, data_size: int) -> None:
         if not isinstance(e, dict):

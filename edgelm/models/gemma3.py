@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..errors import FormatError
-from ._config import config_from_dict
+from ._config import (MAX_LAYERS, check_float, check_head_dim, check_heads, check_int, check_layer_types,
+                      check_tensor_shapes, config_from_dict)
 
 ARCH = "gemma3"
 LOCAL, GLOBAL = "local", "global"
@@ -44,19 +44,19 @@ class Gemma3Config:
     max_position_embeddings: int = 32768
 
     def __post_init__(self):
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", default_layer_types(self.num_layers, 6))
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.num_layers:
-            raise FormatError(f"config: layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        bad = set(self.layer_types) - {LOCAL, GLOBAL}
-        if bad:
-            raise FormatError(f"config: unknown layer types {sorted(bad)}")
-        if self.num_heads % self.num_kv_heads:
-            raise FormatError(f"config: {self.num_heads} heads do not group over {self.num_kv_heads} kv heads")
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, f) <= 0:
-                raise FormatError(f"config: {f} must be positive, got {getattr(self, f)}")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                  "max_position_embeddings"):
+            check_int(self, f)
+        check_int(self, "num_layers", hi=MAX_LAYERS)
+        check_heads(self)
+        check_head_dim(self)
+        for f in ("rms_norm_eps", "rope_theta", "rope_local_theta", "rope_scaling_factor", "query_pre_attn_scalar"):
+            check_float(self, f)
+        for f in ("final_logit_softcap", "attn_logit_softcap"):
+            check_float(self, f, optional=True, zero_ok=True)  # null or 0: no soft-cap
+        check_layer_types(self, (LOCAL, GLOBAL), lambda n: default_layer_types(n, 6))
+        # a model without sliding-window layers has no window (the importers write 0)
+        check_int(self, "sliding_window", lo=1 if LOCAL in self.layer_types else 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Gemma3Config":
@@ -74,6 +74,40 @@ def default_layer_types(n_layers: int, pattern: int) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- weights
+
+def tensor_shapes(cfg: Gemma3Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Canonical name -> (shape, kind) for every tensor of the model, in bundle order.
+    Kinds are SourceTensor kinds: embed, linear, norm."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    out = {"token_embd.weight": ((cfg.vocab_size, h), "embed")}
+    per = {
+        "attn_norm.weight": ((h,), "norm"),
+        "attn_q.weight": ((q, h), "linear"),
+        "attn_k.weight": ((kv, h), "linear"),
+        "attn_v.weight": ((kv, h), "linear"),
+        "attn_q_norm.weight": ((hd,), "norm"),
+        "attn_k_norm.weight": ((hd,), "norm"),
+        "attn_output.weight": ((h, q), "linear"),
+        "post_attention_norm.weight": ((h,), "norm"),
+        "ffn_norm.weight": ((h,), "norm"),
+        "ffn_gate.weight": ((inter, h), "linear"),
+        "ffn_up.weight": ((inter, h), "linear"),
+        "ffn_down.weight": ((h, inter), "linear"),
+        "post_ffw_norm.weight": ((h,), "norm"),
+    }
+    for i in range(cfg.num_layers):
+        for k, v in per.items():
+            out[f"blk.{i}.{k}"] = v
+    out["output_norm.weight"] = ((h,), "norm")
+    return out
+
+
+def check_tensors(cfg: Gemma3Config, bundle) -> None:
+    """The bundle's tensor table against the config: every tensor present, with the shape the
+    config implies (FormatError naming the tensor otherwise)."""
+    check_tensor_shapes(tensor_shapes(cfg), bundle)
+
 
 _LAYER_TENSORS = {
     "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "q_norm": "attn_q_norm",

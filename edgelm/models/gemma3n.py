@@ -62,7 +62,8 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from ..errors import FormatError
-from ._config import config_from_dict
+from ._config import (INT_MAX, MAX_LAYERS, bad, check_bool, check_float, check_head_dim, check_heads,
+                      check_int, check_layer_types, check_tensor_shapes, config_from_dict, is_int)
 
 ARCH = "gemma3n"
 LOCAL, GLOBAL = "local", "global"
@@ -95,49 +96,46 @@ class Gemma3nConfig:
     activation_sparsity: tuple[float, ...] = ()  # one target per layer; 0 = dense
 
     def __post_init__(self):
-        n = self.num_layers
-        if not isinstance(n, int) or n <= 0:
-            raise FormatError(f"config: num_layers must be positive, got {n!r}")
-        inter = self.intermediate_size
-        if isinstance(inter, int):
-            inter = (inter,) * n
-        object.__setattr__(self, "intermediate_size", tuple(int(v) for v in inter))
-        if len(self.intermediate_size) != n:
-            raise FormatError(f"config: intermediate_size has {len(self.intermediate_size)} entries for {n} layers")
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", tuple(GLOBAL if (i + 1) % 5 == 0 else LOCAL for i in range(n)))
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != n:
-            raise FormatError(f"config: layer_types has {len(self.layer_types)} entries for {n} layers")
-        bad = set(self.layer_types) - {LOCAL, GLOBAL}
-        if bad:
-            raise FormatError(f"config: unknown layer types {sorted(bad)}")
-        sp = self.activation_sparsity or (0.0,) * n
-        object.__setattr__(self, "activation_sparsity", tuple(float(s) for s in sp))
-        if len(self.activation_sparsity) != n:
-            raise FormatError(f"config: activation_sparsity has {len(self.activation_sparsity)} entries for {n} layers")
-        if any(not 0.0 <= s < 1.0 for s in self.activation_sparsity):
-            raise FormatError(f"config: activation sparsity targets must lie in [0, 1), got {list(self.activation_sparsity)}")
+        n = check_int(self, "num_layers", hi=MAX_LAYERS)
         for f in ("vocab_size", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size_per_layer_input",
-                  "hidden_size_per_layer_input", "altup_num_inputs", "laurel_rank", "max_position_embeddings"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise FormatError(f"config: {f} must be a positive integer, got {v!r}")
-        if any(v <= 0 for v in self.intermediate_size):
-            raise FormatError(f"config: every intermediate_size must be positive, got {list(self.intermediate_size)}")
-        if self.num_heads % self.num_kv_heads:
-            raise FormatError(f"config: {self.num_heads} heads do not group over {self.num_kv_heads} kv heads")
-        if not 0 <= self.altup_active_idx < self.altup_num_inputs:
-            raise FormatError(f"config: altup_active_idx {self.altup_active_idx} is not below altup_num_inputs {self.altup_num_inputs}")
-        if LOCAL in self.layer_types and self.sliding_window <= 0:
-            raise FormatError(f"config: sliding_window must be positive, got {self.sliding_window}")
+                  "hidden_size_per_layer_input", "laurel_rank", "max_position_embeddings"):
+            check_int(self, f)
+        check_int(self, "altup_num_inputs", lo=2)  # the active stream and at least one predicted one
+        check_int(self, "altup_active_idx", lo=0, hi=self.altup_num_inputs - 1)
+        check_heads(self)
+        check_head_dim(self)
+        inter = self.intermediate_size
+        if is_int(inter):
+            inter = (inter,) * n
+        if not isinstance(inter, (list, tuple)):
+            raise bad("intermediate_size", "must be an integer or a list of one per layer", inter)
+        if len(inter) != n:
+            raise FormatError(f"config field 'intermediate_size' has {len(inter)} entries for {n} layers")
+        if not all(is_int(v) and 1 <= v <= INT_MAX for v in inter):
+            raise bad("intermediate_size", "must list positive integers", list(inter))
+        object.__setattr__(self, "intermediate_size", tuple(inter))
+        for f in ("rms_norm_eps", "rope_theta", "rope_local_theta", "rope_scaling_factor"):
+            check_float(self, f)
+        check_float(self, "final_logit_softcap", optional=True, zero_ok=True)  # null or 0: no soft-cap
+        check_bool(self, "altup_correct_scale")
+        check_layer_types(self, (LOCAL, GLOBAL), lambda n: tuple(GLOBAL if (i + 1) % 5 == 0 else LOCAL
+                                                                  for i in range(n)))
+        check_int(self, "sliding_window", lo=1 if LOCAL in self.layer_types else 0)
+        sp = self.activation_sparsity
+        if not isinstance(sp, (list, tuple)):
+            raise bad("activation_sparsity", "must be a list of one target per layer", sp)
+        sp = sp or (0.0,) * n
+        if len(sp) != n:
+            raise FormatError(f"config field 'activation_sparsity' has {len(sp)} entries for {n} layers")
+        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s < 1.0 for s in sp):
+            raise bad("activation_sparsity", "must list targets in [0, 1)", list(sp))
+        object.__setattr__(self, "activation_sparsity", tuple(float(s) for s in sp))
+        check_int(self, "num_kv_shared_layers", lo=0, hi=n - 1)
         k = self.num_kv_shared_layers
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
-            raise FormatError(f"config: num_kv_shared_layers must be in [0, {n - 1}], got {k!r}")
         if k and set(self.layer_types[: n - k]) != set(self.layer_types):
             # transformers' kv_sharing_modes raises the same way
-            raise FormatError("config: the layer types producing a KV cache (the first "
-                              f"{n - k} layers) do not cover every layer type; num_kv_shared_layers={k} is invalid")
+            raise FormatError(f"config field 'num_kv_shared_layers' is invalid, got {k}: the layer types producing a "
+                              f"KV cache (the first {n - k} layers) do not cover every layer type")
 
     # ------------------------------------------------------------------ derived
 
@@ -234,6 +232,12 @@ def tensor_shapes(cfg: Gemma3nConfig) -> dict[str, tuple[tuple[int, ...], str]]:
             out[f"blk.{i}.{short}.weight"] = v
     out["output_norm.weight"] = ((h,), "norm")
     return out
+
+
+def check_tensors(cfg: Gemma3nConfig, bundle) -> None:
+    """The bundle's tensor table against the config: every tensor present, with the shape the
+    config implies (FormatError naming the tensor otherwise)."""
+    check_tensor_shapes(tensor_shapes(cfg), bundle)
 
 
 @dataclass(frozen=True)
