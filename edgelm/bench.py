@@ -155,6 +155,10 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         raise BadInputError(f"--prefill-chunk must be an integer >= 1, got {prefill_chunk!r}")
     if prompt_tokens + gen_tokens > max_tokens:
         raise BadInputError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds --max-tokens {max_tokens}")
+    from .format.bundle import Bundle
+
+    with Bundle(path):  # a bad file fails here, before the progress bar
+        pass
     runs = []
     it = range(repeat + 1)
     if progress:

@@ -52,7 +52,7 @@ def test_collect_records_every_linear_input(tiny):
     np.testing.assert_array_equal(data["blk.0.attn_q.weight"], data["blk.0.attn_k.weight"])
     np.testing.assert_array_equal(data["blk.1.ffn_gate.weight"], data["blk.1.ffn_up.weight"])
     np.testing.assert_allclose(data["blk.0.attn_q.weight"], _manual_stats(eng, seqs), rtol=1e-5)
-    assert eng.ops.name == "numpy"  # the recorder is removed afterwards
+    assert eng.ops.name == "numpy"  # the engine's op table is never replaced
 
 
 def test_self_generated_calibration_is_reproducible(tiny):
@@ -64,12 +64,63 @@ def test_self_generated_calibration_is_reproducible(tiny):
     assert sum(len(s) for s in a) == 50 and all(s[0] == eng.tokenizer.bos_id for s in a)
 
 
+def _linear_tensors(bundle_path) -> set[str]:
+    from edgelm.format.bundle import Bundle
+
+    with Bundle(bundle_path) as b:
+        return {n for n in b.tensor_names() if len(b.tensor_info(n)["shape"]) == 2}
+
+
+def test_cli_imatrix_records_every_linear_tensor_on_both_backends(tiny, tmp_path):
+    """The default cpu backend runs prefill through fused native blocks; the recorder must
+    still see every product, and record what the numpy reference records."""
+    linear = _linear_tensors(tiny["fp32"])
+    assert len(linear) == 2 * 7 + 1  # q k v o gate up down per layer, and the tied head
+    got = {}
+    for backend in ("cpu", "numpy"):
+        out = tmp_path / f"im-{backend}.npz"
+        r = run_cli("imatrix", "-m", str(tiny["fp32"]), "-o", str(out), "--tokens", "48", "--seed", "2",
+                    "--backend", backend, "-q")
+        assert r.returncode == 0, r.stderr
+        got[backend], _ = im.load(out)
+        assert set(got[backend]) == linear, (backend, linear ^ set(got[backend]))
+        for name, v in got[backend].items():
+            # a real mean square: positive, finite and not the same for every column
+            assert np.all(np.isfinite(v)) and v.mean() > 0 and v.std() > 0, (backend, name)
+    for name in linear:  # the same statistics, up to the backends' rounding
+        np.testing.assert_allclose(got["cpu"][name], got["numpy"][name], rtol=2e-2, atol=1e-6, err_msg=name)
+
+
+def test_convert_refuses_a_partial_importance_matrix(tiny, tmp_path):
+    out = tmp_path / "im.npz"
+    r = run_cli("imatrix", "-m", str(tiny["fp32"]), "-o", str(out), "--tokens", "32", "-q")
+    assert r.returncode == 0, r.stderr
+    data, meta = im.load(out)
+    partial = tmp_path / "partial.npz"
+    im.save(partial, {k: v for k, v in data.items() if k != "blk.1.ffn_down.weight"}, meta)
+    r = run_cli("convert", str(tiny["hf"]), "-o", str(tmp_path / "p.edgelm"), "-s", "int4-b32",
+                "--imatrix", str(partial), "-q")
+    assert_clean_error(r, "covers 14 of the 15 tensors quantized to 4 bits; missing: blk.1.ffn_down.weight")
+    assert not (tmp_path / "p.edgelm").exists()
+    # int8 does not use the importance, so nothing is missing there; an int8 head with int4
+    # layers needs every layer but not the head
+    r = run_cli("convert", str(tiny["hf"]), "-o", str(tmp_path / "q.edgelm"), "-s", "int8",
+                "--imatrix", str(partial), "-q")
+    assert r.returncode == 0, r.stderr
+    no_head = tmp_path / "nohead.npz"
+    im.save(no_head, {k: v for k, v in data.items() if k != "token_embd.weight"}, meta)
+    r = run_cli("convert", str(tiny["hf"]), "-o", str(tmp_path / "r.edgelm"), "-s", "int4-b32",
+                "--embed-scheme", "int8", "--imatrix", str(no_head), "-q")
+    assert r.returncode == 0, r.stderr
+
+
 def test_cli_imatrix_then_convert(tiny, tmp_path):
     out = tmp_path / "im.npz"
     r = run_cli("imatrix", "-m", str(tiny["fp32"]), "-o", str(out), "--tokens", "64", "--seed", "1", "-q")
     assert r.returncode == 0, r.stderr
     data, meta = im.load(out)
     assert meta["self_generated"] is True and meta["tokens"] == 64 and meta["seed"] == 1
+    assert set(data) == _linear_tensors(tiny["fp32"])
     bundle = tmp_path / "q.edgelm"
     r = run_cli("convert", str(tiny["hf"]), "-o", str(bundle), "-s", "int4-b32", "--imatrix", str(out), "-q")
     assert r.returncode == 0, r.stderr

@@ -59,10 +59,25 @@ def test_logits_match_transformers(fp32_engines, hf_reference, backend, tol):
         ref = _ref_logits(hf_reference, ids)
         assert ours.shape == ref.shape == (len(ids), eng.config.vocab_size)
         # relative to that position's largest logit
-        err = np.abs(ours - ref).max(axis=1) / np.abs(ref).max(axis=1)
+        scale = np.abs(ref).max(axis=1)
+        err = np.abs(ours - ref).max(axis=1) / scale
         assert err.max() < tol, (prompt[:30], err.max())
-        # teacher-forced top-1 agreement is 100%
-        assert (ours.argmax(axis=1) == ref.argmax(axis=1)).all()
+        assert_top1_within_bound(ours, ref, tol * scale, prompt[:30])
+
+
+def assert_top1_within_bound(ours, ref, bound, what):
+    """Teacher-forced top-1 must agree wherever the reference's top-2 margin is wider than
+    the error bound can close (each logit may move by `bound`, so a margin above 2 * bound
+    cannot flip). Inside that band the two are true near-ties, whose order depends on the
+    last bits of the arithmetic (ISA, fp16 K/V); flips are allowed there but counted, and
+    must stay rare."""
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    agree = ours.argmax(axis=1) == ref.argmax(axis=1)
+    decidable = margin > 2 * bound
+    assert agree[decidable].all(), (what, np.flatnonzero(decidable & ~agree), margin[decidable & ~agree])
+    flips = int((~agree).sum())
+    assert flips <= max(1, len(agree) // 50), (what, f"{flips} near-tie flips in {len(agree)} positions")
 
 
 def test_greedy_continuation_matches_transformers(fp32_engines, hf_reference):

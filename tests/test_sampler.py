@@ -68,3 +68,14 @@ def test_temperature_sharpens():
     cold = [sample(logits, SamplerConfig(temperature=0.05), rng) for _ in range(200)]
     hot = [sample(logits, SamplerConfig(temperature=5.0), rng) for _ in range(200)]
     assert cold.count(0) == 200 and len(set(hot)) == 3
+
+
+def test_non_finite_logits_are_a_clear_error():
+    from edgelm.errors import EdgelmError
+
+    logits = np.array([0.5, np.nan, 1.0], np.float32)
+    rng = np.random.default_rng(0)
+    with pytest.raises(EdgelmError, match="non-finite logits"):
+        sample(logits, SamplerConfig(temperature=1.0), rng)
+    with pytest.raises(EdgelmError, match="non-finite logits"):
+        sample(np.full(4, np.inf, np.float32), SamplerConfig(temperature=0.7, top_k=2), rng)

@@ -33,7 +33,7 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
 
 
 @click.command()
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+@click.option("--model", "-m", type=click.Path(), default=None,
               help="A .edgelm bundle (default: the default model).")
 @click.option("--synthetic", type=click.Choice(SYNTHETIC), default=None,
               help="Benchmark random weights of a real geometry instead (labelled SYNTHETIC).")

@@ -102,10 +102,10 @@ def _reply(conv, text: str, out, quiet: bool) -> None:
 
 
 @click.command()
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+@click.option("--model", "-m", type=click.Path(), default=None,
               help="A .edgelm bundle (default: Gemma 3 270M, prepared on first use).")
 @click.option("--system", "-s", default=None, help="A system prompt (folded into the first user turn).")
-@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
+@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True,
               help="Longest reply, in tokens.")
 @click.option("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's).")
@@ -113,21 +113,24 @@ def _reply(conv, text: str, out, quiet: bool) -> None:
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (llama.cpp style).")
+@click.option("--presence-penalty", type=float, default=None, help="In [-2, 2], OpenAI style.")
+@click.option("--frequency-penalty", type=float, default=None, help="In [-2, 2], OpenAI style.")
 @click.option("--overflow", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True,
               help="When the context is full: drop the oldest turns, or stop with an error.")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @kv_dtype_option
 @click.option("--quiet", "-q", is_flag=True, help="No banner or stats lines.")
-def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, overflow,
-         threads, backend, kv_dtype, quiet):
+def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
+         presence_penalty, frequency_penalty, overflow, threads, backend, kv_dtype, quiet):
     """Chat with a model in the terminal."""
-    from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
+    from ..runtime.engine import Engine
 
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens,
                  kv_dtype=kv_dtype)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                           repetition_penalty=repetition_penalty)
+                                           repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                           frequency_penalty=frequency_penalty)
     conv = eng.create_conversation(system=system, sampler=sampler, max_new_tokens=max_new_tokens,
                                    overflow=overflow)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
@@ -135,6 +138,10 @@ def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, s
     out = sys.stdout
     if not quiet:
         click.echo(f"edgelm chat: {eng.path.name}, context {eng.max_tokens} tokens. {HELP}", err=True)
+    from ..runtime.modelinfo import BASE_MODEL_NOTICE, is_instruction_tuned
+
+    if is_instruction_tuned(eng.bundle.header) is False:  # shown even with --quiet: it explains the replies
+        click.echo(click.style(f"note: {BASE_MODEL_NOTICE}", fg="yellow"), err=True)
     while True:
         try:
             line = read("> " if sys.stdin.isatty() else "")

@@ -29,7 +29,7 @@ def eval_group():
 
 
 @eval_group.command()
-@click.option("--model", "-m", required=True, type=click.Path(dir_okay=False), help="The .edgelm bundle to score.")
+@click.option("--model", "-m", required=True, type=click.Path(), help="The .edgelm bundle to score.")
 @click.option("--text", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file (e.g. wikitext-2 test).")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--max-chunks", type=int, default=None, help="Score at most this many chunks.")

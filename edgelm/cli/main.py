@@ -31,31 +31,41 @@ def cli():
 # ----------------------------------------------------------------------------- run
 
 @cli.command()
-@click.argument("prompt")
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None,
+@click.argument("prompt", required=False)
+@click.option("--file", "-f", "prompt_file", type=click.Path(), default=None,
+              help="Read the prompt from a UTF-8 text file (or PROMPT '-' for standard input).")
+@click.option("--model", "-m", type=click.Path(), default=None,
               help="A .edgelm bundle (default: Gemma 3 270M, prepared on first use).")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's).")
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (llama.cpp style).")
+@click.option("--presence-penalty", type=float, default=None, help="In [-2, 2], OpenAI style.")
+@click.option("--frequency-penalty", type=float, default=None, help="In [-2, 2], OpenAI style.")
+@click.option("--stop", "stop", multiple=True, help="Stop at this string (not printed); repeat for several.")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
-@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default 4096).")
+@click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @kv_dtype_option
 @click.option("--quiet", "-q", is_flag=True, help="Do not print stats to stderr.")
-def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads, max_tokens, backend, kv_dtype, quiet):
-    """Generate a continuation of PROMPT, streamed to stdout."""
-    from ..runtime.engine import DEFAULT_MAX_TOKENS, Engine
+def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
+        presence_penalty, frequency_penalty, stop, threads, max_tokens, backend, kv_dtype, quiet):
+    """Generate a continuation of PROMPT, streamed to stdout. PROMPT '-' reads standard input;
+    --file reads a file."""
+    from ..runtime.engine import Engine
     from ..runtime.session import GenerationStats
 
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-                 kv_dtype=kv_dtype)
-    sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    prompt = _read_prompt(prompt, prompt_file)
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens, kv_dtype=kv_dtype)
+    sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                           repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                           frequency_penalty=frequency_penalty)
     session = eng.create_session(sampler)
     out = sys.stdout
     stats = None
-    for piece in session.generate(prompt, max_new_tokens=max_new_tokens):
+    for piece in session.generate(prompt, max_new_tokens=max_new_tokens, stop=list(stop) or None):
         if isinstance(piece, GenerationStats):
             stats = piece
             break
@@ -70,6 +80,25 @@ def run(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, threads,
             f"TTFT {stats.ttft_seconds:.3f} s, init {eng.init_seconds:.3f} s, {eng.backend}/{getattr(eng.ops, 'isa', '-')}]",
             err=True,
         )
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt from the argument, standard input ('-') or a file (--file); exactly one."""
+    if prompt_file is not None and prompt is not None:
+        raise BadInputError("give the prompt either as an argument or with --file, not both")
+    if prompt_file is not None:
+        from .eval import read_text_file
+
+        return read_text_file(prompt_file)
+    if prompt is None:
+        raise BadInputError("no prompt: give PROMPT, '-' to read standard input, or --file FILE")
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInputError(f"standard input: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return prompt
 
 
 # ----------------------------------------------------------------------------- convert
@@ -95,15 +124,15 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
     from ..convert import convert as do_convert
     from ..convert import load_source
 
-    if Path(output).exists() and Path(src).exists() and Path(output).resolve() == Path(src).resolve():
-        raise BadInputError(f"{output}: the output would overwrite the source")
     importance = imeta = None
     if imatrix_path is not None:
         from ..runtime import imatrix
 
         importance, imeta = imatrix.load(imatrix_path)
         imeta = {"file": Path(imatrix_path).name, **imeta}
-    source = load_source(src)
+    source = load_source(src)  # convert() refuses an output that is one of source.input_files
+    if imatrix_path is not None:
+        source.input_files.append(Path(imatrix_path))
     if matformer is not None:
         from ..convert.matformer import slice_source
 
@@ -124,7 +153,7 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
 # ----------------------------------------------------------------------------- imatrix
 
 @cli.command()
-@click.option("--model", "-m", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "-m", required=True, type=click.Path(),
               help="A bundle of the model (any scheme; a more precise one gives cleaner statistics).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
@@ -132,8 +161,9 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
 @click.option("--tokens", type=int, default=4096, show_default=True, help="Calibration tokens.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-generated text.")
 @click.option("--threads", "-t", type=int, default=None)
+@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
-def imatrix(model, output, text, tokens, seed, threads, quiet):
+def imatrix(model, output, text, tokens, seed, threads, backend, quiet):
     """Collect per-column activation importance for `convert --imatrix` (docs/quality.md)."""
     import time
     from pathlib import Path
@@ -148,7 +178,7 @@ def imatrix(model, output, text, tokens, seed, threads, quiet):
     out_dir = Path(output).resolve().parent
     if not out_dir.is_dir():
         raise BadInputError(f"{output}: the directory {out_dir} does not exist")
-    eng = Engine(model, threads=threads, max_tokens=512, prefill_chunk=512)
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=512, prefill_chunk=512)
     t0 = time.perf_counter()
     if text is not None:
         from .eval import read_text_file

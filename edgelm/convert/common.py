@@ -51,6 +51,8 @@ class Source:
     description: dict = field(default_factory=dict)  # provenance: path, format, name
     add_bos: bool = True
     notes: list[str] = field(default_factory=list)
+    # every file the importer reads (weights, config, tokenizer): the output may be none of them
+    input_files: list[Path] = field(default_factory=list)
 
 
 def default_chat_template() -> str:
@@ -111,6 +113,60 @@ def make_producer(src: Source, requantize: bool = False,
     return produce
 
 
+def check_importance(src: Source, plans: list[TensorPlan], importance: dict[str, np.ndarray],
+                     requantize: bool = False) -> None:
+    """Refuse an importance matrix that does not fit the model or leaves out a tensor that the
+    int4 scale search would quantize with it: a partial matrix would quietly give those
+    tensors the unweighted search."""
+    by_name = {st.name: st for st in src.tensors}
+    names = {p.name for p in plans}
+    if not set(importance) & names:
+        raise BadInputError("the importance file names none of this model's tensors (was it collected on another model?)")
+    for p in plans:
+        imp = importance.get(p.name)
+        if imp is not None and len(p.shape) > 1 and imp.size != int(np.prod(p.shape[1:])):
+            raise BadInputError(f"importance for {p.name} has {imp.size} entries; its rows have "
+                                f"{int(np.prod(p.shape[1:]))} columns (was it collected on another model?)")
+    needed = []
+    for p in plans:
+        st = by_name[p.name]
+        kept = st.passthrough is not None and not requantize and st.passthrough[0] == p.scheme.name
+        # products only: a table that is only ever looked up (Gemma 3n's per-layer embeddings)
+        # has no activations to weigh
+        if p.scheme.weight_bits == 4 and len(p.shape) > 1 and st.kind in ("linear", "embed") and not kept:
+            needed.append(p.name)
+    missing = [n for n in needed if n not in importance]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise BadInputError(
+            f"the importance file covers {len(needed) - len(missing)} of the {len(needed)} tensors "
+            f"quantized to 4 bits; missing: {shown} "
+            f"(collect it again with `edgelm imatrix` on this model)")
+
+
+def check_output_path(out: str | os.PathLike, inputs) -> None:
+    """Refuse an output that is one of the source's input files: the same path, a symlink
+    to one, or (for an existing output) a hard link to one. Writing it would destroy the
+    source."""
+    out = Path(out)
+    real_out = os.path.realpath(out)
+    try:
+        st_out = os.stat(out)
+    except OSError:
+        st_out = None
+    for f in inputs:
+        same = os.path.realpath(f) == real_out
+        if not same and st_out is not None:
+            try:
+                st = os.stat(f)
+            except OSError:
+                continue
+            same = (st.st_dev, st.st_ino) == (st_out.st_dev, st_out.st_ino)
+        if same:
+            raise BadInputError(f"{out}: the output is the source's input file {f}; writing it would destroy "
+                                "the source (choose another output path)")
+
+
 def summarize(plans: list[TensorPlan]) -> list[tuple[str, int, int, int]]:
     """Rows of (scheme, tensor count, weights, bytes)."""
     agg: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -143,10 +199,11 @@ def convert(
     edgelm.runtime.imatrix); importance_meta is recorded in the bundle's header."""
     embed_scheme = embed_scheme or scheme
     out = Path(out)
+    check_output_path(out, src.input_files)
     t0 = time.perf_counter()
     plans = plan_tensors(src, scheme, embed_scheme, ple_scheme)
-    if importance and not set(importance) & {p.name for p in plans}:
-        raise BadInputError("the importance file names none of this model's tensors (was it collected on another model?)")
+    if importance:
+        check_importance(src, plans, importance, requantize)
     meta = {
         "arch": src.arch,
         "config": src.config,

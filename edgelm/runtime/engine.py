@@ -13,7 +13,7 @@ import numpy as np
 from ..backends import get_backend
 from ..errors import BadInputError, CapacityError, FormatError
 from ..format.bundle import Bundle
-from ..models import get_model
+from ..models import get_model, load_config
 from .sampler import SamplerConfig
 from .session import Session
 from .tokenizer import Tokenizer
@@ -23,13 +23,40 @@ DEFAULT_PREFILL_CHUNK = 128  # as fast as 256 or 512 here, with a quarter of 512
 KV_DTYPES = {"f16": "float16", "f32": "float32"}
 
 
+def check_text(text: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (possible in a Python str, or from a JSON
+    escape such as \\ud800) has no UTF-8 form, so it is a BadInputError naming its position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInputError(
+            f"text has a lone surrogate U+{ord(text[e.start]):04X} at position {e.start}, which is not valid Unicode"
+        ) from None
+
+
+def _check_ids(ids, vocab: int) -> list[int]:
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise BadInputError(f"token ids must be a sequence of integers, got {type(ids).__name__}") from None
+    out = []
+    for pos, i in enumerate(ids):
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise BadInputError(f"token id at position {pos} is not an integer: {i!r}")
+        if not 0 <= int(i) < vocab:
+            raise BadInputError(f"token id {int(i)} at position {pos} is outside the vocabulary (0..{vocab - 1})")
+        out.append(int(i))
+    return out
+
+
 class Engine:
     """Load a bundle and run it.
 
     path: a .edgelm bundle; None means the default model (prepared on first use).
     backend: "cpu" (native kernels) or "numpy" (the reference).
     threads: worker threads for the native kernels (default: physical cores).
-    max_tokens: KV-cache capacity per session, chosen here (e.g. 1280 or 4096).
+    max_tokens: KV-cache capacity per session, chosen here (e.g. 1280 or 4096). Default: 4096,
+        or the model's context where that is shorter.
     kv_dtype: "f16" or "f32" storage for the KV cache. Default: f16 on the native cpu
         backend (half the cache's memory and bandwidth; the kernel widens each key block to
         fp32, so the arithmetic stays fp32), f32 on the numpy reference.
@@ -40,7 +67,7 @@ class Engine:
         path: str | os.PathLike | None = None,
         backend: str = "cpu",
         threads: int | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         kv_dtype: str | None = None,
     ):
@@ -50,12 +77,16 @@ class Engine:
             path = ensure_default_model()
         t0 = time.perf_counter()  # init = loading; the one-time default-model preparation is not counted
         for name, val in (("max_tokens", max_tokens), ("prefill_chunk", prefill_chunk)):
+            if val is None and name == "max_tokens":
+                continue
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise BadInputError(f"{name} must be a positive integer, got {val!r}")
         self.path = Path(path)
         self.bundle = Bundle(self.path)
         self.model = get_model(self.bundle.arch)
-        self.config = self.model.Config.from_dict(self.bundle.config)
+        self.config = load_config(self.model, self.bundle)  # config, tensor table and header checked
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.config.max_position_embeddings)
         if max_tokens > self.config.max_position_embeddings:
             raise BadInputError(
                 f"max_tokens {max_tokens} exceeds the model's context of {self.config.max_position_embeddings}")
@@ -91,12 +122,18 @@ class Engine:
         """Token ids of `text`; `parse_special=False` reads special-token literals as text."""
         if not isinstance(text, str):
             raise BadInputError(f"text must be a string, got {type(text).__name__}")
+        check_text(text)
         return self.tokenizer.encode(
             text, add_bos=self.add_bos if add_bos is None else add_bos, parse_special=parse_special
         )
 
     def detokenize(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
+        """The text of token ids; an id outside the vocabulary is a BadInputError naming it."""
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise BadInputError(f"token ids must be a sequence of integers, got {type(ids).__name__}") from None
+        return self.tokenizer.decode(_check_ids(ids, int(self.tokenizer.vocab_size)))
 
     # ------------------------------------------------------------------ sessions
 
@@ -119,7 +156,9 @@ class Engine:
             raise CapacityError(f"{len(ids)} tokens exceed the KV-cache capacity of {self.max_tokens} (raise max_tokens)")
         if not isinstance(start, int) or not 0 <= start < max(len(ids), 1):
             raise BadInputError(f"start must be in [0, {len(ids)}), got {start!r}")
-        s = self.create_session()
+        return self._score(ids, start, self.create_session())
+
+    def _score(self, ids: list[int], start: int, s: Session) -> np.ndarray:
         outs = []
         for c in range(0, len(ids), self.prefill_chunk):
             part = ids[c:c + self.prefill_chunk]
@@ -130,12 +169,9 @@ class Engine:
         return np.concatenate(outs, axis=0)
 
     def check_ids(self, token_ids) -> list[int]:
-        ids = [int(i) for i in token_ids]
-        vocab = self.config.vocab_size
-        for i in ids:
-            if not 0 <= i < vocab:
-                raise BadInputError(f"token id {i} is outside the vocabulary (0..{vocab - 1})")
-        return ids
+        """Token ids as a list of ints; a non-integer or an id outside the model's vocabulary is
+        a BadInputError naming it and its position."""
+        return _check_ids(token_ids, self.config.vocab_size)
 
     def weight_bytes(self) -> int:
         return sum(self.bundle.tensor(n).nbytes for n in self.bundle.tensor_names())

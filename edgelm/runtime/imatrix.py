@@ -31,18 +31,33 @@ __all__ = ["collect", "self_generated_calibration", "text_calibration", "save", 
 META_KEY = "__meta__"
 
 
+def _reference_ops() -> frozenset[str]:
+    """The op interface every backend implements: the public methods of the numpy reference."""
+    from ..backends.numpy_ops import NumpyOps
+
+    return frozenset(n for n in dir(NumpyOps) if not n.startswith("_") and callable(getattr(NumpyOps, n)))
+
+
 class _Recorder:
-    """An op table that forwards everything to `ops` and, in every product (matmul and the
-    fused matmul_multi / matmul_gelu_mul), adds the squared input columns to each weight's
-    accumulator."""
+    """An op table that forwards the reference ops to `ops` and, in every product (matmul and
+    the fused matmul_multi / matmul_gelu_mul), adds the squared input columns to each weight's
+    accumulator.
+
+    Only the reference interface passes through. A backend's own fused execution plans (whole
+    blocks in one native call, which never pass through `matmul`) are hidden, so the model
+    runs the per-op path, where every product is seen: the numerics are the same (the fused
+    blocks are tested bitwise against that path)."""
 
     def __init__(self, ops, names: dict[int, str]):
         self._ops = ops
         self._names = names
+        self._allowed = _reference_ops() | {"name", "isa"}
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
 
     def __getattr__(self, attr):
+        if attr.startswith("__") or attr not in self.__dict__.get("_allowed", ()):
+            raise AttributeError(attr)
         return getattr(self._ops, attr)
 
     def _record(self, x, t) -> None:
@@ -91,17 +106,17 @@ def collect(engine, sequences: Iterable[list[int]], progress: Callable[[int], No
             if k is not None:
                 names[k] = n
     rec = _Recorder(engine.ops, names)
-    saved = engine.ops
-    engine.ops = rec
-    try:
-        for seq in sequences:
-            if len(seq) < 2:
-                continue
-            engine.score(list(seq), start=0)
-            if progress:
-                progress(len(seq))
-    finally:
-        engine.ops = saved
+    for seq in sequences:
+        if len(seq) < 2:
+            continue
+        ids = engine.check_ids(seq)
+        if len(ids) > engine.max_tokens:
+            raise BadInputError(f"a calibration sequence of {len(ids)} tokens exceeds the capacity of {engine.max_tokens}")
+        s = engine.create_session()
+        s.ops = rec  # this session only: the engine and its other sessions are untouched
+        engine._score(ids, 0, s)
+        if progress:
+            progress(len(seq))
     if not rec.sums:
         raise BadInputError("no calibration tokens were run, so no importance was collected")
     return {n: (rec.sums[n] / rec.counts[n]).astype(np.float32) for n in rec.sums}

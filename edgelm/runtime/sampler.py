@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BadInputError
+from ..errors import BadInputError, EdgelmError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,5 +158,9 @@ def sample(logits: np.ndarray, cfg: SamplerConfig, rng, context=(), generated=()
     probs = softmax(logits[idx] / cfg.temperature)
     keep = top_p_filter(probs, cfg.top_p)
     idx, probs = idx[keep], probs[keep]
-    probs = probs / probs.sum()
+    total = probs.sum()
+    if not (np.isfinite(total) and total > 0):
+        raise EdgelmError("the model produced non-finite logits (NaN or inf), so nothing can be sampled; "
+                          "the bundle's weights or config are likely corrupt")
+    probs = probs / total
     return int(idx[rng.choice(len(idx), p=probs)])

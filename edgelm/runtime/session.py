@@ -103,6 +103,7 @@ class Session:
 
     def __init__(self, engine: "Engine", sampler: SamplerConfig):
         self.engine = engine
+        self.ops = engine.ops  # the op table this session's forwards run on
         self.sampler = sampler
         self._rng = None  # the sampler's generator, made on first use (see rng)
         self.caches = engine.model.make_caches(engine.config, engine.max_tokens, engine.prefill_chunk, engine.kv_dtype)
@@ -161,6 +162,7 @@ class Session:
         token and sampler RNG state. Both continue independently."""
         other = Session.__new__(Session)
         other.engine = self.engine
+        other.ops = self.ops
         other.sampler = self.sampler
         other._rng = copy.deepcopy(self._rng)
         other.caches = [c.copy() for c in self.caches]
@@ -227,7 +229,7 @@ class Session:
         n0 = len(self.tokens)
         try:
             with eng.lock:
-                out = eng.model.forward(eng.config, eng.weights, eng.ops, ids, n0, self.caches, logits)
+                out = eng.model.forward(eng.config, eng.weights, self.ops, ids, n0, self.caches, logits)
         except BaseException:
             for c in self.caches:  # a half-written chunk must not stay visible
                 c.truncate(n0)
