@@ -26,7 +26,7 @@ ISAS = [i for i in native.ALL_ISAS if native.cpu_supports(i)]
 class LoopOps(cpu.CpuOps):
     """The cpu op table without the fused path: models/gemma3.forward's per-op loop."""
 
-    gemma3_blocks = None
+    fused_plans = frozenset()
 
 
 @pytest.fixture(scope="module")

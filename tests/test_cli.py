@@ -60,12 +60,16 @@ def test_convert_and_inspect(tmp_path, real_gguf):
     assert 4.5 < j["bits_per_weight"] < 8.5
 
 
-def _tiny_gguf(path, arch):
+def _tiny_gguf(path, arch, **fields):
+    """A GGUF with one block, `fields` (GGUFWriter add_* names without the prefix, e.g.
+    head_count=0) and a zero embedding table."""
     import gguf
     import numpy as np
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
+    for name, value in fields.items():
+        getattr(w, f"add_{name}")(value)
     w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

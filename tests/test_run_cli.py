@@ -6,6 +6,7 @@ import json
 import pytest
 
 from .conftest import assert_clean_error, run_cli
+from .test_cli import _tiny_gguf
 from .tiny_bundle import tiny_bundle
 
 GREEDY = ("--temperature", "0", "-q")
@@ -80,22 +81,9 @@ def test_penalties_reach_the_sampler(bundle):
     assert ids and plain != penal
 
 
-def _tiny_gguf(path):
-    import gguf
-    import numpy as np
-
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_or_checkpoint_dir_where_a_bundle_belongs(tmp_path):
     g = tmp_path / "gemma-3-270m.gguf"
-    _tiny_gguf(g)
+    _tiny_gguf(g, "gemma3")
     hf = tmp_path / "gemma-3-1b-it"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
@@ -119,20 +107,8 @@ def test_chat_says_when_the_model_is_a_base_model():
 
 
 def test_gguf_with_a_zero_head_count_is_a_format_error(tmp_path):
-    import gguf
-    import numpy as np
-
     path = tmp_path / "zero-heads.gguf"
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_block_count(1)
-    w.add_embedding_length(32)
-    w.add_feed_forward_length(64)
-    w.add_head_count(0)
-    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _tiny_gguf(path, "gemma3", embedding_length=32, feed_forward_length=64, head_count=0)
     p = run_cli("convert", path, "-o", tmp_path / "o.edgelm")
     assert_clean_error(p, "zero-heads.gguf", "gemma3.attention.head_count must be a positive integer, got 0")
     assert p.returncode == 3

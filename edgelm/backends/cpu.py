@@ -1,6 +1,6 @@
 """The native CPU op table: the C++ kernels (edgelm/_native) for every op the models call.
 
-Same signatures and semantics as NumpyOps (the reference); tests/test_ops.py checks each op
+Same signatures and semantics as NumpyOps (the reference; the interface is backends/base.py); tests/test_ops.py checks each op
 against it. Per-call Python work is kept small: decode calls ~18 ops per layer per token.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.schemes import QTensor
-from .numpy_ops import NumpyOps
+from .base import Backend
 
 try:
     from . import native as _native
@@ -34,11 +34,13 @@ def _f32(a) -> np.ndarray:
     return a
 
 
-class CpuOps(NumpyOps):
+class CpuOps(Backend):
     name = "cpu"
+    # fp16 K/V: half the cache's memory and bandwidth; attention widens them to fp32
+    default_kv_dtype = "f16"
+    fused_plans = frozenset({"gemma3_blocks"})
 
     def __init__(self, isa: str | None = None):
-        super().__init__()
         self._k = _native.kernels(isa) if isa else _native._default()
         self.isa = self._k.isa
         self._m = self._k.module

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.schemes import QTensor
+from .base import Backend
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
 
-class NumpyOps:
+class NumpyOps(Backend):
     name = "numpy"
+    default_kv_dtype = "f32"
 
     def __init__(self):
         # Dequantized copies of quantized weights, made on first use. Only the reference

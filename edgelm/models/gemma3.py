@@ -189,8 +189,7 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
     # Every block in one native call where the op table has it (bitwise this loop). It saves
     # ~9 Python->C++ calls per layer and, for prefill chunks, a fresh numpy allocation (page
     # faults included) per intermediate: 1.18-1.26x faster prefill, no higher peak RSS.
-    fused = getattr(ops, "gemma3_blocks", None)
-    if fused is not None and fused(cfg, w, x, h, positions, caches):
+    if "gemma3_blocks" in ops.fused_plans and ops.gemma3_blocks(cfg, w, x, h, positions, caches):
         layers = ()
     for i, (L, kind, cache) in enumerate(zip(layers, cfg.layer_types, caches)):
         local = kind == LOCAL

@@ -96,7 +96,7 @@ class Engine:
             raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.ops = get_backend(backend, threads)
         self.backend = self.ops.name
-        self.kv_dtype_name = kv_dtype or ("f32" if self.backend == "numpy" else "f16")
+        self.kv_dtype_name = kv_dtype or self.ops.default_kv_dtype
         self.kv_dtype = KV_DTYPES[self.kv_dtype_name]
         self.weights = self.model.load_weights(self.config, self.bundle)
         meta = self.bundle.header

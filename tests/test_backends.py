@@ -1,0 +1,54 @@
+"""The backend interface (backends/base.py): every backend implements every op itself, a
+missing op is an error, and capabilities (KV dtype, fused plans) come from the backend."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from edgelm.backends import cpu
+from edgelm.backends.base import OPS, Backend
+from edgelm.backends.numpy_ops import NumpyOps
+from edgelm.runtime.engine import Engine
+
+from .tiny_bundle import tiny_bundle
+
+BACKENDS = [NumpyOps] + ([cpu.CpuOps] if cpu.available() else [])
+
+
+@pytest.mark.parametrize("cls", BACKENDS, ids=lambda c: c.name)
+def test_every_op_is_the_backends_own(cls):
+    assert issubclass(cls, Backend) and not inspect.isabstract(cls)
+    for op in OPS:
+        # defined by the class itself (or a backend class between it and Backend), never
+        # inherited from another backend
+        owner = next(k for k in cls.__mro__ if op in vars(k))
+        assert owner is cls, (cls.name, op, owner)
+    assert cls.default_kv_dtype in ("f16", "f32")
+    assert set(OPS) == set(Backend.__abstractmethods__)
+
+
+def test_a_missing_op_is_an_error():
+    class Partial(Backend):
+        name = "partial"
+
+        def matmul(self, x, t):
+            return x
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial()
+
+
+def test_kv_dtype_and_fused_plans_come_from_the_backend():
+    eng = Engine(tiny_bundle(), backend="numpy", max_tokens=64)
+    assert eng.kv_dtype_name == NumpyOps.default_kv_dtype == "f32"
+    assert eng.ops.fused_plans == frozenset()
+    if cpu.available():
+        c = Engine(tiny_bundle(), backend="cpu", max_tokens=64)
+        assert c.kv_dtype_name == "f16" and "gemma3_blocks" in c.ops.fused_plans
+        # the same tokens through the fused plan and through the numpy reference
+        ids = c.tokenize("The river town kept its records")
+        a = c.score(ids)
+        b = Engine(tiny_bundle(), backend="numpy", max_tokens=64, kv_dtype="f16").score(ids)
+        rel = np.abs(a - b).max() / np.abs(b).max()
+        assert rel < 1e-3
