@@ -52,3 +52,32 @@ def test_kv_dtype_and_fused_plans_come_from_the_backend():
         b = Engine(tiny_bundle(), backend="numpy", max_tokens=64, kv_dtype="f16").score(ids)
         rel = np.abs(a - b).max() / np.abs(b).max()
         assert rel < 1e-3
+
+
+def test_models_declare_caches_and_the_backend_allocates_them():
+    from edgelm.backends.kvcache import CacheSpec, KVCache
+
+    eng = Engine(tiny_bundle(), backend="numpy", max_tokens=64, prefill_chunk=16)
+    specs = eng.model.cache_specs(eng.config, eng.max_tokens, eng.prefill_chunk)
+    cfg = eng.config
+    assert len(specs) == cfg.num_layers
+    for spec, kind in zip(specs, cfg.layer_types):
+        if kind == "local":  # a ring: window - 1 earlier positions plus a whole chunk
+            assert spec == CacheSpec(min(64, cfg.sliding_window - 1 + 16), cfg.num_kv_heads, cfg.head_dim,
+                                     cfg.sliding_window)
+        else:
+            assert spec == CacheSpec(64, cfg.num_kv_heads, cfg.head_dim, None)
+
+    made = []
+
+    class Counting(NumpyOps):
+        def alloc_cache(self, spec, dtype):
+            made.append((spec, dtype))
+            return super().alloc_cache(spec, dtype)
+
+    eng.ops = Counting()  # a test-only swap, before any session exists
+    s = eng.create_session({"temperature": 0.0})
+    assert [m[0] for m in made] == specs and {m[1] for m in made} == {"float32"}
+    assert all(isinstance(c, KVCache) and c.window == sp.window for c, sp in zip(s.caches, specs))
+    out = [p for p in s.generate("hello", max_new_tokens=3) if isinstance(p, str)]
+    assert s.n_tokens > 1 and out is not None

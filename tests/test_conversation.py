@@ -17,7 +17,7 @@ from tiny_bundle import tiny_bundle  # noqa: E402
 from edgelm import Engine  # noqa: E402
 from edgelm.errors import BadInputError, CapacityError  # noqa: E402
 from edgelm.runtime.conversation import ChatTemplate  # noqa: E402
-from edgelm.runtime.kvcache import KVCache  # noqa: E402
+from edgelm.backends.kvcache import KVCache  # noqa: E402
 from edgelm.runtime.sampler import SamplerConfig, apply_penalties  # noqa: E402
 from edgelm.runtime.session import GenerationStats, StopStrings  # noqa: E402
 

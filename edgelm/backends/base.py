@@ -47,6 +47,13 @@ class Backend(abc.ABC):
         """A host (numpy) array of `x`; a no-op for host backends."""
         return np.asarray(x)
 
+    def alloc_cache(self, spec, dtype: str):
+        """A KV cache for `spec` (backends/kvcache.CacheSpec) storing `dtype` ("float16" or
+        "float32"). Host backends share the lazily mapped host cache."""
+        from .kvcache import KVCache
+
+        return KVCache.from_spec(spec, dtype)
+
     @abc.abstractmethod
     def matmul(self, x, t): ...
 

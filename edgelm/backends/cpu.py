@@ -159,7 +159,7 @@ class CpuOps(Backend):
         x [n, hidden] is updated in place and h becomes the final-norm output, exactly as the
         per-op loop of models/gemma3.forward leaves them. Returns False (nothing done) when a
         cache cannot take the step whole; the caller then runs the loop."""
-        from ..runtime.kvcache import KVCache
+        from .kvcache import KVCache
 
         n = x.shape[0]
         if not all(type(c) is KVCache and c.slots >= n for c in caches):

@@ -1,6 +1,6 @@
 """Models are found by convention: architecture "x" lives in edgelm/models/x.py and exports
 ARCH, Config (a frozen dataclass with from_dict, checking its own fields), check_tensors (the
-bundle's tensor table against the config), load_weights, make_caches and forward."""
+bundle's tensor table against the config), load_weights, cache_specs and forward."""
 
 from __future__ import annotations
 

@@ -159,14 +159,14 @@ def load_weights(cfg: Gemma3Config, bundle) -> Weights:
 
 # ----------------------------------------------------------------------------- forward
 
-def make_caches(cfg: Gemma3Config, capacity: int, max_chunk: int, kv_dtype="float32"):
-    from ..runtime.kvcache import KVCache
+def cache_specs(cfg: Gemma3Config, capacity: int, max_chunk: int) -> list:
+    """One K/V cache per layer: global layers hold `capacity` positions, sliding ones a ring."""
+    from ..backends.kvcache import CacheSpec, sliding_slots
 
-    local_slots = min(capacity, cfg.sliding_window - 1 + max_chunk)
-    return [
-        KVCache(local_slots if t == LOCAL else capacity, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        for t in cfg.layer_types
-    ]
+    ring = CacheSpec(sliding_slots(capacity, cfg.sliding_window, max_chunk), cfg.num_kv_heads, cfg.head_dim,
+                     cfg.sliding_window)
+    full = CacheSpec(capacity, cfg.num_kv_heads, cfg.head_dim)
+    return [ring if t == LOCAL else full for t in cfg.layer_types]
 
 
 def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last"):

@@ -326,19 +326,15 @@ def load_weights(cfg: Gemma3nConfig, bundle) -> Weights:
 
 # ----------------------------------------------------------------------------- caches
 
-def make_caches(cfg: Gemma3nConfig, capacity: int, max_chunk: int, kv_dtype="float32"):
-    """One KVCache per non-shared layer (layers 0 .. first_kv_shared_layer-1); KV-shared
+def cache_specs(cfg: Gemma3nConfig, capacity: int, max_chunk: int) -> list:
+    """One K/V cache per non-shared layer (layers 0 .. first_kv_shared_layer-1); KV-shared
     layers have none. Sliding layers keep a ring of window - 1 + max_chunk slots."""
-    from ..runtime.kvcache import KVCache
+    from ..backends.kvcache import CacheSpec, sliding_slots
 
-    local_slots = min(capacity, cfg.sliding_window - 1 + max_chunk)
-    caches = []
-    for t in cfg.layer_types[: cfg.first_kv_shared_layer]:
-        c = KVCache(local_slots if t == LOCAL else capacity, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        if t == LOCAL:
-            c.window = int(cfg.sliding_window)
-        caches.append(c)
-    return caches
+    ring = CacheSpec(sliding_slots(capacity, cfg.sliding_window, max_chunk), cfg.num_kv_heads, cfg.head_dim,
+                     int(cfg.sliding_window))
+    full = CacheSpec(capacity, cfg.num_kv_heads, cfg.head_dim)
+    return [ring if t == LOCAL else full for t in cfg.layer_types[: cfg.first_kv_shared_layer]]
 
 
 # ----------------------------------------------------------------------------- forward

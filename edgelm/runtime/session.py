@@ -106,13 +106,8 @@ class Session:
         self.ops = engine.ops  # the op table this session's forwards run on
         self.sampler = sampler
         self._rng = None  # the sampler's generator, made on first use (see rng)
-        self.caches = engine.model.make_caches(engine.config, engine.max_tokens, engine.prefill_chunk, engine.kv_dtype)
-        window = getattr(engine.config, "sliding_window", None)
-        kinds = getattr(engine.config, "layer_types", ())
-        if window and len(kinds) == len(self.caches):
-            for c, kind in zip(self.caches, kinds):
-                if kind == "local":
-                    c.window = int(window)
+        specs = engine.model.cache_specs(engine.config, engine.max_tokens, engine.prefill_chunk)
+        self.caches = [engine.ops.alloc_cache(spec, engine.kv_dtype) for spec in specs]
         self.tokens: list[int] = []  # every token whose K/V is in the cache
         self.last_stats: GenerationStats | None = None
         self.pending_token: int | None = None

@@ -1,4 +1,10 @@
-"""Per-layer KV caches behind one small protocol.
+"""Per-layer KV caches: what a model declares (CacheSpec) and the host implementation.
+
+A model says which caches it needs (`cache_specs(cfg, capacity, max_chunk)`: one CacheSpec
+per layer that stores K/V, global or sliding-window); the backend allocates them
+(`Backend.alloc_cache(spec, dtype)`). Host backends use KVCache below; a device backend
+allocates its own kind behind the same interface (update, truncate, can_truncate, copy,
+nbytes).
 
 `update(k, v, positions) -> (K, V, K_pos)` stores a chunk and returns the keys/values that
 the chunk's queries may need, with their positions for masking (-1 = empty slot).
@@ -13,8 +19,27 @@ chunk still sees.
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One layer's K/V store: `slots` positions of [kv_heads, head_dim]; `window` is the
+    layer's sliding window (None for a global layer), whose ring may then hold fewer slots
+    than the capacity."""
+
+    slots: int
+    kv_heads: int
+    head_dim: int
+    window: int | None = None
+
+
+def sliding_slots(capacity: int, window: int, max_chunk: int) -> int:
+    """Ring slots of a sliding-window layer: a whole chunk is written before it attends, so
+    window - 1 earlier positions plus the chunk must fit."""
+    return min(capacity, window - 1 + max_chunk)
 
 
 def _lazy_zeros(shape, dtype) -> np.ndarray:
@@ -30,6 +55,12 @@ def _lazy_zeros(shape, dtype) -> np.ndarray:
 
 
 class KVCache:
+    @classmethod
+    def from_spec(cls, spec: CacheSpec, dtype="float32") -> "KVCache":
+        c = cls(spec.slots, spec.kv_heads, spec.head_dim, dtype)
+        c.window = spec.window
+        return c
+
     def __init__(self, slots: int, kv_heads: int, head_dim: int, dtype="float32"):
         # dtype float16 halves the cache (writes round to nearest); attention widens it again.
         self.slots = slots
