@@ -48,3 +48,19 @@ def test_generate_and_score_reject_bad_ids_before_any_work(eng):
     with pytest.raises(BadInputError, match="not an integer"):
         eng.score([2, 3.5])
     assert s.n_tokens == 0
+
+
+def test_the_engine_is_not_modified_by_what_uses_it(eng):
+    """Conversations, the importance recorder and sessions keep their state beside the
+    engine: its attributes are the same objects before and after."""
+    from edgelm.runtime import imatrix as im
+
+    before = dict(vars(eng))
+    conv = eng.create_conversation(sampler={"temperature": 0.0}, max_new_tokens=3)
+    conv.send("hello")
+    im.collect(eng, [[eng.tokenizer.bos_id, *eng.tokenize("one two three", add_bos=False)]])
+    s = eng.create_session()
+    list(s.generate("x", max_new_tokens=2))
+    after = dict(vars(eng))
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before), [k for k in before if after[k] is not before[k]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import threading
+import weakref
 from typing import TYPE_CHECKING, Iterator
 
 from ..errors import BadInputError, CapacityError
@@ -73,15 +74,20 @@ def _raise_exception(message):
     raise _TemplateRaised(str(message))
 
 
+_TEMPLATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TEMPLATES_LOCK = threading.Lock()
+
+
 def get_chat_template(engine: "Engine") -> ChatTemplate:
-    """The engine's compiled chat template (compiled once, cached on the engine)."""
-    t = getattr(engine, "_edgelm_chat_template", None)
-    if t is None:
-        tok = engine.tokenizer
-        bos = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else ""
-        t = ChatTemplate(engine.chat_template, bos, eos)
-        engine._edgelm_chat_template = t
+    """The engine's compiled chat template, compiled once per engine and kept beside it (the
+    engine itself is never modified after construction)."""
+    with _TEMPLATES_LOCK:
+        t = _TEMPLATES.get(engine)
+        if t is None:
+            tok = engine.tokenizer
+            bos = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.id_to_piece(tok.eos_id) if tok.eos_id is not None else ""
+            t = _TEMPLATES[engine] = ChatTemplate(engine.chat_template, bos, eos)
     return t
 
 
