@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ._config import (MAX_LAYERS, check_float, check_head_dim, check_heads, check_int, check_layer_types,
                       check_tensor_shapes, config_from_dict)
+from ._inputs import splice
 
 ARCH = "gemma3"
 LOCAL, GLOBAL = "local", "global"
@@ -169,8 +170,11 @@ def cache_specs(cfg: Gemma3Config, capacity: int, max_chunk: int) -> list:
     return [ring if t == LOCAL else full for t in cfg.layer_types]
 
 
-def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last"):
+def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last", embeds=None):
     """Run `tokens` (positions pos0...) through the model, updating `caches`.
+
+    embeds: optional soft rows (models._inputs.SoftRows) that replace the scaled token
+    embeddings of those chunk rows (image or audio features, as transformers merges them).
 
     logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None,
     or an int k -> [n - k, vocab] for positions k.. of the chunk (skips the head for the rest).
@@ -183,7 +187,7 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
     positions = np.arange(pos0, pos0 + n, dtype=np.int64)
     scale = cfg.query_pre_attn_scalar ** -0.5
 
-    x = ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5)  # [n, hidden]
+    x = splice(ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5), embeds)  # [n, hidden]
     layers = w.layers
     h = ops.rmsnorm(x, layers[0].attn_norm, eps)  # the first block's input
     # Every block in one native call where the op table has it (bitwise this loop). It saves

@@ -64,6 +64,7 @@ from statistics import NormalDist
 from ..errors import FormatError
 from ._config import (INT_MAX, MAX_LAYERS, bad, check_bool, check_float, check_head_dim, check_heads,
                       check_int, check_layer_types, check_tensor_shapes, config_from_dict, is_int)
+from ._inputs import splice
 
 ARCH = "gemma3n"
 LOCAL, GLOBAL = "local", "global"
@@ -356,8 +357,13 @@ def _router(ops, x, L, eps, inv_h):
     return np.tanh(ops.matmul(ops.rmsnorm(x, L.altup_router_norm, eps) * inv_h, L.altup_router))
 
 
-def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last"):
+def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last", embeds=None):
     """Run `tokens` (positions pos0...) through the model, updating `caches`.
+
+    embeds: optional soft rows (models._inputs.SoftRows) that replace the scaled token
+    embeddings of those chunk rows; their per-layer inputs then come from the projection of
+    the soft rows plus the PLE row of their placeholder id (row 0 for ids past the PLE
+    vocabulary), as transformers' Gemma3nModel does.
 
     logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None,
     or an int k -> [n - k, vocab] for positions k.. of the chunk.
@@ -375,7 +381,7 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     inv_sqrt2 = f32(1.0 / math.sqrt(2.0))
 
     # ---- embeddings and per-layer inputs
-    x0 = ops.embed(tokens, w.embed) * f32(h ** 0.5)  # [n, h]
+    x0 = splice(ops.embed(tokens, w.embed) * f32(h ** 0.5), embeds)  # [n, h]
     ple_ids = np.where(tokens < cfg.vocab_size_per_layer_input, tokens, 0).astype(np.int32)
     ple = (ops.embed(ple_ids, w.ple) * f32(P ** 0.5)).reshape(n, NL, P)  # only these rows are read
     proj = (ops.matmul(x0, w.ple_proj) * f32(h ** -0.5)).reshape(n, NL, P)

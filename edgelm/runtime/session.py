@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from ..errors import BadInputError, CapacityError
+from ..models._inputs import SoftRows
+from .content import Part, is_parts, resolve
 from .sampler import SamplerConfig, sample
 
 if TYPE_CHECKING:
@@ -219,12 +221,13 @@ class Session:
         session stays usable; the stats say stop_reason="cancelled"."""
         self._cancel.set()
 
-    def _forward(self, ids: list[int], logits: str):
+    def _forward(self, ids: list[int], logits: str, embeds=None):
         eng = self.engine
         n0 = len(self.tokens)
+        kw = {} if embeds is None else {"embeds": embeds}
         try:
             with eng.lock:
-                out = eng.model.forward(eng.config, eng.weights, self.ops, ids, n0, self.caches, logits)
+                out = eng.model.forward(eng.config, eng.weights, self.ops, ids, n0, self.caches, logits, **kw)
         except BaseException:
             for c in self.caches:  # a half-written chunk must not stay visible
                 c.truncate(n0)
@@ -280,7 +283,7 @@ class Session:
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: "str | list[int] | list[Part]",
         max_new_tokens: int = 256,
         stop_ids=None,
         *,
@@ -289,27 +292,34 @@ class Session:
     ) -> Iterator["str | GenerationStats"]:
         """Yields text pieces as they decode, then one GenerationStats.
 
-        The prompt continues the session's context (a fresh session starts with BOS).
+        The prompt continues the session's context (a fresh session starts with BOS). It is
+        text, token ids, or a list of content parts (runtime/content.py: text, soft
+        embeddings; image and audio slots).
         stop: stop strings (text level; the text from a stop string on is not emitted).
         cancel: an extra Event that stops generation when set (as cancel() does)."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise BadInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop_strings = check_stop_strings(stop)
         eng = self.engine
+        embeds = None
         if isinstance(prompt, str):
             ids = eng.tokenize(prompt, add_bos=eng.add_bos and not self.tokens)
+        elif is_parts(prompt):
+            ids, embeds = resolve(eng, prompt, add_bos=eng.add_bos and not self.tokens)
         else:
             ids = eng.check_ids(prompt)
         if not ids:
             raise BadInputError("the prompt is empty")
         if self.pending_token is not None:  # the previous reply's last token
             ids = [self.pending_token] + ids
+            if embeds is not None:
+                embeds = SoftRows(embeds.rows + 1, embeds.values)
         self._check_fits(len(ids) + max_new_tokens, f"a {len(ids)}-token prompt plus {max_new_tokens} new tokens")
         stops = eng.stop_ids if stop_ids is None else frozenset(stop_ids)
         self._cancel.clear()
-        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel)
+        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel, embeds)
 
-    def _prefill_cancellable(self, ids, cancel):
+    def _prefill_cancellable(self, ids, cancel, embeds=None):
         """prefill(), checking for cancellation between chunks: returns None if cancelled
         (what was fed so far stays in the cache)."""
         chunk = self.engine.prefill_chunk
@@ -318,7 +328,8 @@ class Session:
             if s and self._cancelled(cancel):
                 return None
             final = s + chunk >= len(ids)
-            out = self._forward(ids[s:s + chunk], "last" if final else "none")
+            part = None if embeds is None else embeds.window(s, s + chunk)
+            out = self._forward(ids[s:s + chunk], "last" if final else "none", part)
             if s == 0:
                 self.pending_token = None  # it was ids[0], now in the cache
         return out
@@ -326,7 +337,7 @@ class Session:
     def _cancelled(self, extra) -> bool:
         return self._cancel.is_set() or (extra is not None and extra.is_set())
 
-    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None):
+    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None):
         t0 = time.perf_counter()
         generated = 0
         reason = "max_new_tokens"
@@ -340,7 +351,7 @@ class Session:
         if self._cancelled(cancel):
             reason = "cancelled"
         else:
-            logits = self._prefill_cancellable(ids, cancel)
+            logits = self._prefill_cancellable(ids, cancel, embeds)
             t_prefill = time.perf_counter() - t0
             t_dec = time.perf_counter()
             if logits is None:
