@@ -219,7 +219,7 @@ constexpr int KB = 64;  // keys per block
 // KB_DECODE keys, and while the scores of one block are computed, the next block's K/V rows
 // are prefetched into L2. Measured 1.11-1.24x on cold decode attention against 64-key blocks
 // without prefetch; on 270M decode, where attention is ~7-9% of a step, 0.99-1.07x, i.e. within
-// this host's noise (docs/kernels.md, "Session 5").
+// this host's noise (measurements in docs/kernels.md).
 // Module switch for A/B runs: 1 = this (default), 0 = 64-key blocks, no prefetch.
 constexpr int KB_DECODE = 16;
 inline std::atomic<int>& decode_prefetch_mode() {
@@ -311,7 +311,7 @@ EDGELM_INLINE void pv_rows(const float* p0, const T* const* vp, int64_t na, floa
 
 // Software prefetch (into L2) of the K and V rows of the next key block, spread over this
 // block's score tiles. Decode reads every K/V row once, from DRAM, and waits on it without
-// this; prefetching a block's own rows in a burst at its start measured no gain (session 4).
+// this; prefetching a block's own rows in a burst at its start measured no gain.
 struct NextBlock {
     const char* k = nullptr;  // first row of the next block (slot order), or null
     const char* v = nullptr;

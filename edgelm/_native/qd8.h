@@ -236,8 +236,8 @@ EDGELM_INLINE __m256i pair_dot(__m256i wv, const uint8_t* un, __m256i m0f, [[may
 
 // Weights of a one-row GEMV are read once, so they are prefetched into L1 at a steady
 // distance along each thread's contiguous range (rows are contiguous), one line per 64
-// bytes consumed. (Until session 6 each row prefetched a whole row ~2.5 KB ahead at its
-// start, which came in bursts on long rows; docs/kernels.md, "Session 6".) The distance can
+// bytes consumed. (Prefetching a whole row ~2.5 KB ahead at each row start came in bursts on
+// long rows and was slower; measurements in docs/kernels.md.) The distance can
 // be set at compile time for benchmarks/native/gemvbench.cpp's sweeps.
 #ifndef EDGELM_GEMV_PREFETCH
 #define EDGELM_GEMV_PREFETCH 3072
@@ -654,7 +654,7 @@ EDGELM_INLINE __m256i bcast4(const int8_t* p) {
 // of 8 weight rows each (group g at pw + g * gs, its scales at dw + g * ds). Two groups with
 // three rows (the default) share each activation broadcast between two vpmaddubsw: measured
 // 1.16-1.26x over one group with six rows on the 270M's prefill products (`microbench.py
-// gemm-native`; docs/kernels.md, "Session 7"). Every output's float accumulation is the
+// gemm-native`; docs/kernels.md). Every output's float accumulation is the
 // same sequence of operations for any G, so results do not depend on the grouping.
 template <int G, int NX>
 inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t gs, int64_t ds, int64_t nb, const QAct& A,
