@@ -330,7 +330,7 @@ def test_matformer_slice_matches_sliced_transformers(ckpts, tmp_path):
 
 def test_matformer_e2b_geometry():
     """The E2B preset on an E4B config gives the published E2B text geometry."""
-    from edgelm.models.synthetic import synthetic_config
+    from edgelm.convert.synthetic import synthetic_config
 
     _, e4b = synthetic_config("gemma3n-e4b")
     _, e2b = synthetic_config("gemma3n-e2b")
@@ -409,8 +409,8 @@ def test_bad_gemma3n_configs(ckpts, tmp_path):
 
 def test_synthetic_geometries_plan_without_generating():
     from edgelm.convert.common import summarize
-    from edgelm.models.synthetic import NAMES, synthetic_source
-    from edgelm.runtime.tokenizer import Tokenizer
+    from edgelm.convert.synthetic import NAMES, synthetic_source
+    from edgelm.tokenizer import Tokenizer
 
     for name in NAMES:
         src = synthetic_source(name)
@@ -449,7 +449,7 @@ def _mapped_rss(path: Path) -> int:
 def test_synthetic_gemma3n_runs_without_paging_in_the_ple(tmp_path, monkeypatch):
     """A shrunken E2B-like synthetic geometry (PLE 65536 x 320 fp32 = 80 MiB) converts with
     int4 passthrough and generates; the PLE pages never become resident."""
-    from edgelm.models import synthetic
+    from edgelm.convert import synthetic
 
     _, cfg = synthetic.synthetic_config("gemma3n-e2b")
     small = dict(cfg, vocab_size=512, vocab_size_per_layer_input=65536, hidden_size=64, num_layers=10,

@@ -31,7 +31,7 @@ from edgelm.models.gemma3 import Gemma3Config  # noqa: E402
 from edgelm.quant.schemes import dequantize  # noqa: E402
 
 # ----------------------------------------------------------------------------- tokenizer stand-in
-# edgelm.runtime.tokenizer is written in parallel; until it exists, the importer's call to
+# edgelm.tokenizer.build is written in parallel; until it exists, the importer's call to
 # tokenizer_from_hf_dir goes to this stand-in (only when the module itself is absent).
 
 STUB_SPECIAL = {"bos": fx.BOS, "eos": fx.EOS, "unk": fx.UNK, "pad": fx.PAD, "start_of_turn": fx.SOT,
@@ -48,13 +48,13 @@ def _stub_tokenizer_from_hf_dir(path):
 @pytest.fixture(autouse=True)
 def _tokenizer_module(monkeypatch):
     try:
-        import edgelm.runtime.tokenizer  # noqa: F401
+        import edgelm.tokenizer.build  # noqa: F401
     except ModuleNotFoundError as e:
-        if e.name != "edgelm.runtime.tokenizer":
+        if e.name != "edgelm.tokenizer.build":
             raise
-        stub = types.ModuleType("edgelm.runtime.tokenizer")
+        stub = types.ModuleType("edgelm.tokenizer.build")
         stub.tokenizer_from_hf_dir = _stub_tokenizer_from_hf_dir
-        monkeypatch.setitem(sys.modules, "edgelm.runtime.tokenizer", stub)
+        monkeypatch.setitem(sys.modules, "edgelm.tokenizer.build", stub)
 
 
 # ----------------------------------------------------------------------------- checkpoints

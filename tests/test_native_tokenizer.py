@@ -17,13 +17,9 @@ import pytest
 
 from edgelm._native import _tok
 from edgelm.errors import FormatError
-from edgelm.runtime.tokenizer import (
-    KIND_SENTENCEPIECE,
-    Tokenizer,
-    _build_spm_model,
-    _plain_text_model,
-    tokenizer_from_gguf,
-)
+from edgelm.tokenizer import KIND_SENTENCEPIECE, Tokenizer
+from edgelm.tokenizer.build import _build_spm_model, tokenizer_from_gguf
+from edgelm.tokenizer.wire import _plain_text_model
 from tests.test_tokenizer import PLAIN_TEXTS, TEXTS
 
 spm = pytest.importorskip("sentencepiece")
@@ -122,7 +118,7 @@ def test_real_vocabulary_tables_match(real, real_blob):
         assert NATIVE_KIND[m.piece_type(i)] == _kind(sp, i), i
         assert NATIVE_KIND[m.piece_type(i, True)] == _kind(psp, i), i
     # what the sentencepiece backend gave: the control symbols that name a piece
-    from edgelm.runtime.tokenizer import _control_symbols
+    from edgelm.tokenizer.wire import _control_symbols
 
     controls = _control_symbols(real_blob[1])
     assert tok._b.special_ids() == {sp.piece_to_id(s) for s in controls if sp.id_to_piece(sp.piece_to_id(s)) == s}
@@ -409,7 +405,7 @@ def test_every_truncation_and_random_corruption_is_safe():
 
 
 def _pieces(*items) -> bytes:
-    from edgelm.runtime.tokenizer import _ld, _piece_msg, _vi
+    from edgelm.tokenizer.wire import _ld, _piece_msg, _vi
 
     return b"".join(_piece_msg(p, 0.0, t) for p, t in items) + _ld(2, _vi(3, 2))
 
@@ -436,7 +432,7 @@ def _pieces(*items) -> bytes:
     ("nul", "NUL byte"),
 ])
 def test_bad_models_are_clear_errors(blob, message):
-    from edgelm.runtime.tokenizer import _ld, _piece_msg, _vi
+    from edgelm.tokenizer.wire import _ld, _piece_msg, _vi
 
     unk = ("<unk>", 2)
     base = _ld(2, _vi(3, 2))
@@ -473,7 +469,7 @@ def test_bad_models_are_clear_errors(blob, message):
 
 
 def test_minimal_models_load():
-    from edgelm.runtime.tokenizer import _ld, _vi
+    from edgelm.tokenizer.wire import _ld, _vi
 
     blob = _pieces(("<unk>", 2), ("a", 1), ("b", 1), ("ab", 1))
     m = _tok.BPEModel(blob)
@@ -514,7 +510,7 @@ def test_bundle_blob_view_is_zero_copy(tmp_path):
 _RSS_SCRIPT = r"""
 import gc, json, mmap, sys, time
 import numpy
-from edgelm.runtime.tokenizer import KIND_SENTENCEPIECE, Tokenizer
+from edgelm.tokenizer import KIND_SENTENCEPIECE, Tokenizer
 from edgelm._native import _tok
 
 def rss_kib():

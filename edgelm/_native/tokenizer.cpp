@@ -23,7 +23,7 @@
 //                   control symbol) is unknown too: what sentencepiece 0.2 gives.
 //
 // "Plain" mode encodes as the same model would with its trainer_spec.control_symbols typed
-// CONTROL instead of USER_DEFINED (runtime/tokenizer.py::_plain_text_model): such pieces are
+// CONTROL instead of USER_DEFINED (tokenizer/wire.py::_plain_text_model): such pieces are
 // neither matched in text nor produced by merges. That is a per-piece flag here, not a
 // second model.
 //

@@ -34,7 +34,7 @@ class SourceTensor:
     # Raw quantized data that maps onto an edgelm scheme without requantizing,
     # e.g. GGUF Q4_0 -> int4-b32: (scheme name, loader of the parts). The name "*" means the
     # loader makes parts for whatever scheme is planned: it is called with that Scheme
-    # (synthetic weights, edgelm.models.synthetic).
+    # (synthetic weights, edgelm.convert.synthetic).
     passthrough: tuple[str, Callable[..., dict[str, np.ndarray]]] | None = None
     source_type: str = "F32"
 

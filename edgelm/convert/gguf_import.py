@@ -4,6 +4,8 @@ Any tensor type the `gguf` package can dequantize is accepted. Q4_0 and Q8_0 blo
 onto edgelm's int4-b32 and int8-b32 layouts byte for byte, so they pass through without
 requantizing when the target scheme is that one (this is how QAT int4 checkpoints arrive).
 llama.cpp's converter already folds Gemma's 1+w into norm weights, so norms load as-is.
+The tensors read, their shapes and kinds come from the model file's tensor table
+(edgelm/models/<arch>.py, with its GGUF_NAMES where GGUF names differ from the canonical ones).
 """
 
 from __future__ import annotations
@@ -14,14 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
-from ..models.gemma3 import ARCH as GEMMA3, default_layer_types
+from ..models import gemma3
+from ..models._config import layer_pattern
 from .common import Source, SourceTensor
 
-SUPPORTED_ARCHS = (GEMMA3,)
-_GEMMA3_LAYER = (
-    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
-    "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm",
-)
+GEMMA3 = gemma3.ARCH
 
 
 def _open(path: Path):
@@ -77,7 +76,8 @@ def _gemma3_config(reader, path: Path) -> dict:
     if emb is None:
         raise FormatError(f"{path}: tensor token_embd.weight is missing")
     vocab = int(emb.shape[1])
-    pattern = int(_field(reader, f"{a}.attention.sliding_window_pattern", 6) or 6)
+    every = gemma3.GLOBAL_EVERY
+    pattern = int(_field(reader, f"{a}.attention.sliding_window_pattern", every) or every)
     scaling_type = _field(reader, f"{a}.rope.scaling.type")
     factor = float(_field(reader, f"{a}.rope.scaling.factor", 1.0) or 1.0)
     if scaling_type not in (None, "none", "linear"):
@@ -101,19 +101,22 @@ def _gemma3_config(reader, path: Path) -> dict:
         "rope_local_theta": 10_000.0,
         "rope_scaling_factor": factor,
         "sliding_window": int(_field(reader, f"{a}.attention.sliding_window", 512)),
-        "layer_types": list(default_layer_types(layers, pattern)),
+        "layer_types": list(layer_pattern(layers, pattern)),
         "query_pre_attn_scalar": float(qscale),
         "final_logit_softcap": float(softcap) if softcap else None,
         "attn_logit_softcap": float(attn_softcap) if attn_softcap else None,
         "max_position_embeddings": int(_field(reader, f"{a}.context_length", 32768)),
     }
-    from ..models.gemma3 import Gemma3Config
-
     try:  # the model's own invariants, checked before any tensor is read
-        Gemma3Config.from_dict(config)
+        gemma3.Gemma3Config.from_dict(config)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
     return config
+
+
+# GGUF architecture -> (model module, config reader)
+READERS = {GEMMA3: (gemma3, _gemma3_config)}
+SUPPORTED_ARCHS = tuple(READERS)
 
 
 def _tensor_loaders(t):
@@ -161,29 +164,34 @@ def load_gguf_source(path: str | os.PathLike) -> Source:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (edgelm converts: {', '.join(SUPPORTED_ARCHS)})")
-    config = _gemma3_config(reader, path)
+    model, read_config = READERS[arch]
+    config = read_config(reader, path)
 
-    from ..runtime.tokenizer import tokenizer_from_gguf
+    from ..tokenizer.build import tokenizer_from_gguf
 
     tok_kind, tok_data, special = tokenizer_from_gguf(reader)
 
     by_name = {t.name: t for t in reader.tensors}
-    wanted = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in range(config["num_layers"]) for n in _GEMMA3_LAYER
-    ]
-    tensors = []
+    table = model.tensor_table(model.Config.from_dict(config))
+    # the global tensors first, then the blocks'
+    wanted = sorted(table, key=lambda name: table[name].layer is not None)
+    tensors, read = [], set()
     for name in wanted:
-        t = by_name.get(name)
+        gguf_name = model.GGUF_NAMES.get(name, name)
+        t = by_name.get(gguf_name)
         if t is None:
-            raise FormatError(f"{path}: tensor {name} is missing")
+            raise FormatError(f"{path}: tensor {gguf_name} is missing")
+        read.add(gguf_name)
         shape, load, passthrough = _tensor_loaders(t)
-        kind = "embed" if name.startswith("token_embd") else ("norm" if len(shape) == 1 else "linear")
-        tensors.append(SourceTensor(name, shape, kind, load, passthrough, t.tensor_type.name))
-    _check_shapes(tensors, config, path)
-    extra = sorted(set(by_name) - set(wanted))
+        tensors.append(SourceTensor(name, shape, table[name].kind, load, passthrough, t.tensor_type.name))
+    for st in tensors:
+        if tuple(st.shape) != table[st.name].shape:
+            raise FormatError(f"{path}: tensor {model.GGUF_NAMES.get(st.name, st.name)} has shape {list(st.shape)}, "
+                              f"config implies {list(table[st.name].shape)}")
+    extra = sorted(set(by_name) - read)
     notes = [f"ignored GGUF tensors: {', '.join(extra)}"] if extra else []
     return Source(
-        arch=GEMMA3,
+        arch=model.ARCH,
         config=config,
         tensors=tensors,
         tokenizer_kind=tok_kind,
@@ -196,18 +204,3 @@ def load_gguf_source(path: str | os.PathLike) -> Source:
         notes=notes,
         input_files=[path],
     )
-
-
-def _check_shapes(tensors: list[SourceTensor], c: dict, path: Path) -> None:
-    h, hd, inter = c["hidden_size"], c["head_dim"], c["intermediate_size"]
-    q, kv = c["num_heads"] * hd, c["num_kv_heads"] * hd
-    expect = {
-        "token_embd": (c["vocab_size"], h), "output_norm": (h,), "attn_norm": (h,), "attn_q": (q, h),
-        "attn_k": (kv, h), "attn_v": (kv, h), "attn_q_norm": (hd,), "attn_k_norm": (hd,),
-        "attn_output": (h, q), "post_attention_norm": (h,), "ffn_norm": (h,), "ffn_gate": (inter, h),
-        "ffn_up": (inter, h), "ffn_down": (h, inter), "post_ffw_norm": (h,),
-    }
-    for t in tensors:
-        key = t.name.split(".")[-2]
-        if tuple(t.shape) != expect[key]:
-            raise FormatError(f"{path}: tensor {t.name} has shape {list(t.shape)}, config implies {list(expect[key])}")

@@ -156,38 +156,29 @@ def slice_source(src: Source, spec: str) -> Source:
         raise BadInputError(f"--matformer applies to Gemma 3n checkpoints; this source is {src.arch!r}")
     sl = parse_spec(spec, src.config)
     new_cfg = sliced_config(src.config, sl, spec)
-    from ..models.gemma3n import Gemma3nConfig, tensor_shapes
+    from ..models.gemma3n import Gemma3nConfig, tensor_table
 
     old = Gemma3nConfig.from_dict(src.config)
     new = Gemma3nConfig.from_dict(new_cfg)
     P = old.hidden_size_per_layer_input
     by_name = {st.name: st for st in src.tensors}
+    old_name = {(t.layer, t.field): name for name, t in tensor_table(old).items()}
     cols = np.concatenate([np.arange(i * P, (i + 1) * P) for i in sl.keep])
     out: list[SourceTensor] = []
-    for name, (shape, kind) in tensor_shapes(new).items():
-        m = re.match(r"^blk\.(\d+)\.(.+)$", name)
-        if m:
-            j, rest = int(m.group(1)), m.group(2)
-            i = sl.keep[j]
-            st = by_name[f"blk.{i}.{rest}"]
-            k = new.intermediate_size[j]
-            if rest in ("ffn_gate.weight", "ffn_up.weight"):
-                load = _sliced(st.load, lambda w, k=k: w[:k])
-            elif rest == "ffn_down.weight":
-                load = _sliced(st.load, lambda w, k=k: w[:, :k])
-            else:
-                load = st.load
-        elif name == "per_layer_token_embd.weight":
-            st = by_name[name]
+    for name, t in tensor_table(new).items():
+        st = by_name[old_name[(None if t.layer is None else sl.keep[t.layer], t.field)]]
+        if t.field in ("gate", "up"):  # the first k rows (channels) of the FFN
+            load = _sliced(st.load, lambda w, k=new.intermediate_size[t.layer]: w[:k])
+        elif t.field == "down":  # the first k columns
+            load = _sliced(st.load, lambda w, k=new.intermediate_size[t.layer]: w[:, :k])
+        elif t.field == "ple":  # the kept layers' column blocks
             load = _sliced(st.load, lambda w: w[:, cols])
-        elif name == "per_layer_model_proj.weight":
-            st = by_name[name]
+        elif t.field == "ple_proj":  # the kept layers' row blocks
             load = _sliced(st.load, lambda w: w[cols])
         else:
-            st = by_name[name]
             load = st.load
         passthrough = st.passthrough if load is st.load else None
-        out.append(SourceTensor(name, shape, kind, load, passthrough=passthrough, source_type=st.source_type))
+        out.append(SourceTensor(name, t.shape, t.kind, load, passthrough=passthrough, source_type=st.source_type))
     desc = dict(src.description)
     desc["matformer"] = {"spec": spec, "kept_layers": list(sl.keep), "ffn_widths": list(new.intermediate_size),
                          "source_layers": old.num_layers}

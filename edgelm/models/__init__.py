@@ -1,6 +1,9 @@
 """Models are found by convention: architecture "x" lives in edgelm/models/x.py and exports
-ARCH, Config (a frozen dataclass with from_dict, checking its own fields), check_tensors (the
-bundle's tensor table against the config), load_weights, cache_specs and forward."""
+ARCH, Config (a frozen dataclass with from_dict, checking its own fields), its tensor table
+(GLOBAL_TENSORS, LAYER_TENSORS, FINAL_TENSORS rows, dims, tensor_table, tensor_shapes), its
+layer pattern (GLOBAL_EVERY), the importers' hooks (TITLE, from_hf, GGUF_NAMES,
+HF_SKIP_PREFIXES, HF_SKIPPED, optionally hf_unused), load_weights, cache_specs and forward. Every other module in this
+package is a shared helper (a name starting with "_")."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import importlib
 import re
 
 from ..errors import FormatError
+from ._config import check_tensor_shapes
 
 
 def get_model(arch: str):
@@ -30,7 +34,7 @@ def load_config(model, bundle):
         cfg = model.Config.from_dict(bundle.config)
     except FormatError as e:
         raise FormatError(f"{bundle.path}: {e}") from None
-    model.check_tensors(cfg, bundle)
+    check_tensor_shapes(model.tensor_shapes(cfg), bundle)  # every tensor present, with the config's shape
     check_meta(bundle, cfg.vocab_size)
     return cfg
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 from ..errors import FormatError
 
@@ -111,3 +112,67 @@ def check_tensor_shapes(expected: dict, bundle) -> None:
         got = bundle.tensor_info(name)["shape"]
         if tuple(got) != tuple(shape):
             raise FormatError(f"{bundle.path}: tensor {name} has shape {list(got)}, the config implies {list(shape)}")
+
+
+# ----------------------------------------------------------------------------- layer pattern
+
+LOCAL, GLOBAL = "local", "global"  # sliding-window and full-attention layers
+
+
+def layer_pattern(n_layers: int, global_every: int) -> tuple[str, ...]:
+    """Every `global_every`-th layer global, the rest sliding-window (Gemma 3: 6, Gemma 3n: 5)."""
+    return tuple(GLOBAL if (i + 1) % global_every == 0 else LOCAL for i in range(n_layers))
+
+
+# ----------------------------------------------------------------------------- tensor tables
+#
+# A model file describes its tensors as rows of TensorRow: the global ones (before and after
+# the blocks) and the per-layer ones. Shapes are tuples of dimension names that the model's
+# dims(cfg, layer) resolves. build_table turns the rows into the model's tensor table, which
+# everything else (shape checks, weight loading, the importers, MatFormer slicing, synthetic
+# weights) reads.
+
+
+class TensorRow(NamedTuple):
+    field: str  # the Weights (global rows) or Layer (per-layer rows) attribute it loads into
+    name: str  # canonical (GGUF-style) name; per-layer rows: the part after "blk.N."
+    hf: str  # Hugging Face name after the decoder prefix; per-layer rows: after "layers.N.";
+    #          "{j}" marks parts stacked by rows into one tensor (dims "parts" of them)
+    kind: str  # SourceTensor kind: embed, ple, linear, norm, other
+    shape: tuple[str, ...]  # dimension names, resolved by the model's dims()
+
+
+class Tensor(NamedTuple):
+    shape: tuple[int, ...]
+    kind: str
+    hf: tuple[str, ...]  # the Hugging Face tensor(s) it is read from, stacked by rows when several
+    layer: int | None  # the block it belongs to (None: a global tensor)
+    field: str  # see TensorRow
+
+
+def build_table(cfg, dims, first: tuple, per_layer: tuple, last: tuple, present=None) -> dict[str, Tensor]:
+    """Canonical name -> Tensor for every tensor of the model, in bundle order: the `first`
+    global rows, each layer's `per_layer` rows (those `present(i, row)` accepts), the `last`
+    global rows. dims(cfg, layer) gives the dimension sizes (layer None for globals)."""
+    out: dict[str, Tensor] = {}
+
+    def add(row: TensorRow, d: dict, name: str, hf: str, layer) -> None:
+        hfs = tuple(hf.format(j=j) for j in range(d["parts"])) if "{j}" in hf else (hf,)
+        out[name] = Tensor(tuple(d[s] for s in row.shape), row.kind, hfs, layer, row.field)
+
+    g = dims(cfg, None)
+    for row in first:
+        add(row, g, row.name, row.hf, None)
+    for i in range(cfg.num_layers):
+        d = dims(cfg, i)
+        for row in per_layer:
+            if present is None or present(i, row):
+                add(row, d, f"blk.{i}.{row.name}", f"layers.{i}.{row.hf}", i)
+    for row in last:
+        add(row, g, row.name, row.hf, None)
+    return out
+
+
+def shapes_of(table: dict[str, Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Canonical name -> (shape, kind), in bundle order."""
+    return {name: (t.shape, t.kind) for name, t in table.items()}

@@ -1,14 +1,8 @@
 """Gemma 3 text decoder (270M, 1B, 4B, ... text geometries).
 
-Canonical tensor names (GGUF style; norms hold 1+w, folded at conversion):
-  token_embd.weight [vocab, hidden]       output_norm.weight [hidden]
-  blk.N.attn_norm.weight [hidden]         blk.N.attn_q.weight [heads*hd, hidden]
-  blk.N.attn_k.weight [kv*hd, hidden]     blk.N.attn_v.weight [kv*hd, hidden]
-  blk.N.attn_q_norm.weight [hd]           blk.N.attn_k_norm.weight [hd]
-  blk.N.attn_output.weight [hidden, heads*hd]
-  blk.N.post_attention_norm.weight        blk.N.ffn_norm.weight (pre-FFW)
-  blk.N.ffn_gate.weight [inter, hidden]   blk.N.ffn_up.weight [inter, hidden]
-  blk.N.ffn_down.weight [hidden, inter]   blk.N.post_ffw_norm.weight
+Everything this runtime knows of the architecture is here: the config, the tensor table
+(canonical GGUF-style names, shapes, kinds and Hugging Face names; norms hold 1 + w, folded
+at conversion by from_hf), the layer pattern, weight loading, cache specs and the forward.
 """
 
 from __future__ import annotations
@@ -16,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ._config import (MAX_LAYERS, check_float, check_head_dim, check_heads, check_int, check_layer_types,
-                      check_tensor_shapes, config_from_dict)
+from ._config import (GLOBAL, LOCAL, MAX_LAYERS, TensorRow, build_table, check_float, check_head_dim, check_heads,
+                      check_int, check_layer_types, config_from_dict, layer_pattern, shapes_of)
 from ._inputs import splice
 
 ARCH = "gemma3"
-LOCAL, GLOBAL = "local", "global"
+TITLE = "Gemma 3"
+GLOBAL_EVERY = 6  # every 6th layer is global, the rest sliding-window (5:1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +50,7 @@ class Gemma3Config:
             check_float(self, f)
         for f in ("final_logit_softcap", "attn_logit_softcap"):
             check_float(self, f, optional=True, zero_ok=True)  # null or 0: no soft-cap
-        check_layer_types(self, (LOCAL, GLOBAL), lambda n: default_layer_types(n, 6))
+        check_layer_types(self, (LOCAL, GLOBAL), lambda n: layer_pattern(n, GLOBAL_EVERY))
         # a model without sliding-window layers has no window (the importers write 0)
         check_int(self, "sliding_window", lo=1 if LOCAL in self.layer_types else 0)
 
@@ -69,70 +64,68 @@ class Gemma3Config:
         return d
 
 
-def default_layer_types(n_layers: int, pattern: int) -> tuple[str, ...]:
-    """Every `pattern`-th layer is global, the rest sliding-window (5:1 for Gemma 3)."""
-    return tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n_layers))
-
-
 # ----------------------------------------------------------------------------- weights
+
+# Every tensor of the model, one row each: Weights/Layer field, canonical name (per-layer:
+# after "blk.N."), Hugging Face name (per-layer: after "layers.N."), kind, shape.
+GLOBAL_TENSORS = (
+    TensorRow("embed", "token_embd.weight", "embed_tokens.weight", "embed", ("vocab", "h")),
+)
+LAYER_TENSORS = (
+    TensorRow("attn_norm", "attn_norm.weight", "input_layernorm.weight", "norm", ("h",)),
+    TensorRow("q", "attn_q.weight", "self_attn.q_proj.weight", "linear", ("q", "h")),
+    TensorRow("k", "attn_k.weight", "self_attn.k_proj.weight", "linear", ("kv", "h")),
+    TensorRow("v", "attn_v.weight", "self_attn.v_proj.weight", "linear", ("kv", "h")),
+    TensorRow("q_norm", "attn_q_norm.weight", "self_attn.q_norm.weight", "norm", ("hd",)),
+    TensorRow("k_norm", "attn_k_norm.weight", "self_attn.k_norm.weight", "norm", ("hd",)),
+    TensorRow("o", "attn_output.weight", "self_attn.o_proj.weight", "linear", ("h", "q")),
+    TensorRow("post_attn_norm", "post_attention_norm.weight", "post_attention_layernorm.weight", "norm", ("h",)),
+    TensorRow("ffn_norm", "ffn_norm.weight", "pre_feedforward_layernorm.weight", "norm", ("h",)),
+    TensorRow("gate", "ffn_gate.weight", "mlp.gate_proj.weight", "linear", ("inter", "h")),
+    TensorRow("up", "ffn_up.weight", "mlp.up_proj.weight", "linear", ("inter", "h")),
+    TensorRow("down", "ffn_down.weight", "mlp.down_proj.weight", "linear", ("h", "inter")),
+    TensorRow("post_ffw_norm", "post_ffw_norm.weight", "post_feedforward_layernorm.weight", "norm", ("h",)),
+)
+FINAL_TENSORS = (
+    TensorRow("output_norm", "output_norm.weight", "norm.weight", "norm", ("h",)),
+)
+# GGUF name of a canonical name where they differ: none (the canonical names are llama.cpp's)
+GGUF_NAMES: dict[str, str] = {}
+# Hugging Face tensors a text import skips: the vision tower and multi-modal projector
+HF_SKIP_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.", "vision_model.")
+HF_SKIPPED = "vision tower / multi-modal projector tensors (text-only import)"
+
+
+def dims(cfg: Gemma3Config, layer: int | None) -> dict[str, int]:
+    """The dimension names of the table's shapes."""
+    return {"vocab": cfg.vocab_size, "h": cfg.hidden_size, "hd": cfg.head_dim, "inter": cfg.intermediate_size,
+            "q": cfg.num_heads * cfg.head_dim, "kv": cfg.num_kv_heads * cfg.head_dim}
+
+
+def tensor_table(cfg: Gemma3Config) -> dict:
+    """Canonical name -> Tensor (shape, kind, HF name, layer, field) for every tensor, in bundle order."""
+    return build_table(cfg, dims, GLOBAL_TENSORS, LAYER_TENSORS, FINAL_TENSORS)
+
 
 def tensor_shapes(cfg: Gemma3Config) -> dict[str, tuple[tuple[int, ...], str]]:
     """Canonical name -> (shape, kind) for every tensor of the model, in bundle order.
     Kinds are SourceTensor kinds: embed, linear, norm."""
-    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    out = {"token_embd.weight": ((cfg.vocab_size, h), "embed")}
-    per = {
-        "attn_norm.weight": ((h,), "norm"),
-        "attn_q.weight": ((q, h), "linear"),
-        "attn_k.weight": ((kv, h), "linear"),
-        "attn_v.weight": ((kv, h), "linear"),
-        "attn_q_norm.weight": ((hd,), "norm"),
-        "attn_k_norm.weight": ((hd,), "norm"),
-        "attn_output.weight": ((h, q), "linear"),
-        "post_attention_norm.weight": ((h,), "norm"),
-        "ffn_norm.weight": ((h,), "norm"),
-        "ffn_gate.weight": ((inter, h), "linear"),
-        "ffn_up.weight": ((inter, h), "linear"),
-        "ffn_down.weight": ((h, inter), "linear"),
-        "post_ffw_norm.weight": ((h,), "norm"),
-    }
-    for i in range(cfg.num_layers):
-        for k, v in per.items():
-            out[f"blk.{i}.{k}"] = v
-    out["output_norm.weight"] = ((h,), "norm")
-    return out
+    return shapes_of(tensor_table(cfg))
 
 
-def check_tensors(cfg: Gemma3Config, bundle) -> None:
-    """The bundle's tensor table against the config: every tensor present, with the shape the
-    config implies (FormatError naming the tensor otherwise)."""
-    check_tensor_shapes(tensor_shapes(cfg), bundle)
+def from_hf(kind: str, w):
+    """A float32 tensor read from a Hugging Face checkpoint -> as stored: Gemma's RMSNorm
+    scales by (1 + w), so norms hold 1 + w (in place)."""
+    if kind == "norm":
+        import numpy as np
+
+        w += np.float32(1.0)
+    return w
 
 
-_LAYER_TENSORS = {
-    "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm", "o": "attn_output", "post_attn_norm": "post_attention_norm",
-    "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
-    "post_ffw_norm": "post_ffw_norm",
-}
-
-
-@dataclass(frozen=True)
-class Layer:
-    attn_norm: object
-    q: object
-    k: object
-    v: object
-    q_norm: object
-    k_norm: object
-    o: object
-    post_attn_norm: object
-    ffn_norm: object
-    gate: object
-    up: object
-    down: object
-    post_ffw_norm: object
+# One attribute per LAYER_TENSORS row: views into the bundle's mmap, norms as fp32 arrays.
+Layer = dataclasses.make_dataclass("Layer", [(r.field, object) for r in LAYER_TENSORS], frozen=True)
 
 
 @dataclass(frozen=True)
@@ -145,17 +138,12 @@ class Weights:
 def load_weights(cfg: Gemma3Config, bundle) -> Weights:
     """Views into the bundle's mmap: nothing is copied. Norms become plain fp32 arrays."""
 
-    def norm(name):
-        return bundle.tensor(name).parts["w"]
-
-    layers = []
-    for i in range(cfg.num_layers):
-        kw = {}
-        for field_name, short in _LAYER_TENSORS.items():
-            name = f"blk.{i}.{short}.weight"
-            kw[field_name] = norm(name) if field_name.endswith("norm") else bundle.tensor(name)
-        layers.append(Layer(**kw))
-    return Weights(bundle.tensor("token_embd.weight"), norm("output_norm.weight"), tuple(layers))
+    glob: dict = {}
+    layers: list[dict] = [{} for _ in range(cfg.num_layers)]
+    for name, t in tensor_table(cfg).items():
+        qt = bundle.tensor(name)
+        (glob if t.layer is None else layers[t.layer])[t.field] = qt.parts["w"] if t.kind == "norm" else qt
+    return Weights(**glob, layers=tuple(Layer(**kw) for kw in layers))
 
 
 # ----------------------------------------------------------------------------- forward

@@ -28,30 +28,8 @@ Numerics follow transformers' `Gemma3nTextModel` / `Gemma3nForCausalLM` (modelin
 * Gemma 3n's RMSNorm multiplies by w directly (no 1 + w), so norms are stored as-is.
 * Output: rmsnorm, the tied head (token_embd), final logit soft-cap.
 
-Canonical tensor names (llama.cpp's gemma3n names where it has them; A = altup_num_inputs,
-L = num_layers, P = hidden_size_per_layer_input, I_n = layer n's FFN width, r = laurel rank):
-
-  token_embd.weight            [vocab, hidden]        (also the output head)
-  per_layer_token_embd.weight  [vocab_per_layer, L*P] (tensor kind "ple": its own scheme)
-  per_layer_model_proj.weight  [L*P, hidden]
-  per_layer_proj_norm.weight   [P]
-  altup_proj.weight            [(A-1)*hidden, hidden] (the A-1 projections stacked by rows)
-  altup_unembd_proj.weight     [(A-1)*hidden, hidden] (likewise)
-  output_norm.weight           [hidden]
-  blk.N.attn_norm.weight [hidden]          blk.N.attn_q.weight [heads*hd, hidden]
-  blk.N.attn_k.weight [kv*hd, hidden]      blk.N.attn_v.weight [kv*hd, hidden]   (not in shared layers)
-  blk.N.attn_q_norm.weight [hd]            blk.N.attn_k_norm.weight [hd]         (k: not in shared layers)
-  blk.N.attn_output.weight [hidden, heads*hd]
-  blk.N.post_attention_norm.weight         blk.N.ffn_norm.weight (pre-FFW)
-  blk.N.ffn_gate.weight [I_n, hidden]      blk.N.ffn_up.weight [I_n, hidden]
-  blk.N.ffn_down.weight [hidden, I_n]      blk.N.post_ffw_norm.weight
-  blk.N.altup_predict_coef.weight [A*A, A] blk.N.altup_correct_coef.weight [A, A]
-  blk.N.altup_router.weight [A, hidden]    blk.N.altup_router_norm.weight [hidden]
-  blk.N.altup_correct_scale.weight [hidden]
-  blk.N.laurel_l.weight [r, hidden]        blk.N.laurel_r.weight [hidden, r]
-  blk.N.laurel_post_norm.weight [hidden]
-  blk.N.inp_gate.weight [P, hidden]        blk.N.proj.weight [hidden, P]
-  blk.N.post_norm.weight [hidden]          (post per-layer-input norm)
+Canonical tensor names are llama.cpp's gemma3n names where it has them; the tensor table
+below lists every tensor with its shape, kind and Hugging Face name.
 """
 
 from __future__ import annotations
@@ -62,12 +40,15 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from ..errors import FormatError
-from ._config import (INT_MAX, MAX_LAYERS, bad, check_bool, check_float, check_head_dim, check_heads,
-                      check_int, check_layer_types, check_tensor_shapes, config_from_dict, is_int)
+from . import gemma3
+from ._config import (GLOBAL, INT_MAX, LOCAL, MAX_LAYERS, TensorRow, bad, build_table, check_bool, check_float,
+                      check_head_dim, check_heads, check_int, check_layer_types, config_from_dict,
+                      is_int, layer_pattern, shapes_of)
 from ._inputs import splice
 
 ARCH = "gemma3n"
-LOCAL, GLOBAL = "local", "global"
+TITLE = "Gemma 3n"
+GLOBAL_EVERY = 5  # every 5th layer is global, the rest sliding-window (4:1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,8 +100,7 @@ class Gemma3nConfig:
             check_float(self, f)
         check_float(self, "final_logit_softcap", optional=True, zero_ok=True)  # null or 0: no soft-cap
         check_bool(self, "altup_correct_scale")
-        check_layer_types(self, (LOCAL, GLOBAL), lambda n: tuple(GLOBAL if (i + 1) % 5 == 0 else LOCAL
-                                                                  for i in range(n)))
+        check_layer_types(self, (LOCAL, GLOBAL), lambda n: layer_pattern(n, GLOBAL_EVERY))
         check_int(self, "sliding_window", lo=1 if LOCAL in self.layer_types else 0)
         sp = self.activation_sparsity
         if not isinstance(sp, (list, tuple)):
@@ -169,104 +149,90 @@ Config = Gemma3nConfig
 
 # ----------------------------------------------------------------------------- weights
 
-_LAYER_TENSORS = {
-    "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm", "o": "attn_output", "post_attn_norm": "post_attention_norm",
-    "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
-    "post_ffw_norm": "post_ffw_norm",
-    "altup_predict": "altup_predict_coef", "altup_correct": "altup_correct_coef",
-    "altup_router": "altup_router", "altup_router_norm": "altup_router_norm",
-    "altup_correct_scale": "altup_correct_scale",
-    "laurel_l": "laurel_l", "laurel_r": "laurel_r", "laurel_norm": "laurel_post_norm",
-    "inp_gate": "inp_gate", "proj": "proj", "post_norm": "post_norm",
-}
-_NORMS = {"attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm", "altup_router_norm",
-          "altup_correct_scale", "laurel_norm", "post_norm"}
-_KV_ONLY = {"k", "v", "k_norm"}  # absent from KV-shared layers
+# Every tensor of the model, one row each: Weights/Layer field, canonical name (per-layer:
+# after "blk.N."), Hugging Face name (per-layer: after "layers.N."), kind, shape. Dimensions:
+# L layers, P = hidden_size_per_layer_input, A = altup_num_inputs, r = laurel_rank, inter =
+# the layer's FFN width.
+GLOBAL_TENSORS = (
+    TensorRow("embed", "token_embd.weight", "embed_tokens.weight", "embed", ("vocab", "h")),  # also the head
+    # per-layer embeddings: kind "ple", its own scheme; only ever row-gathered
+    TensorRow("ple", "per_layer_token_embd.weight", "embed_tokens_per_layer.weight", "ple", ("vocab_ple", "L*P")),
+    TensorRow("ple_proj", "per_layer_model_proj.weight", "per_layer_model_projection.weight", "linear",
+              ("L*P", "h")),
+    TensorRow("ple_proj_norm", "per_layer_proj_norm.weight", "per_layer_projection_norm.weight", "norm", ("P",)),
+    # the A-1 AltUp projections, stacked by rows
+    TensorRow("altup_proj", "altup_proj.weight", "altup_projections.{j}.weight", "linear", ("(A-1)*h", "h")),
+    TensorRow("altup_unembd", "altup_unembd_proj.weight", "altup_unembed_projections.{j}.weight", "linear",
+              ("(A-1)*h", "h")),
+)
+# a Gemma 3 block's tensors (k, v and k_norm absent from KV-shared layers), then Gemma 3n's own
+LAYER_TENSORS = gemma3.LAYER_TENSORS + (
+    TensorRow("altup_predict", "altup_predict_coef.weight", "altup.prediction_coefs.weight", "other", ("A*A", "A")),
+    TensorRow("altup_correct", "altup_correct_coef.weight", "altup.correction_coefs.weight", "other", ("A", "A")),
+    TensorRow("altup_router", "altup_router.weight", "altup.modality_router.weight", "other", ("A", "h")),
+    TensorRow("altup_router_norm", "altup_router_norm.weight", "altup.router_norm.weight", "norm", ("h",)),
+    TensorRow("altup_correct_scale", "altup_correct_scale.weight", "altup.correct_output_scale", "norm", ("h",)),
+    TensorRow("laurel_l", "laurel_l.weight", "laurel.linear_left.weight", "linear", ("r", "h")),
+    TensorRow("laurel_r", "laurel_r.weight", "laurel.linear_right.weight", "linear", ("h", "r")),
+    TensorRow("laurel_norm", "laurel_post_norm.weight", "laurel.post_laurel_norm.weight", "norm", ("h",)),
+    TensorRow("inp_gate", "inp_gate.weight", "per_layer_input_gate.weight", "linear", ("P", "h")),
+    TensorRow("proj", "proj.weight", "per_layer_projection.weight", "linear", ("h", "P")),
+    TensorRow("post_norm", "post_norm.weight", "post_per_layer_input_norm.weight", "norm", ("h",)),  # post PLE
+)
+FINAL_TENSORS = (
+    TensorRow("output_norm", "output_norm.weight", "norm.weight", "norm", ("h",)),
+)
+_KV_ONLY = {"k", "v", "k_norm"}  # fields absent from KV-shared layers
+# GGUF name of a canonical name where they differ: none
+GGUF_NAMES: dict[str, str] = {}
+# Hugging Face tensors a text import skips: the vision and audio towers and their embedders
+HF_SKIP_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+                    "vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.")
+HF_SKIPPED = ("vision/audio tower and multimodal embedder tensors (text-only import; the towers come with "
+              "their own issue)")
+
+
+def dims(cfg: Gemma3nConfig, layer: int | None) -> dict[str, int]:
+    """The dimension names of the table's shapes ("parts": how many HF tensors a stacked one has)."""
+    h, A, P = cfg.hidden_size, cfg.altup_num_inputs, cfg.hidden_size_per_layer_input
+    d = {"vocab": cfg.vocab_size, "vocab_ple": cfg.vocab_size_per_layer_input, "h": h, "hd": cfg.head_dim,
+         "q": cfg.num_heads * cfg.head_dim, "kv": cfg.num_kv_heads * cfg.head_dim, "P": P, "L*P": cfg.num_layers * P,
+         "A": A, "A*A": A * A, "(A-1)*h": (A - 1) * h, "parts": A - 1, "r": cfg.laurel_rank}
+    if layer is not None:
+        d["inter"] = cfg.intermediate_size[layer]
+    return d
+
+
+def tensor_table(cfg: Gemma3nConfig) -> dict:
+    """Canonical name -> Tensor (shape, kind, HF names, layer, field) for every tensor, in bundle order."""
+    first_shared = cfg.first_kv_shared_layer
+    return build_table(cfg, dims, GLOBAL_TENSORS, LAYER_TENSORS, FINAL_TENSORS,
+                       present=lambda i, row: i < first_shared or row.field not in _KV_ONLY)
 
 
 def tensor_shapes(cfg: Gemma3nConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Canonical name -> (shape, kind) for every tensor of the model, in bundle order.
     Kinds are SourceTensor kinds: embed, ple, linear, norm, other (fp32)."""
-    h, hd, A, P, r = cfg.hidden_size, cfg.head_dim, cfg.altup_num_inputs, cfg.hidden_size_per_layer_input, cfg.laurel_rank
-    q, kv, L = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_layers
-    out = {
-        "token_embd.weight": ((cfg.vocab_size, h), "embed"),
-        "per_layer_token_embd.weight": ((cfg.vocab_size_per_layer_input, L * P), "ple"),
-        "per_layer_model_proj.weight": ((L * P, h), "linear"),
-        "per_layer_proj_norm.weight": ((P,), "norm"),
-        "altup_proj.weight": (((A - 1) * h, h), "linear"),
-        "altup_unembd_proj.weight": (((A - 1) * h, h), "linear"),
-    }
-    first_shared = cfg.first_kv_shared_layer
-    for i in range(L):
-        inter = cfg.intermediate_size[i]
-        per = {
-            "attn_norm": ((h,), "norm"),
-            "attn_q": ((q, h), "linear"),
-            "attn_k": ((kv, h), "linear"),
-            "attn_v": ((kv, h), "linear"),
-            "attn_q_norm": ((hd,), "norm"),
-            "attn_k_norm": ((hd,), "norm"),
-            "attn_output": ((h, q), "linear"),
-            "post_attention_norm": ((h,), "norm"),
-            "ffn_norm": ((h,), "norm"),
-            "ffn_gate": ((inter, h), "linear"),
-            "ffn_up": ((inter, h), "linear"),
-            "ffn_down": ((h, inter), "linear"),
-            "post_ffw_norm": ((h,), "norm"),
-            "altup_predict_coef": ((A * A, A), "other"),
-            "altup_correct_coef": ((A, A), "other"),
-            "altup_router": ((A, h), "other"),
-            "altup_router_norm": ((h,), "norm"),
-            "altup_correct_scale": ((h,), "norm"),
-            "laurel_l": ((r, h), "linear"),
-            "laurel_r": ((h, r), "linear"),
-            "laurel_post_norm": ((h,), "norm"),
-            "inp_gate": ((P, h), "linear"),
-            "proj": ((h, P), "linear"),
-            "post_norm": ((h,), "norm"),
-        }
-        for short, v in per.items():
-            if i >= first_shared and short in ("attn_k", "attn_v", "attn_k_norm"):
-                continue
-            out[f"blk.{i}.{short}.weight"] = v
-    out["output_norm.weight"] = ((h,), "norm")
-    return out
+    return shapes_of(tensor_table(cfg))
 
 
-def check_tensors(cfg: Gemma3nConfig, bundle) -> None:
-    """The bundle's tensor table against the config: every tensor present, with the shape the
-    config implies (FormatError naming the tensor otherwise)."""
-    check_tensor_shapes(tensor_shapes(cfg), bundle)
+def from_hf(kind: str, w):
+    """A float32 tensor read from a Hugging Face checkpoint -> as stored: unchanged (Gemma 3n's
+    RMSNorm multiplies by w itself)."""
+    return w
 
 
-@dataclass(frozen=True)
-class Layer:
-    attn_norm: object
-    q: object
-    k: object  # None in KV-shared layers (likewise v, k_norm)
-    v: object
-    q_norm: object
-    k_norm: object
-    o: object
-    post_attn_norm: object
-    ffn_norm: object
-    gate: object
-    up: object
-    down: object
-    post_ffw_norm: object
-    altup_predict: object
-    altup_correct: object
-    altup_router: object
-    altup_router_norm: object
-    altup_correct_scale: object
-    laurel_l: object
-    laurel_r: object
-    laurel_norm: object
-    inp_gate: object
-    proj: object
-    post_norm: object
+def hf_unused(cfg: Gemma3nConfig) -> dict[str, str]:
+    """Hugging Face tensors an import ignores, each with the note that counts them ({n}): real
+    checkpoints keep K/V weights (and a v-norm entry) in KV-shared layers, which never use them."""
+    note = "ignored {n} K/V tensors of KV-shared layers (they reuse earlier layers' caches)"
+    return {f"layers.{i}.self_attn.{t}.weight": note for i in range(cfg.first_kv_shared_layer, cfg.num_layers)
+            for t in ("k_proj", "v_proj", "k_norm", "v_norm")}
+
+
+# One attribute per LAYER_TENSORS row: views into the bundle's mmap, norms as fp32 arrays;
+# None where the table has no tensor (k, v, k_norm in KV-shared layers).
+Layer = dataclasses.make_dataclass("Layer", [(r.field, object) for r in LAYER_TENSORS], frozen=True)
 
 
 @dataclass(frozen=True)
@@ -294,33 +260,18 @@ def load_weights(cfg: Gemma3nConfig, bundle) -> Weights:
     """Views into the bundle's mmap: nothing is copied. Norms become plain fp32 arrays."""
     import numpy as np
 
-    def norm(name):
-        return bundle.tensor(name).parts["w"]
-
-    first_shared = cfg.first_kv_shared_layer
-    layers = []
-    for i in range(cfg.num_layers):
-        kw = {}
-        for field_name, short in _LAYER_TENSORS.items():
-            name = f"blk.{i}.{short}.weight"
-            if i >= first_shared and field_name in _KV_ONLY:
-                kw[field_name] = None
-            elif field_name in _NORMS:
-                kw[field_name] = norm(name)
-            else:
-                kw[field_name] = bundle.tensor(name)
-        layers.append(Layer(**kw))
+    glob: dict = {}
+    # a field the table has no tensor for (K/V in KV-shared layers) stays None
+    layers = [dict.fromkeys(f.name for f in dataclasses.fields(Layer)) for _ in range(cfg.num_layers)]
+    for name, t in tensor_table(cfg).items():
+        qt = bundle.tensor(name)
+        (glob if t.layer is None else layers[t.layer])[t.field] = qt.parts["w"] if t.kind == "norm" else qt
     h, A = cfg.hidden_size, cfg.altup_num_inputs
-    unembd = bundle.tensor("altup_unembd_proj.weight")
+    unembd = glob.pop("altup_unembd")
     return Weights(
-        embed=bundle.tensor("token_embd.weight"),
-        ple=bundle.tensor("per_layer_token_embd.weight"),
-        ple_proj=bundle.tensor("per_layer_model_proj.weight"),
-        ple_proj_norm=norm("per_layer_proj_norm.weight"),
-        altup_proj=bundle.tensor("altup_proj.weight"),
+        **glob,
         altup_unembd=tuple(_row_view(unembd, j * h, (j + 1) * h) for j in range(A - 1)),
-        output_norm=norm("output_norm.weight"),
-        layers=tuple(layers),
+        layers=tuple(Layer(**kw) for kw in layers),
         v_norm=np.ones(cfg.head_dim, dtype=np.float32),
     )
 

@@ -1,1 +1,1 @@
-"""Runtime: engine, session, sampler, KV cache, tokenizer."""
+"""Runtime: engine, session, sampler, KV cache (the tokenizer is `edgelm.tokenizer`)."""

@@ -53,12 +53,12 @@ def ensure_default_model(scheme: str = DEFAULT_SCHEME, embed_scheme: str = DEFAU
 
 
 def synthetic_bundle(name: str, scheme: str, embed_scheme: str, quiet: bool = False) -> Path:
-    """Random weights of a real geometry (edgelm.models.synthetic), written once and cached."""
+    """Random weights of a real geometry (edgelm.convert.synthetic), written once and cached."""
     out = cache_dir() / "synthetic" / f"{name}.{scheme}.embed-{embed_scheme}.edgelm"
     if out.exists():
         return out
     from ..convert import convert
-    from ..models.synthetic import synthetic_source
+    from ..convert.synthetic import synthetic_source
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:

@@ -14,9 +14,9 @@ from ..backends import get_backend
 from ..errors import BadInputError, CapacityError, FormatError
 from ..format.bundle import Bundle
 from ..models import get_model, load_config
+from ..tokenizer import Tokenizer
 from .sampler import SamplerConfig
 from .session import Session
-from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_PREFILL_CHUNK = 128  # as fast as 256 or 512 here, with a quarter of 512's activations

@@ -23,6 +23,8 @@ import zlib
 import numpy as np
 
 from ..errors import BadInputError
+from ..models import gemma3, gemma3n, get_model
+from ..models._config import layer_pattern
 
 NAMES = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
 
@@ -33,7 +35,7 @@ def _gemma3(layers, hidden, inter, heads, kv, vocab, window, max_pos, rope_facto
         "num_heads": heads, "num_kv_heads": kv, "head_dim": 256, "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0, "rope_local_theta": 10_000.0, "rope_scaling_factor": rope_factor,
         "sliding_window": window,
-        "layer_types": ["global" if (i + 1) % 6 == 0 else "local" for i in range(layers)],
+        "layer_types": list(layer_pattern(layers, gemma3.GLOBAL_EVERY)),
         "query_pre_attn_scalar": 256.0, "final_logit_softcap": None, "attn_logit_softcap": None,
         "max_position_embeddings": max_pos,
     }
@@ -45,7 +47,7 @@ def _gemma3n(layers, inter, shared) -> dict:
         "num_heads": 8, "num_kv_heads": 2, "head_dim": 256, "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0, "rope_local_theta": 10_000.0, "rope_scaling_factor": 1.0,
         "sliding_window": 512,
-        "layer_types": ["global" if (i + 1) % 5 == 0 else "local" for i in range(layers)],
+        "layer_types": list(layer_pattern(layers, gemma3n.GLOBAL_EVERY)),
         "final_logit_softcap": 30.0, "max_position_embeddings": 32_768,
         "vocab_size_per_layer_input": 262_144, "hidden_size_per_layer_input": 256,
         "altup_num_inputs": 4, "altup_active_idx": 0, "altup_correct_scale": True,
@@ -82,7 +84,7 @@ _WORDS = ["\u2581the", "\u2581a", "\u2581is", "\u2581of", "\u2581and", "\u2581to
 def synthetic_tokenizer() -> tuple[str, bytes, dict]:
     """(kind, blob, special tokens) of a tiny SentencePiece BPE model with byte fallback:
     Gemma's special ids 0..3, the turn markers, the 256 byte pieces, letters and a few words."""
-    from ..runtime.tokenizer import KIND_SENTENCEPIECE, _build_spm_model
+    from ..tokenizer.build import KIND_SENTENCEPIECE, _build_spm_model
 
     pieces = list(_SPECIALS)
     types = [3, 3, 3, 2, 3, 3]  # control, unknown
@@ -106,13 +108,8 @@ def synthetic_tokenizer() -> tuple[str, bytes, dict]:
 # ----------------------------------------------------------------------------- tensors
 
 def _tensor_shapes(arch: str, cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    if arch == "gemma3n":
-        from .gemma3n import Gemma3nConfig, tensor_shapes
-
-        return tensor_shapes(Gemma3nConfig.from_dict(cfg))
-    from ..convert.hf import expected_shapes
-
-    return expected_shapes(cfg)
+    model = get_model(arch)
+    return model.tensor_shapes(model.Config.from_dict(cfg))
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -171,7 +168,7 @@ def _parts_loader(name: str, shape, kind: str, seed: int):
 def synthetic_source(name: str, seed: int = 0, **_ignored):
     """A conversion Source of random weights with the real geometry of `name` (convert it
     with any schemes: 2-D tensors are generated directly in the planned scheme)."""
-    from ..convert.common import Source, SourceTensor
+    from .common import Source, SourceTensor
 
     arch, cfg = synthetic_config(name)
     tensors = []
