@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side speed comparison of edgelm against llama.cpp and LiteRT-LM (issue 6).
+"""Side-by-side speed comparison of edgelm against llama.cpp and LiteRT-LM.
 
 Not part of the test suite. Each pair runs edgelm and the peer ALTERNATELY on the same
 model, threads and prompt/decode lengths: R rounds, each round one fresh process per
@@ -13,12 +13,14 @@ per round (paired) and summarised as median and min-max over rounds.
     python benchmarks/compare.py --pair llama:Q4_0=int4-b32 --embed-scheme int8
     python benchmarks/compare.py --peer llama --only-peer      # peer halves alone
     python benchmarks/compare.py --pair self:kv1280=int8 --max-tokens 4096   # edgelm 4096 vs 1280
+    python benchmarks/compare.py --pair rev:2a55155=int8-b32 -r 6   # this tree against a commit
 
 Pairs (peer model = edgelm scheme):
     llama:  Q4_0 = int4-b32, Q8_0 = int8, Q8_0 = int8-b32
     litert: int8 = int8, int4_b32 = int4-b32, int4_b128 = int4-b128
             (int8_kv4096 = int8 with --max-tokens 4096: the capacity comparison)
     self:   kvC = S: edgelm at --max-tokens against edgelm at capacity C, same bundle
+    rev:    REV = S: edgelm against edgelm at git revision REV (built once, cached), same bundle
 
 Peers are set up by benchmarks/peers.py (cached in ~/.cache/edgelm-peers or
 $EDGELM_PEERS_DIR). edgelm bundles are converted there from the same source GGUF.
@@ -145,8 +147,32 @@ def edgelm_bundle(scheme: str, embed: str, reconvert: bool = False) -> Path:
     return dst
 
 
-def run_edgelm(bundle: Path, a, capacity: int) -> dict:
-    so, _, wall, rss = run_child([*edgelm_cmd(), "bench", "--model", bundle, "-p", a.prompt, "-n", a.gen,
+def rev_tree(rev: str) -> Path:
+    """A copy of edgelm at git revision `rev` with its native kernels built in place, cached in
+    the peers dir (the A/B peer for speed changes: `--pair rev:<commit>=<scheme>`)."""
+    full = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                          capture_output=True, text=True).stdout.strip()
+    if not full:
+        raise SystemExit(f"rev pairs name a git revision of {REPO}, not {rev!r}")
+    d = peers.peers_dir() / "edgelm-rev" / full[:12]
+    if not (d / ".built").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        peers.log(f"building edgelm {full[:12]} in {d} (native kernels: a few minutes)")
+        arch = subprocess.run(["git", "-C", str(REPO), "archive", full], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(d)], input=arch, check=True)
+        peers.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=d)  # EDGELM_BUILD_ISAS honoured
+        (d / ".built").write_text(full + "\n")
+    return d
+
+
+def rev_cmd(tree: Path) -> list[str]:
+    """Run edgelm from `tree` with this interpreter (its dependencies are the same)."""
+    return ["env", f"PYTHONPATH={tree}", sys.executable, "-m", "edgelm"]
+
+
+def run_edgelm(bundle: Path, a, capacity: int, cmd: list[str] | None = None) -> dict:
+    so, _, wall, rss = run_child([*(cmd or edgelm_cmd()), "bench", "--model", bundle, "-p", a.prompt, "-n", a.gen,
                                   "--threads", a.threads, "--repeat", 1, "--max-tokens", capacity, "--json",
                                   "--no-probe"])
     res = _last_json(so)
@@ -277,7 +303,11 @@ def default_embed(peer: str, scheme: str) -> str:
 def compare_pair(peer: str, peer_model: str, scheme: str, a) -> dict:
     capacity = a.max_tokens
     embed = a.embed_scheme or default_embed(peer, scheme)
-    if peer == "self":  # edgelm against itself at another KV capacity (peer_model "kv1280")
+    if peer == "rev":  # edgelm at another git revision, same bundle (peer_model: the revision)
+        tree = rev_tree(peer_model)
+        pfile = edgelm_bundle(scheme, embed, a.reconvert)
+        peer_run = lambda: run_edgelm(pfile, a, capacity, rev_cmd(tree))  # noqa: E731
+    elif peer == "self":  # edgelm against itself at another KV capacity (peer_model "kv1280")
         if not peer_model.startswith("kv") or not peer_model[2:].isdigit():
             raise SystemExit(f"self pairs name a capacity, e.g. self:kv1280=int8, not {peer_model!r}")
         pfile = edgelm_bundle(scheme, embed, a.reconvert)

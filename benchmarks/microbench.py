@@ -210,7 +210,7 @@ def cmd_matmul(_a) -> None:
 
 def cmd_prefill(a) -> None:
     """Prefill of 512 tokens (chunks of 128) in one process, three routes alternating:
-    'loop' = the per-op Python loop with the one-row tiles (session 3), 'fused' = all blocks
+    'loop' = the per-op Python loop with the one-row tiles, 'fused' = all blocks
     in one native call per chunk, 'fused+packed' = that plus the packed GEMM (the default)."""
     from edgelm.backends import cpu
     from edgelm.runtime.engine import Engine

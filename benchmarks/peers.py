@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Set up the two peer runtimes that edgelm is benchmarked against (issue 6).
+"""Set up the two peer runtimes that edgelm is benchmarked against.
 
 Nothing here is part of edgelm or its test suite. Peers are installed from PyPI and
 cached outside the repository, in ``$EDGELM_PEERS_DIR`` (default ``~/.cache/edgelm-peers``):

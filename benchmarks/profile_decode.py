@@ -6,11 +6,11 @@
 
 Prefills `--context` tokens, runs 8 unmeasured decode steps, then `--steps` measured ones,
 and prints ms per token per op (the head GEMV separately) and the unaccounted rest (Python).
-Forward steps of a Gemma 3 model (decode steps and, since session 4, prefill chunks) run
+Forward steps of a Gemma 3 model (decode steps and prefill chunks) run
 all blocks in one call (`gemma3_blocks`); --no-fused times the per-op loop instead, which
 shows each op but adds the per-call Python cost (and, for prefill, numpy's allocations).
 With --prefill it profiles the prefill of `--context` tokens instead (best of 3). For where
-time goes inside the fused call, use perf (docs/kernels.md, "Session 4").
+time goes inside the fused call, use perf (docs/kernels.md).
 The timers themselves cost ~1.5 us per call. Not part of the test suite.
 """
 

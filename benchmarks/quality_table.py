@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The 270M quality table (issue 3): PPL, dPPL %, KL, top-1 %, size and decode tok/s per
+"""The 270M quality table: PPL, dPPL %, KL, top-1 %, size and decode tok/s per
 scheme, with llama.cpp's perplexity on its own requantizations beside it.
 
     python benchmarks/quality_table.py [--chunks 80] [--ctx 512] [--bench] [--threads 2]

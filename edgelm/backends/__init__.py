@@ -10,8 +10,14 @@ from .numpy_ops import NumpyOps
 BACKENDS = ("cpu", "numpy")
 
 
-def get_backend(name: str = "cpu", threads: int | None = None):
-    if name == "numpy":
+def get_backend(name="cpu", threads: int | None = None):
+    """The op table called `name`, or `name` itself when it is already a Backend instance
+    (a backend defined outside edgelm)."""
+    from .base import Backend
+
+    if isinstance(name, Backend):
+        ops = name
+    elif name == "numpy":
         ops = NumpyOps()
     elif name == "cpu":
         from . import cpu

@@ -1,9 +1,18 @@
 """The backend interface: what every op table implements and what it says about itself.
 
-A backend is an op table. Model files call only these ops (plus `to_host` where a value must
-reach the host), so a new backend is a new subclass, never an edit of a model. Every op is
-abstract: a backend that lacks one cannot be constructed, rather than silently falling back
-to another backend's implementation.
+A backend is an op table. Model files call only these ops, so a new backend is a new
+subclass, never an edit of a model. Every op is abstract: a backend that lacks one cannot be
+constructed, rather than silently falling back to another backend's implementation.
+
+The array contract. A backend's arrays (activations, and the norm vectors `place_weights`
+hands back) are opaque to the models, which may use only what numpy arrays and torch tensors
+share: `+ - * /` between arrays of the backend (broadcasting) and with Python or numpy
+scalars, unary `-`, basic indexing (ints, slices, None), `.reshape(...)` and `.shape`.
+Anything else (a transcendental, a reduction, a transpose, a concatenation) is an op.
+Host-side metadata stays numpy: token ids, positions, soft-row indices and values are op
+arguments, and quantized weights are QTensors that the ops interpret. Results reach the host
+through `to_host`; tests/test_backend_contract.py runs every model on a backend whose arrays
+refuse everything else.
 
 Capabilities a backend declares:
 - `name`: what `Engine(backend=...)` and the stats lines call it;
@@ -32,6 +41,17 @@ OPS = (
     "gelu_mul",
     "attention",
     "softcap",
+    # generic array ops: what a model needs beyond the operators of the array contract
+    "tanh",
+    "einsum",  # numpy/torch einsum spec, float32 operands
+    "concat",
+    "match_rms",  # x rescaled to ref's per-row RMS (Gemma 3n's AltUp streams)
+    "gaussian_topk",  # relu(g - (mean + std * k)) per row (Gemma 3n's activation sparsity)
+    "splice",  # x with rows replaced by host values (soft embeddings)
+    # placement and caches
+    "place_weights",
+    "alloc_cache",
+    "to_host",
 )
 
 
@@ -43,16 +63,20 @@ class Backend(abc.ABC):
     def set_threads(self, n: int) -> None:
         """Worker threads for the kernels; backends without their own pool ignore it."""
 
-    def to_host(self, x) -> np.ndarray:
-        """A host (numpy) array of `x`; a no-op for host backends."""
-        return np.asarray(x)
+    @abc.abstractmethod
+    def place_weights(self, weights):
+        """The model's Weights (a frozen dataclass tree of QTensors and fp32 norm vectors)
+        ready for this backend's ops: host backends use the mmap views as they are."""
 
+    @abc.abstractmethod
     def alloc_cache(self, spec, dtype: str):
         """A KV cache for `spec` (backends/kvcache.CacheSpec) storing `dtype` ("float16" or
-        "float32"). Host backends share the lazily mapped host cache."""
-        from .kvcache import KVCache
+        "float32"), with the interface of backends/kvcache.KVCache (update, truncate,
+        can_truncate, copy, nbytes)."""
 
-        return KVCache.from_spec(spec, dtype)
+    @abc.abstractmethod
+    def to_host(self, x) -> np.ndarray:
+        """A host (numpy) array of one of this backend's arrays."""
 
     @abc.abstractmethod
     def matmul(self, x, t): ...
@@ -86,3 +110,25 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def softcap(self, x, cap): ...
+
+    @abc.abstractmethod
+    def tanh(self, x): ...
+
+    @abc.abstractmethod
+    def einsum(self, spec: str, *xs): ...
+
+    @abc.abstractmethod
+    def concat(self, xs, axis: int = 0): ...
+
+    @abc.abstractmethod
+    def match_rms(self, x, ref, floor: float = 1e-5):
+        """x * rms(ref) / sqrt(max(mean(x^2), floor)), per row (last axis); ref broadcasts."""
+
+    @abc.abstractmethod
+    def gaussian_topk(self, g, k: float):
+        """max(g - (mean(g) + std(g) * k), 0) per row (population std)."""
+
+    @abc.abstractmethod
+    def splice(self, x, rows, values):
+        """x [n, d] with rows `rows` (host int64 [m]) replaced by `values` (host float32
+        [m, d]); x is a fresh array the caller owns, so it may be written in place."""

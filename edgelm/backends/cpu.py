@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.schemes import QTensor
-from .base import Backend
+from .host import HostBackend
 
 try:
     from . import native as _native
@@ -34,7 +34,7 @@ def _f32(a) -> np.ndarray:
     return a
 
 
-class CpuOps(Backend):
+class CpuOps(HostBackend):
     name = "cpu"
     # fp16 K/V: half the cache's memory and bandwidth; attention widens them to fp32
     default_kv_dtype = "f16"

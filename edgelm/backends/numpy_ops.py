@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.schemes import QTensor
-from .base import Backend
+from .host import HostBackend
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
 
-class NumpyOps(Backend):
+class NumpyOps(HostBackend):
     name = "numpy"
     default_kv_dtype = "f32"
 

@@ -23,8 +23,6 @@ class SoftRows:
         return SoftRows(self.rows[keep] - start, self.values[keep])
 
 
-def splice(x: np.ndarray, embeds: SoftRows | None) -> np.ndarray:
-    """x [n, hidden] with the soft rows written in (x is a fresh array the caller owns)."""
-    if embeds is not None:
-        x[embeds.rows] = embeds.values
-    return x
+def splice(ops, x, embeds: SoftRows | None):
+    """x [n, hidden] (a fresh backend array the caller owns) with the soft rows written in."""
+    return x if embeds is None else ops.splice(x, embeds.rows, embeds.values)

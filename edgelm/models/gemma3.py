@@ -175,7 +175,7 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
     positions = np.arange(pos0, pos0 + n, dtype=np.int64)
     scale = cfg.query_pre_attn_scalar ** -0.5
 
-    x = splice(ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5), embeds)  # [n, hidden]
+    x = splice(ops, ops.embed(tokens, w.embed) * np.float32(cfg.hidden_size ** 0.5), embeds)  # [n, hidden]
     layers = w.layers
     h = ops.rmsnorm(x, layers[0].attn_norm, eps)  # the first block's input
     # Every block in one native call where the op table has it (bitwise this loop). It saves

@@ -296,16 +296,8 @@ def sparsity_multiplier(s: float) -> float:
     return NormalDist().inv_cdf(s)
 
 
-def _rms(x):
-    import numpy as np
-
-    return np.sqrt(np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32))
-
-
 def _router(ops, x, L, eps, inv_h):
-    import numpy as np
-
-    return np.tanh(ops.matmul(ops.rmsnorm(x, L.altup_router_norm, eps) * inv_h, L.altup_router))
+    return ops.tanh(ops.matmul(ops.rmsnorm(x, L.altup_router_norm, eps) * inv_h, L.altup_router))
 
 
 def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logits: str = "last", embeds=None):
@@ -332,17 +324,15 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     inv_sqrt2 = f32(1.0 / math.sqrt(2.0))
 
     # ---- embeddings and per-layer inputs
-    x0 = splice(ops.embed(tokens, w.embed) * f32(h ** 0.5), embeds)  # [n, h]
+    x0 = splice(ops, ops.embed(tokens, w.embed) * f32(h ** 0.5), embeds)  # [n, h]
     ple_ids = np.where(tokens < cfg.vocab_size_per_layer_input, tokens, 0).astype(np.int32)
     ple = (ops.embed(ple_ids, w.ple) * f32(P ** 0.5)).reshape(n, NL, P)  # only these rows are read
     proj = (ops.matmul(x0, w.ple_proj) * f32(h ** -0.5)).reshape(n, NL, P)
     per_layer = (ops.rmsnorm(proj, w.ple_proj_norm, eps) + ple) * inv_sqrt2  # [n, NL, P]
 
     # ---- AltUp streams: [A, n, h]
-    target = _rms(x0)
-    extra = ops.matmul(x0, w.altup_proj).reshape(n, A - 1, h).transpose(1, 0, 2)
-    extra = extra * (target / np.sqrt(np.maximum(np.mean(extra * extra, axis=-1, keepdims=True), f32(1e-5))))
-    hs = np.concatenate([x0[None], extra], axis=0).astype(np.float32, copy=False)
+    extra = ops.einsum("nah->anh", ops.matmul(x0, w.altup_proj).reshape(n, A - 1, h))
+    hs = ops.concat([x0[None], ops.match_rms(extra, x0)], axis=0)
 
     # rows of the chunk whose logits are wanted: [keep_from, n)
     if logits in ("none", "last", "all"):
@@ -370,7 +360,7 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
 
         # AltUp predict
         coefs = ops.matmul(_router(ops, hs[act], L, eps, inv_h), L.altup_predict).reshape(n, A, A)
-        pred = np.einsum("nqk,knd->qnd", coefs, hs).astype(np.float32, copy=False) + hs
+        pred = ops.einsum("nqk,knd->qnd", coefs, hs) + hs
         active = pred[act]
 
         # attention + LAuReL
@@ -396,30 +386,27 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
         g = ops.matmul(hn, L.gate)
         s = cfg.activation_sparsity[i]
         if s > 0.0:
-            cutoff = g.mean(axis=-1, keepdims=True) + g.std(axis=-1, keepdims=True) * f32(sparsity_multiplier(s))
-            g = np.maximum(g - cutoff, f32(0.0))
+            g = ops.gaussian_topk(g, sparsity_multiplier(s))
         y = ops.matmul(ops.gelu_mul(g, ops.matmul(hn, L.up)), L.down)
         x = x + ops.rmsnorm(y, L.post_ffw_norm, eps)
 
         # AltUp correct
         cc = ops.matmul(_router(ops, x, L, eps, inv_h), L.altup_correct) + f32(1.0)  # [n, A]
-        innovation = x - pred[act]
-        hs = pred + cc.T[:, :, None] * innovation[None]
+        hs = pred + ops.einsum("na,nd->and", cc, x - active)  # every stream += its share of the innovation
         first = hs[act]
         if cfg.altup_correct_scale:
             first = first * L.altup_correct_scale
         gated = ops.gelu_mul(ops.matmul(first, L.inp_gate), per_layer[:, i, :])
-        hs[1:] += ops.rmsnorm(ops.matmul(gated, L.proj), L.post_norm, eps)
+        r = ops.rmsnorm(ops.matmul(gated, L.proj), L.post_norm, eps)
+        hs = ops.concat([hs[:1], hs[1:] + r[None]], axis=0)  # the per-layer input joins streams 1..
 
     if keep_from >= n + cut:
         return None
     hs = hs[:, keep_from - cut:]
-    target = _rms(hs[0])
-    acc = hs[0].copy()
+    x = hs[0]
     for j in range(1, A):
-        p = ops.matmul(hs[j], w.altup_unembd[j - 1])
-        acc += p * (target / np.sqrt(np.maximum(np.mean(p * p, axis=-1, keepdims=True), f32(1e-5))))
-    x = acc / f32(A)
+        x = x + ops.match_rms(ops.matmul(hs[j], w.altup_unembd[j - 1]), hs[0])
+    x = x / f32(A)
     out = ops.matmul(ops.rmsnorm(x, w.output_norm, eps), w.embed)
     if cfg.final_logit_softcap:
         out = ops.softcap(out, cfg.final_logit_softcap)

@@ -53,7 +53,8 @@ class Engine:
     """Load a bundle and run it.
 
     path: a .edgelm bundle; None means the default model (prepared on first use).
-    backend: "cpu" (native kernels) or "numpy" (the reference).
+    backend: "cpu" (native kernels), "numpy" (the reference), or a backends.base.Backend
+        instance (a backend defined outside edgelm).
     threads: worker threads for the native kernels (default: physical cores).
     max_tokens: KV-cache capacity per session, chosen here (e.g. 1280 or 4096). Default: 4096,
         or the model's context where that is shorter.
@@ -65,7 +66,7 @@ class Engine:
     def __init__(
         self,
         path: str | os.PathLike | None = None,
-        backend: str = "cpu",
+        backend="cpu",
         threads: int | None = None,
         max_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
@@ -98,7 +99,7 @@ class Engine:
         self.backend = self.ops.name
         self.kv_dtype_name = kv_dtype or self.ops.default_kv_dtype
         self.kv_dtype = KV_DTYPES[self.kv_dtype_name]
-        self.weights = self.model.load_weights(self.config, self.bundle)
+        self.weights = self.ops.place_weights(self.model.load_weights(self.config, self.bundle))
         meta = self.bundle.header
         tok = meta.get("tokenizer", {})
         self.special = meta.get("special_tokens", {})

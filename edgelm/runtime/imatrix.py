@@ -45,7 +45,7 @@ class _Recorder:
     def __init__(self, ops, names: dict[int, str]):
         self._ops = ops
         self._names = names
-        self._allowed = frozenset(OPS) | {"name", "isa", "default_kv_dtype", "set_threads", "to_host"}
+        self._allowed = frozenset(OPS) | {"name", "isa", "default_kv_dtype", "set_threads"}
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
 
@@ -59,7 +59,7 @@ class _Recorder:
     def _record(self, x, t) -> None:
         name = self._names.get(_tensor_key(t))
         if name is not None:
-            a = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+            a = np.asarray(self._ops.to_host(x), dtype=np.float32).reshape(-1, x.shape[-1])
             sq = np.einsum("ij,ij->j", a, a, dtype=np.float64)
             if name in self.sums:
                 self.sums[name] += sq

@@ -234,7 +234,7 @@ class Session:
             raise
         self.tokens.extend(ids)
         self.prefilled_tokens += len(ids)
-        return out
+        return None if out is None else self.ops.to_host(out)
 
     def _check_fits(self, n_new: int, what: str) -> None:
         if len(self.tokens) + n_new > self.capacity:

@@ -31,6 +31,14 @@ def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _check_unicode(s: str, where: str, path: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{where} a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode", path or None,
+                  "invalid_value") from None
+
+
 def check_json_tree(body) -> None:
     """Reject what json.loads lets through but nothing downstream can use: nesting deeper than
     MAX_JSON_DEPTH, and strings holding lone UTF-16 surrogates (a "\\ud800" escape, or the same
@@ -39,11 +47,7 @@ def check_json_tree(body) -> None:
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise bad(f"{path or 'the body'} contains a lone UTF-16 surrogate (such as \\ud800), which is not "
-                          f"valid Unicode", path or None, "invalid_value") from None
+            _check_unicode(value, f"{path or 'the body'} contains", path)
             continue
         if not isinstance(value, (dict, list)):
             continue
@@ -52,11 +56,7 @@ def check_json_tree(body) -> None:
         items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
         for key, child in reversed(items):  # reversed: the first bad field is the one reported
             if isinstance(key, str):
-                try:
-                    key.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise bad(f"an object key in {path or 'the body'} contains a lone UTF-16 surrogate, which is "
-                              f"not valid Unicode", path or None, "invalid_value") from None
+                _check_unicode(key, f"an object key in {path or 'the body'} contains", path)
             stack.append((child, _join(path, key), depth + 1))
 
 

@@ -39,6 +39,12 @@ from .wire import (
 __all__ = ["tokenizer_from_gguf", "tokenizer_from_hf_dir"]
 
 
+def _special(bos, eos, unk, pad, sot, eot, add_bos: bool, *more_stops) -> dict:
+    """The bundle's special-token record; generation stops at EOS, end-of-turn and `more_stops`."""
+    return {"bos": bos, "eos": eos, "unk": unk, "pad": pad, "start_of_turn": sot, "end_of_turn": eot,
+            "stop": _stop_list(eos, eot, *more_stops), "add_bos": add_bos}
+
+
 def _build_spm_model(
     tokens: list[str],
     scores: Iterable[float],
@@ -268,16 +274,8 @@ def tokenizer_from_gguf(reader) -> tuple[str, bytes, dict]:
     )
     sot = index.get("<start_of_turn>")
     eot = index.get("<end_of_turn>")
-    special = {
-        "bos": bos,
-        "eos": eos,
-        "unk": unk,
-        "pad": pad,
-        "start_of_turn": sot,
-        "end_of_turn": eot,
-        "stop": _stop_list(eos, eot, tok_id("eot_token_id", None), tok_id("eom_token_id", None)),
-        "add_bos": bool(md.get("tokenizer.ggml.add_bos_token", True)),
-    }
+    special = _special(bos, eos, unk, pad, sot, eot, bool(md.get("tokenizer.ggml.add_bos_token", True)),
+                       tok_id("eot_token_id", None), tok_id("eom_token_id", None))
     return KIND_SENTENCEPIECE, data, special
 
 
@@ -385,14 +383,5 @@ def tokenizer_from_hf_dir(path) -> tuple[str, bytes, dict]:
         add_bos = backend.adds_bos(bos)
     else:
         add_bos = True
-    special = {
-        "bos": bos,
-        "eos": eos,
-        "unk": unk,
-        "pad": pad,
-        "start_of_turn": sot,
-        "end_of_turn": eot,
-        "stop": _stop_list(eos, eot, *from_configs("eos_token_id")),
-        "add_bos": add_bos,
-    }
+    special = _special(bos, eos, unk, pad, sot, eot, add_bos, *from_configs("eos_token_id"))
     return kind, data, special
