@@ -157,18 +157,19 @@ def rev_tree(rev: str) -> Path:
     d = peers.peers_dir() / "edgelm-rev" / full[:12]
     if not (d / ".built").exists():
         shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-        peers.log(f"building edgelm {full[:12]} in {d} (native kernels: a few minutes)")
+        (d / "src").mkdir(parents=True)
+        peers.log(f"building edgelm {full[:12]} into {d} (native kernels: a few minutes)")
         arch = subprocess.run(["git", "-C", str(REPO), "archive", full], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(d)], input=arch, check=True)
-        peers.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=d)  # EDGELM_BUILD_ISAS honoured
+        subprocess.run(["tar", "-x", "-C", str(d / "src")], input=arch, check=True)
+        # a plain (non-editable) install into its own folder; EDGELM_BUILD_ISAS is honoured
+        peers.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", d / "site", d / "src"])
         (d / ".built").write_text(full + "\n")
-    return d
+    return d / "site"
 
 
-def rev_cmd(tree: Path) -> list[str]:
-    """Run edgelm from `tree` with this interpreter (its dependencies are the same)."""
-    return ["env", f"PYTHONPATH={tree}", sys.executable, "-m", "edgelm"]
+def rev_cmd(site: Path) -> list[str]:
+    """Run the edgelm installed in `site` with this interpreter (its dependencies are the same)."""
+    return ["env", f"PYTHONPATH={site}", sys.executable, "-P", "-m", "edgelm"]  # -P: not the cwd's edgelm
 
 
 def run_edgelm(bundle: Path, a, capacity: int, cmd: list[str] | None = None) -> dict:

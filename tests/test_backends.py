@@ -76,9 +76,18 @@ def test_models_declare_caches_and_the_backend_allocates_them():
             made.append((spec, dtype))
             return super().alloc_cache(spec, dtype)
 
-    eng.ops = Counting()  # a test-only swap, before any session exists
+    eng = Engine(tiny_bundle(), backend=Counting(), max_tokens=64, prefill_chunk=16)  # a backend from outside
+    assert eng.ops.name == "numpy" and not made
     s = eng.create_session({"temperature": 0.0})
     assert [m[0] for m in made] == specs and {m[1] for m in made} == {"float32"}
     assert all(isinstance(c, KVCache) and c.window == sp.window for c, sp in zip(s.caches, specs))
     out = [p for p in s.generate("hello", max_new_tokens=3) if isinstance(p, str)]
     assert s.n_tokens > 1 and out is not None
+
+
+def test_an_engine_is_read_only_once_built():
+    eng = Engine(tiny_bundle(), backend="numpy", max_tokens=64)
+    for name, value in (("ops", NumpyOps()), ("weights", None), ("max_tokens", 8), ("new_attribute", 1)):
+        with pytest.raises(AttributeError, match="cannot be changed once built"):
+            setattr(eng, name, value)
+    assert eng.max_tokens == 64 and not hasattr(eng, "new_attribute")

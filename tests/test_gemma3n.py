@@ -222,7 +222,7 @@ def test_ple_is_read_on_demand(ckpts, tmp_path, ple_scheme):
         assert isinstance(t, QTensor) and not any(p.flags.owndata for p in t.parts.values())  # mmap views
         counting = _CountingTable(t.scheme, t.shape, t.parts)
         counting.requested = []
-        eng.weights = dataclasses.replace(eng.weights, ple=counting)
+        object.__setattr__(eng, "weights", dataclasses.replace(eng.weights, ple=counting))  # test-only probe
         ids = _prompt(eng.config.vocab_size, n=20, seed=5)
         logits = eng.score(ids)
         s = eng.create_session()

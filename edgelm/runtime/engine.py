@@ -116,6 +116,15 @@ class Engine:
         self.default_sampler = SamplerConfig.coerce({k: v for k, v in sampler.items() if k in ("temperature", "top_k", "top_p")})
         self.lock = threading.RLock()  # the native thread pool serves one forward at a time
         self.init_seconds = time.perf_counter() - t0
+        self._built = True
+
+    def __setattr__(self, name, value):
+        # Sessions on other threads share the engine: once built it is read-only (an op table
+        # that observes, a template cache, ... live beside it, never patched onto it).
+        if self.__dict__.get("_built"):
+            raise AttributeError(f"an Engine cannot be changed once built (tried to set {name!r}); make a new "
+                                 f"Engine, or give a session its own op table")
+        object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ text
 
