@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The default model's scheme, chosen from the 80-chunk quality table (README, "Quality"):
+# The default model's scheme, chosen from the 80-chunk quality table (docs/quality.md, "Results"):
 # int8-b32 is the only 8-bit scheme within 0.5% of fp32's perplexity (+0.16%, llama.cpp's
 # Q8_0 is +0.28%) and decodes as fast as per-channel int8 (+0.64%). int4 loses 24-32% PPL
 # on this 270M model: the fast option, not the default.
