@@ -36,11 +36,14 @@ def main() -> int:
                     help="decode through the per-op loop (one timer per op) instead of the fused blocks call")
     a = ap.parse_args()
 
+    from edgelm.backends import get_backend
     from edgelm.runtime.engine import Engine
 
-    e = Engine(a.bundle, threads=a.threads, max_tokens=max(1280, a.context + a.steps + 16), prefill_chunk=a.chunk)
+    ops = get_backend("cpu")
     if a.no_fused:
-        e.ops.gemma3_blocks = None  # models/gemma3.forward then runs its per-op loop
+        ops.fused_plans = frozenset()  # models/gemma3.forward then runs its per-op loop
+    e = Engine(a.bundle, backend=ops, threads=a.threads, max_tokens=max(1280, a.context + a.steps + 16),
+               prefill_chunk=a.chunk)
     acc: dict[str, float] = collections.defaultdict(float)
     cnt: collections.Counter = collections.Counter()
     head = id(e.weights.embed)

@@ -45,8 +45,7 @@ def bundles(tmp_path_factory):
 
 
 def _run(bundle, ops_cls, isa, kv, steps, prefill=11, chunk=4):
-    e = Engine(bundle, max_tokens=128, kv_dtype=kv, prefill_chunk=chunk)
-    e.ops = ops_cls(isa)
+    e = Engine(bundle, backend=ops_cls(isa), max_tokens=128, kv_dtype=kv, prefill_chunk=chunk)
     s = e.create_session({"temperature": 0.0})
     vocab = e.config.vocab_size
     ids = [(7 * i + 3) % vocab for i in range(prefill)]

@@ -7,7 +7,12 @@ A prompt is a string, a list of token ids, or a list of parts:
   as a multimodal tower's output does (transformers merges image and audio features the
   same way);
 - `Image(source)` and `Audio(source)`: typed slots for the towers' inputs. A bundle without
-  the tower answers them with a BadInputError naming the part.
+  the tower answers them with a BadInputError naming the part;
+- `Tokens(ids)`: token ids taken as they are (no BOS is added before a leading one, as
+  `Session.generate` adds none to a list of ids), for callers that render and tokenize
+  themselves, as Conversation does.
+OpenAI / Hugging Face dicts ({"type": "text", "text": ...}, {"type": "image" | "image_url",
+...}, {"type": "audio" | "input_audio", ...}) are read as the matching part (`from_dict`).
 
 `resolve(engine, parts, add_bos)` turns parts into token ids plus the soft rows to splice,
 as `models.*.forward(..., embeds=...)` takes them.
@@ -45,43 +50,104 @@ class Audio:
     source: str | os.PathLike | bytes = field(repr=False)
 
 
-Part = Text | Embeddings | Image | Audio
+@dataclass(frozen=True)
+class Tokens:
+    ids: tuple[int, ...] | list[int]
+
+
+Part = Text | Embeddings | Image | Audio | Tokens
+_PART_TYPES = (str, dict, Text, Embeddings, Image, Audio, Tokens)
 
 
 def is_parts(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, Text, Embeddings, Image, Audio))
-                                                      for p in prompt)
+    return isinstance(prompt, (list, tuple)) and any(isinstance(p, _PART_TYPES) for p in prompt)
+
+
+def from_dict(d: dict, where: str) -> Part:
+    """An OpenAI / Hugging Face content part as a Part (an image or audio keeps its source as
+    the dict gives it: a URL, path or data)."""
+    kind = d.get("type")
+    if kind == "text":
+        if not isinstance(d.get("text"), str):
+            raise BadInputError(f"{where}: a text part needs 'text', a string")
+        return Text(d["text"])
+    if kind in ("image", "image_url", "audio", "input_audio"):
+        src = next((d[k] for k in (kind, "url", "path") if d.get(k) is not None), None)
+        if isinstance(src, dict):  # OpenAI: {"image_url": {"url": ...}}, {"input_audio": {"data": ...}}
+            src = src.get("url", src.get("data"))
+        return Image(src) if kind.startswith("image") else Audio(src)
+    raise BadInputError(f"{where}: part type must be text, image or audio, got {kind!r}")
+
+
+def check_part(engine, p, where: str) -> Part:
+    """`p` as a valid Part (a str or dict becomes one); a BadInputError naming `where` and
+    the value otherwise. An Embeddings part comes back with float32 values."""
+    from .engine import check_text
+
+    if isinstance(p, str):
+        p = Text(p)
+    elif isinstance(p, dict):
+        p = from_dict(p, where)
+    if isinstance(p, Text):
+        if not isinstance(p.text, str):
+            raise BadInputError(f"{where}: text must be a string")
+        check_text(p.text)
+        return p
+    if isinstance(p, Embeddings):
+        v = np.asarray(p.values)
+        hidden = int(engine.config.hidden_size)
+        if v.ndim != 2 or v.shape[1] != hidden or v.shape[0] < 1:
+            raise BadInputError(f"{where}: embeddings must be [m, {hidden}] (m >= 1), got {list(v.shape)}")
+        if v.shape[0] > engine.max_tokens:
+            raise BadInputError(f"{where}: {v.shape[0]} embedding rows exceed the KV-cache capacity of "
+                                f"{engine.max_tokens} tokens (raise max_tokens)")
+        if not np.issubdtype(v.dtype, np.floating):
+            raise BadInputError(f"{where}: embeddings must be finite floats, got {v.dtype}")
+        with np.errstate(over="ignore"):
+            v = v.astype(np.float32, copy=False)
+        if not np.isfinite(v).all():  # after the cast: float64 beyond float32's range is inf too
+            bad = np.argwhere(~np.isfinite(v))[0]
+            raise BadInputError(f"{where}: embeddings must be finite floats, row {bad[0]} column {bad[1]} "
+                                f"is {v[bad[0], bad[1]]}")
+        tok = _check_id(engine, p.token_id, where)
+        return p if v is p.values and type(p.token_id) is int else Embeddings(v, tok)
+    if isinstance(p, Tokens):
+        try:
+            return Tokens(engine.check_ids(p.ids))
+        except BadInputError as e:
+            raise BadInputError(f"{where}: {e}") from None
+    if isinstance(p, (Image, Audio)):
+        kind = "image" if isinstance(p, Image) else "audio"
+        raise BadInputError(f"{where}: this bundle ({engine.path.name}) has no {kind} encoder, so it takes "
+                            f"text only")
+    raise BadInputError(f"{where}: expected text, Embeddings, Image, Audio or Tokens, got {type(p).__name__}")
+
+
+def _check_id(engine, tok, where: str) -> int:
+    vocab = int(engine.config.vocab_size)
+    if isinstance(tok, (bool, np.bool_)) or not isinstance(tok, (int, np.integer)) or not 0 <= tok < vocab:
+        raise BadInputError(f"{where}: placeholder token_id {tok!r} is outside the vocabulary (0..{vocab - 1})")
+    return int(tok)
 
 
 def resolve(engine, parts, add_bos: bool) -> tuple[list[int], SoftRows | None]:
     """Token ids for `parts`, and the soft rows (positions relative to those ids) to splice."""
-    ids: list[int] = [engine.tokenizer.bos_id] if add_bos and engine.tokenizer.bos_id is not None else []
+    parts = [check_part(engine, p, f"content part {i}") for i, p in enumerate(parts)]
+    bos = engine.tokenizer.bos_id
+    lead_ids = bool(parts) and isinstance(parts[0], Tokens)
+    ids: list[int] = [bos] if add_bos and bos is not None and not lead_ids else []
     rows: list[int] = []
     values: list[np.ndarray] = []
-    hidden = int(engine.config.hidden_size)
-    for i, p in enumerate(parts):
-        if isinstance(p, str):
-            p = Text(p)
+    for p in parts:
         if isinstance(p, Text):
-            if not isinstance(p.text, str):
-                raise BadInputError(f"content part {i}: text must be a string")
             ids += engine.tokenize(p.text, add_bos=False)
-        elif isinstance(p, Embeddings):
-            v = np.asarray(p.values)
-            if v.ndim != 2 or v.shape[1] != hidden or v.shape[0] < 1:
-                raise BadInputError(f"content part {i}: embeddings must be [m, {hidden}] (m >= 1), got {list(v.shape)}")
-            if not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
-                raise BadInputError(f"content part {i}: embeddings must be finite floats")
-            tok = engine.check_ids([p.token_id])[0]
-            rows += range(len(ids), len(ids) + v.shape[0])
-            ids += [tok] * v.shape[0]
-            values.append(v.astype(np.float32, copy=False))
-        elif isinstance(p, (Image, Audio)):
-            kind = "image" if isinstance(p, Image) else "audio"
-            raise BadInputError(f"content part {i}: this bundle ({engine.path.name}) has no {kind} encoder, "
-                                f"so it takes text only")
+        elif isinstance(p, Tokens):
+            ids += p.ids
         else:
-            raise BadInputError(f"content part {i}: expected text, Embeddings, Image or Audio, got {type(p).__name__}")
+            m = p.values.shape[0]
+            rows += range(len(ids), len(ids) + m)
+            ids += [int(p.token_id)] * m
+            values.append(p.values)
     if not rows:
         return ids, None
     return ids, SoftRows(np.asarray(rows, np.int64), np.concatenate(values, axis=0))

@@ -9,6 +9,14 @@ across turns, and a context-overflow policy.
 Each turn re-renders the whole history with the template and feeds the model only what
 the session does not already hold: the common prefix with the session's tokens is reused
 (see Session.sync), so a normal turn prefills just the new user turn's tokens.
+
+A user message is a string or a list of content parts (runtime/content.py; OpenAI / Hugging
+Face dicts too). The template gets them the Hugging Face way, a list of {"type": "text" |
+"image" | "audio", ...} items, where it reads typed content (otherwise the text is joined
+into one string, as the server does). An Embeddings part of m rows enters the template as a
+text item holding SOFT_MARK; the rendered text is tokenized around each mark and the mark
+becomes m placeholder ids (the part's token_id) whose embeddings are the part's rows. Cache
+reuse compares those rows as well as the ids.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
+
 from ..errors import BadInputError, CapacityError
+from .content import Audio, Embeddings, Image, Text, Tokens, check_part, from_dict
+from .engine import check_text
 from .sampler import SamplerConfig
 from .session import GenerationStats, check_stop_strings
 
@@ -29,6 +41,9 @@ if TYPE_CHECKING:
 OVERFLOW_POLICIES = ("error", "truncate")
 DEFAULT_MAX_NEW_TOKENS = 512
 ROLES = ("system", "user", "assistant")
+# Where an Embeddings part sits in rendered text: characters of the supplementary private use
+# area, which no tokenizer gives meaning to; the text is split at each one before tokenizing.
+SOFT_MARK = "\U000F0000\U000F0001\U000F0002"
 
 
 class ChatTemplate:
@@ -53,6 +68,23 @@ class ChatTemplate:
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._typed: bool | None = None
+
+    @property
+    def typed_content(self) -> bool:
+        """Whether the template reads Hugging Face typed content (a list of {"type": ...}
+        items). Probed once, as llama.cpp's minja does: a message holding one text item must
+        render as the same message with string content (a string-only template prints the
+        list's repr instead, or fails)."""
+        if self._typed is None:
+            def probe(content):
+                try:
+                    return self.render([{"role": "user", "content": content}])
+                except Exception:  # e.g. a TypeError from `content + "..."` on a list
+                    return None
+            as_str, as_list = probe("Hello"), probe([{"type": "text", "text": "Hello"}])
+            self._typed = as_list is not None and "Hello" in as_list and as_list == (as_str or as_list)
+        return self._typed
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from jinja2 import TemplateError
@@ -108,6 +140,49 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
+def template_messages(messages: list[dict], typed: bool, check=None) -> tuple[list[dict], list[Embeddings]]:
+    """Messages as the template takes them: content parts become {"type": ...} items (or one
+    string for a template that reads strings only), an Embeddings part a SOFT_MARK text item.
+    Also returns the Embeddings parts in order (each passed through check(part, where)), one
+    per mark."""
+    out, soft = [], []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            _check_unmarked(content, f"messages[{i}].content")
+        elif isinstance(content, (list, tuple)):
+            items = []
+            for j, p in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                p = Text(p) if isinstance(p, str) else from_dict(p, where) if isinstance(p, dict) else p
+                if isinstance(p, Text):
+                    if not isinstance(p.text, str):
+                        raise BadInputError(f"{where}: text must be a string")
+                    items.append(_check_unmarked(p.text, where))
+                elif isinstance(p, Embeddings):
+                    items.append(SOFT_MARK)
+                    soft.append(p if check is None else check(p, where))
+                elif isinstance(p, (Image, Audio)) and typed:
+                    items.append({"type": "image" if isinstance(p, Image) else "audio"})
+                elif isinstance(p, (Image, Audio)):
+                    raise BadInputError(f"{where}: the chat template reads string content only, so it has no "
+                                        f"place for an {'image' if isinstance(p, Image) else 'audio'} part")
+                else:
+                    raise BadInputError(f"{where}: expected text or Embeddings, got {type(p).__name__}")
+            if typed:
+                content = [it if isinstance(it, dict) else {"type": "text", "text": it} for it in items]
+            else:
+                content = "".join(items)
+        out.append({**m, "content": content} if isinstance(m, dict) else m)
+    return out, soft
+
+
+def _check_unmarked(text: str, where: str) -> str:
+    if SOFT_MARK in text:
+        raise BadInputError(f"{where}: the text holds edgelm's reserved embeddings marker (U+F0000..U+F0002)")
+    return text
+
+
 def prompt_ids(engine: "Engine", text: str) -> list[int]:
     """Token ids of a rendered chat. The template writes BOS itself ("<bos>" encodes to the
     BOS id), so BOS is added only where the template did not."""
@@ -151,6 +226,8 @@ class Conversation:
         self.last_dropped_messages = 0  # messages dropped by overflow="truncate" on the last turn
         self.dropped_messages = 0  # ... over the conversation's life
         self._held_text: str | None = None  # the text the session's held tokens spell
+        # (start, Embeddings) of each soft span in the session's tokens, as they were fed
+        self._held_soft: list[tuple[int, Embeddings]] = []
         self._busy = threading.Lock()
 
     # ------------------------------------------------------------------ state
@@ -159,7 +236,8 @@ class Conversation:
     def history(self) -> list[dict]:
         """The messages as the template sees them: the system prompt (if any), then the turns."""
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
-        return sys_msg + [dict(m) for m in self.messages]
+        return sys_msg + [{**m, "content": list(m["content"])} if isinstance(m.get("content"), list) else dict(m)
+                          for m in self.messages]
 
     @property
     def n_tokens(self) -> int:
@@ -176,44 +254,123 @@ class Conversation:
         self.messages = []
         self.session.reset()
         self._held_text = None
+        self._held_soft = []
 
     def cancel(self) -> None:
         """Stop the reply being generated (from any thread) within one decode step."""
         self.session.cancel()
 
     def render(self, messages: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
-        return self.template.render(self.history if messages is None else messages, add_generation_prompt)
+        """The prompt text; an Embeddings part shows as its placeholder token once per row (the
+        text its ids spell)."""
+        text, soft = self._render(self.history if messages is None else messages, add_generation_prompt)
+        pieces = text.split(SOFT_MARK)
+        return pieces[0] + "".join(self._piece(p.token_id) * len(p.values) + s for p, s in zip(soft, pieces[1:]))
+
+    def _piece(self, i: int) -> str:
+        tok = self.engine.tokenizer
+        return tok.id_to_piece(i) if i < tok.vocab_size else f"<{i}>"  # rows past the tokenizer's vocabulary
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[Embeddings]]:
+        # The history's parts were checked when sent; this catches parts edited in since (a
+        # checked part comes back as itself, which the fast path in stream() relies on).
+        msgs, soft = template_messages(messages, self.template.typed_content,
+                                       lambda p, where: check_part(self.engine, p, where))
+        text = self.template.render(msgs, add_generation_prompt)
+        if text.count(SOFT_MARK) != len(soft):
+            raise BadInputError(f"the chat template placed {text.count(SOFT_MARK)} of the {len(soft)} embeddings "
+                                f"parts; it must render each text item of a message exactly once")
+        return text, soft
+
+    def _encode(self, text: str, soft: list[Embeddings], at: int = 0) -> tuple[list[int], list[tuple[int, Embeddings]]]:
+        """Token ids of rendered text, each mark replaced by its part's placeholder ids, and the
+        start of each part's rows (positions counted from `at`). The text between marks is
+        tokenized apart, as llama.cpp's mtmd tokenizes around its media markers."""
+        ids: list[int] = []
+        spans = []
+        for k, seg in enumerate(text.split(SOFT_MARK)):
+            if k:
+                p = soft[k - 1]
+                spans.append((at + len(ids), p))
+                ids += [p.token_id] * len(p.values)
+            if seg:
+                ids += self.engine.tokenizer.encode(seg, add_bos=False)
+        return ids, spans
+
+    def _prompt(self, text: str, soft: list[Embeddings]):
+        ids, spans = self._encode(text, soft)
+        bos = self.engine.tokenizer.bos_id
+        if self.engine.add_bos and bos is not None and (not ids or ids[0] != bos):  # as prompt_ids
+            return [bos, *ids], [(s + 1, p) for s, p in spans]
+        return ids, spans
+
+    def _check_message(self, message):
+        """A user message as the history keeps it: the string, or its parts checked, with each
+        Embeddings part's rows copied read-only (rows changed by the caller afterwards must
+        not silently disagree with the KV computed from them)."""
+        if isinstance(message, str):
+            check_text(message)
+            return _check_unmarked(message, "message")
+        if not isinstance(message, (list, tuple)):
+            raise BadInputError(f"the message must be a string or a list of content parts, got "
+                                f"{type(message).__name__}")
+        parts = []
+        for j, p in enumerate(message):
+            where = f"message[{j}]"
+            p = check_part(self.engine, p, where)
+            if isinstance(p, Tokens):
+                raise BadInputError(f"{where}: token ids cannot go through the chat template; give text or Embeddings")
+            if isinstance(p, Text):
+                _check_unmarked(p.text, where)
+            else:
+                v = np.array(p.values, dtype=np.float32, order="C")
+                v.setflags(write=False)
+                p = Embeddings(v, p.token_id)
+            parts.append(p)
+        return parts
 
     # ------------------------------------------------------------------ turns
 
-    def send(self, message: str, **kw) -> str:
+    def send(self, message, **kw) -> str:
         """Add a user message and return the whole reply."""
         return "".join(self.stream(message, **kw))
 
-    def stream(self, message: str, *, max_new_tokens: int | None = None, stop=None,
+    def stream(self, message, *, max_new_tokens: int | None = None, stop=None,
                cancel: threading.Event | None = None) -> Iterator[str]:
-        """Add a user message; returns an iterator of the reply's text pieces. Errors about
-        the request (bad input, context overflow with policy "error") are raised here, before
-        any work. The turn enters the history when the iterator ends, is closed or is
-        cancelled (with the text produced so far)."""
-        if not isinstance(message, str):
-            raise BadInputError("the message must be a string")
+        """Add a user message (a string or a list of content parts); returns an iterator of the
+        reply's text pieces. Errors about the request (bad input, context overflow with policy
+        "error") are raised here, before any work and with the conversation unchanged. The
+        turn enters the history when the iterator ends, is closed or is cancelled (with the
+        text produced so far)."""
+        content = self._check_message(message)
         max_new = self.max_new_tokens if max_new_tokens is None else _check_max_new(max_new_tokens)
         stops = check_stop_strings(stop)
         if not self._busy.acquire(blocking=False):
             raise BadInputError("this conversation is already generating a reply")
         try:
-            user = {"role": "user", "content": message}
-            turns, text, ids = self._fit(self.messages + [user], max_new)
+            user = {"role": "user", "content": content}
+            turns, text, ids, spans, soft = self._fit(self.messages + [user], max_new)
             self.messages = turns[:-1]  # what truncation kept
             sess = self.session
-            if self._held_text is not None and text.startswith(self._held_text) and sess.held_tokens:
-                # Fast path: the history re-renders as what the session holds plus new text, which
-                # starts at a special-token boundary ("<end_of_turn>..."): tokenize only that.
-                tail = self.engine.tokenizer.encode(text[len(self._held_text):], add_bos=False)
-                ids = sess.held_tokens + tail
+            held = sess.held_tokens
+            n_marks = self._held_text.count(SOFT_MARK) if self._held_text is not None else -1
+            if (held and self._held_text is not None and text.startswith(self._held_text)
+                    and len(self._held_soft) == n_marks and all(a is b for (_, a), b in zip(self._held_soft, soft))):
+                # Fast path: the history re-renders as what the session holds (the same parts,
+                # by identity) plus new text, which starts at a special-token boundary
+                # ("<end_of_turn>..."): tokenize only that.
+                tail, tail_spans = self._encode(text[len(self._held_text):], soft[n_marks:], len(held))
+                ids, spans = held + tail, self._held_soft + tail_spans
+            # Equal ids are not enough where soft rows sit: the KV from the first row that
+            # differs (or is soft on one side only) is stale.
+            c = sess.common_prefix(ids)
+            d = _first_soft_difference(self._held_soft, spans, c)
+            if d < c and not sess.rewind(d):
+                sess.reset()
             feed = sess.sync(ids)
-            gen = sess.generate(feed, max_new_tokens=max_new, stop=stops, cancel=cancel)
+            self._held_soft = spans  # right for whatever prefix of ids the session holds from here on
+            gen = sess.generate(_feed_parts(feed, len(ids) - len(feed), spans), max_new_tokens=max_new, stop=stops,
+                                cancel=cancel)
         except BaseException:
             self._busy.release()
             raise
@@ -226,8 +383,8 @@ class Conversation:
         dropped = 0
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         while True:
-            text = self.template.render(sys_msg + turns, add_generation_prompt=True)
-            ids = prompt_ids(self.engine, text)
+            text, soft = self._render(sys_msg + turns, add_generation_prompt=True)
+            ids, spans = self._prompt(text, soft)
             if len(ids) + max_new <= cap:
                 break
             if self.overflow == "error":
@@ -244,10 +401,51 @@ class Conversation:
             dropped += 2
         self.last_dropped_messages = dropped
         self.dropped_messages += dropped
-        return turns, text, ids
+        return turns, text, ids, spans, soft
 
     def _run(self, gen, user: dict, prompt_text: str) -> "_Reply":
         return _Reply(self, gen, user, prompt_text)
+
+
+def _first_soft_difference(a: list[tuple[int, Embeddings]], b: list[tuple[int, Embeddings]], n: int) -> int:
+    """The first position below n where the soft spans a and b disagree (n where none does)."""
+    for (sa, pa), (sb, pb) in zip(a, b):
+        if min(sa, sb) >= n:
+            return n
+        if sa != sb:
+            return min(sa, sb)
+        if pa is pb:
+            continue
+        va, vb = pa.values, pb.values
+        k = min(len(va), len(vb))
+        diff = np.flatnonzero((va[:k] != vb[:k]).any(axis=1))
+        if diff.size:
+            return min(sa + int(diff[0]), n)
+        if len(va) != len(vb):
+            return min(sa + k, n)
+    rest = a[len(b):] or b[len(a):]
+    return min(rest[0][0], n) if rest else n
+
+
+def _feed_parts(feed: list[int], start: int, spans: list[tuple[int, Embeddings]]):
+    """What Session.generate takes for feed = ids[start:]: the ids themselves where no soft
+    row falls in them, else Tokens and Embeddings parts (the rows from `start` on)."""
+    parts: list = []
+    at = start
+    for s, p in spans:
+        end = s + len(p.values)
+        if end <= start:
+            continue
+        a = max(s, start)
+        if a > at:
+            parts.append(Tokens(feed[at - start:a - start]))
+        parts.append(Embeddings(p.values[a - s:], p.token_id))
+        at = end
+    if not parts:
+        return feed
+    if at < start + len(feed):
+        parts.append(Tokens(feed[at - start:]))
+    return parts
 
 
 class _Reply:
