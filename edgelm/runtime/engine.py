@@ -49,6 +49,46 @@ def _check_ids(ids, vocab: int) -> list[int]:
     return out
 
 
+SPECIAL_IDS = ("bos", "eos", "unk", "pad", "start_of_turn", "end_of_turn")
+
+
+def check_meta(bundle, vocab_size: int) -> None:
+    """What the engine reads from the header besides the config: a tokenizer, special token
+    ids inside the vocabulary, and a valid default sampler."""
+    h = bundle.header
+    where = bundle.path
+
+    def fail(msg: str):
+        raise FormatError(f"{where}: {msg}")
+
+    if "tokenizer" not in h:
+        fail("header field 'tokenizer' is missing")
+
+    def check_id(name: str, v) -> None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail(f"special token {name!r} must be a token id, got {v!r:.80}")
+        if not 0 <= v < vocab_size:
+            fail(f"special token {name!r} is {v}, outside the vocabulary (0..{vocab_size - 1})")
+
+    special = h.get("special_tokens", {})
+    for name in SPECIAL_IDS:
+        if special.get(name) is not None:
+            check_id(name, special[name])
+    if "stop" in special:
+        stop = special["stop"]
+        if not isinstance(stop, list):
+            fail(f"special token list 'stop' must be a list of token ids, got {stop!r:.80}")
+        for v in stop:
+            check_id("stop", v)
+    if "add_bos" in special and not isinstance(special["add_bos"], bool):
+        fail(f"special token field 'add_bos' must be true or false, got {special['add_bos']!r:.80}")
+    sampler = h.get("sampler") or {}
+    try:
+        SamplerConfig.coerce({k: v for k, v in sampler.items() if k in ("temperature", "top_k", "top_p")})
+    except BadInputError as e:
+        fail(f"header field 'sampler': {e}")
+
+
 class Engine:
     """Load a bundle and run it.
 
@@ -85,7 +125,8 @@ class Engine:
         self.path = Path(path)
         self.bundle = Bundle(self.path)
         self.model = get_model(self.bundle.arch)
-        self.config = load_config(self.model, self.bundle)  # config, tensor table and header checked
+        self.config = load_config(self.model, self.bundle)  # config and tensor table checked
+        check_meta(self.bundle, self.config.vocab_size)
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, self.config.max_position_embeddings)
         if max_tokens > self.config.max_position_embeddings:
