@@ -27,7 +27,7 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     ttft_seconds: float
-    stop_reason: str  # "stop_token", "stop_string", "max_new_tokens", "cancelled"
+    stop_reason: str  # "stop_token", "stop_string", "grammar_complete", "max_new_tokens", "cancelled"
 
     @property
     def prefill_tok_s(self) -> float:
@@ -289,6 +289,7 @@ class Session:
         *,
         stop=None,
         cancel: threading.Event | None = None,
+        constraint=None,
     ) -> Iterator["str | GenerationStats"]:
         """Yields text pieces as they decode, then one GenerationStats.
 
@@ -296,7 +297,10 @@ class Session:
         text, token ids, or a list of content parts (runtime/content.py: text, soft
         embeddings; image and audio slots).
         stop: stop strings (text level; the text from a stop string on is not emitted).
-        cancel: an extra Event that stops generation when set (as cancel() does)."""
+        cancel: an extra Event that stops generation when set (as cancel() does).
+        constraint: a runtime.constrained.Constraint (or a dict such as {"json_schema": {...}}):
+        only tokens the grammar allows are sampled, and generation stops once it is complete
+        (stop_reason "grammar_complete"); max_new_tokens still bounds an unfinished one."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise BadInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop_strings = check_stop_strings(stop)
@@ -316,8 +320,13 @@ class Session:
                 embeds = SoftRows(embeds.rows + 1, embeds.values)
         self._check_fits(len(ids) + max_new_tokens, f"a {len(ids)}-token prompt plus {max_new_tokens} new tokens")
         stops = eng.stop_ids if stop_ids is None else frozenset(stop_ids)
+        run = None
+        if constraint is not None:
+            from .constrained import Constraint, ConstraintRun
+
+            run = ConstraintRun(Constraint.coerce(constraint, eng))
         self._cancel.clear()
-        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel, embeds)
+        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel, embeds, run)
 
     def _prefill_cancellable(self, ids, cancel, embeds=None):
         """prefill(), checking for cancellation between chunks: returns None if cancelled
@@ -337,7 +346,7 @@ class Session:
     def _cancelled(self, extra) -> bool:
         return self._cancel.is_set() or (extra is not None and extra.is_set())
 
-    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None):
+    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None, constraint=None):
         t0 = time.perf_counter()
         generated = 0
         reason = "max_new_tokens"
@@ -360,6 +369,8 @@ class Session:
                 if self._cancelled(cancel):
                     reason = "cancelled"
                     break
+                if constraint is not None:
+                    logits = constraint.apply(logits, self.sampler)
                 tok = self.sample(logits, out_ids)
                 out_ids.append(tok)
                 generated += 1
@@ -370,11 +381,16 @@ class Session:
                 if tok in stops:
                     reason = "stop_token"
                     break
+                # advancing starts the next mask, which then runs beside the next forward
+                complete = constraint is not None and constraint.advance(tok)
                 piece = stopper.feed(decoder.feed(tok))
                 if piece:
                     yield piece
                 if stopper.stopped is not None:
                     reason = "stop_string"
+                    break
+                if complete:
+                    reason = "grammar_complete"
                     break
                 if generated >= max_new_tokens:
                     break

@@ -382,6 +382,11 @@ class Tokenizer:
             self._bytes_cache[i] = b
         return b
 
+    def vocab_bytes(self) -> list[bytes]:
+        """Every token's bytes in id order, read past the per-token cache (which would keep
+        262k entries alive for a caller that reads the vocabulary once)."""
+        return [self._b.token_bytes(i) for i in range(self.vocab_size)]
+
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         if skip_special:
             skip = self.special_ids
