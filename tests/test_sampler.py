@@ -79,3 +79,25 @@ def test_non_finite_logits_are_a_clear_error():
         sample(logits, SamplerConfig(temperature=1.0), rng)
     with pytest.raises(EdgelmError, match="non-finite logits"):
         sample(np.full(4, np.inf, np.float32), SamplerConfig(temperature=0.7, top_k=2), rng)
+
+
+@pytest.mark.parametrize("top_k,top_p,temp", [(0, 1.0, 1.0), (0, 0.9, 0.7), (50, 1.0, 1.3), (50, 0.8, 0.9), (3, 0.5, 2.0)])
+def test_sampling_draws_what_numpy_choice_draws(top_k, top_p, temp):
+    """The sampler's inverse-CDF draw is numpy's Generator.choice(p=...) without its argument
+    checks: for a seed, the same tokens as the plain top-k / softmax / top-p / choice recipe."""
+    from edgelm.runtime.sampler import softmax, top_k_filter, top_p_filter
+
+    cfg = SamplerConfig(temperature=temp, top_k=top_k, top_p=top_p)
+    vocab = 5000
+    for seed in range(20):
+        logits = (np.random.default_rng(100 + seed).standard_normal(vocab) * 2.5).astype(np.float32)
+        got_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(3):
+            got = sample(logits, cfg, got_rng)
+            x = logits.astype(np.float64)
+            idx = top_k_filter(x, top_k)
+            probs = softmax(x[idx] / temp)
+            keep = top_p_filter(probs, top_p)
+            idx, probs = idx[keep], probs[keep]
+            want = int(idx[ref_rng.choice(len(idx), p=probs / probs.sum())])
+            assert got == want, (seed, got, want)

@@ -154,13 +154,26 @@ def sample(logits: np.ndarray, cfg: SamplerConfig, rng, context=(), generated=()
         return int(np.argmax(logits))
     if callable(rng):
         rng = rng()
-    idx = top_k_filter(logits, cfg.top_k)
-    probs = softmax(logits[idx] / cfg.temperature)
-    keep = top_p_filter(probs, cfg.top_p)
-    idx, probs = idx[keep], probs[keep]
+    n = logits.shape[0]
+    # The whole vocabulary (top_k off) is used in place, not gathered through an index
+    # array: with 262k entries each avoided pass is ~0.3-1.5 ms a token.
+    idx = top_k_filter(logits, cfg.top_k) if 0 < cfg.top_k < n else None
+    y = np.divide(logits if idx is None else logits[idx], cfg.temperature)  # a fresh array we own
+    y -= y.max()
+    np.exp(y, out=y)
+    y /= y.sum()  # softmax
+    keep = top_p_filter(y, cfg.top_p) if cfg.top_p < 1.0 else None
+    probs = y if keep is None else y[keep]
     total = probs.sum()
     if not (np.isfinite(total) and total > 0):
         raise EdgelmError("the model produced non-finite logits (NaN or inf), so nothing can be sampled; "
                           "the bundle's weights or config are likely corrupt")
-    probs = probs / total
-    return int(idx[rng.choice(len(idx), p=probs)])
+    probs /= total
+    # numpy's Generator.choice(len(p), p=p) without its O(n) argument checks: the same
+    # inverse-CDF draw from one rng.random(), so a seed gives the same tokens
+    cdf = np.cumsum(probs)
+    cdf /= cdf[-1]
+    j = int(cdf.searchsorted(rng.random(), side="right"))
+    if keep is not None:
+        j = int(keep[j])
+    return j if idx is None else int(idx[j])
