@@ -36,15 +36,16 @@ CHAT_TEMPLATE = (
 TOKENIZER_VOCAB = 256  # target size of the trained BPE vocabulary
 
 
-def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
-    """A small Gemma-like BPE tokenizer (specials at Gemma's ids 0..3, then the turn markers)."""
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB, extra_alphabet: str = ""):
+    """A small Gemma-like BPE tokenizer (specials at Gemma's ids 0..3, then the turn markers).
+    Its alphabet is printable ASCII plus `extra_alphabet` (e.g. "\n")."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
     tok.decoder = decoders.Replace("\u2581", " ")
-    alphabet = [chr(c) for c in range(33, 127)] + ["\u2581"]
+    alphabet = [chr(c) for c in range(33, 127)] + ["\u2581"] + list(extra_alphabet)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
@@ -56,10 +57,10 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
     return tok
 
 
-def write_tokenizer(d: str | Path, vocab_size: int = TOKENIZER_VOCAB) -> int:
+def write_tokenizer(d: str | Path, vocab_size: int = TOKENIZER_VOCAB, extra_alphabet: str = "") -> int:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns the vocab size."""
     d = Path(d)
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, extra_alphabet)
     tok.save(str(d / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -148,6 +149,7 @@ def make_tiny_gemma3(
     with_tokenizer: bool = True,
     dtype: str = "float32",
     max_shard_size: str | None = None,
+    extra_alphabet: str = "",
     **geometry,
 ) -> Path:
     """A tiny random Gemma3ForCausalLM saved with save_pretrained(safe_serialization=True).
@@ -160,7 +162,7 @@ def make_tiny_gemma3(
 
     d = Path(dir)
     d.mkdir(parents=True, exist_ok=True)
-    n_tok = write_tokenizer(d) if with_tokenizer else TOKENIZER_VOCAB
+    n_tok = write_tokenizer(d, extra_alphabet=extra_alphabet) if with_tokenizer else TOKENIZER_VOCAB
     if vocab_size is None:
         vocab_size = (n_tok + 31) // 32 * 32 + 32  # a few unused rows, like Gemma's 262208
     if vocab_size < n_tok:

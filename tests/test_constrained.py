@@ -334,3 +334,39 @@ def test_greedy_shortcut_picks_what_the_full_mask_picks(tiny):
             assert pick == int(np.argmax(run.apply(logits.copy())))
             if run.advance(pick):
                 break
+
+
+def test_triggered_constraint_starts_at_its_trigger(tiny):
+    """Free until the output holds the trigger; from there the grammar holds (and ends it).
+    Text that the trigger's token carries past the trigger counts toward the grammar."""
+    from edgelm.runtime.constrained import Triggered
+
+    free, _, sess = _generate(tiny, "Hello", None, n=12)
+    out = sess.generated_ids
+    trig = tiny.tokenizer.decode(out[:3])
+    assert free.startswith(trig) and len(free) > len(trig)
+    digits = Triggered(trig, Constraint(tiny, regex="[0-9]{3}!"))
+    text, stats, _ = _generate(tiny, "Hello", digits, n=12)
+    assert re.fullmatch(re.escape(trig) + "[0-9]{3}!", text), text
+    assert stats.stop_reason == "grammar_complete"
+    # a trigger that ends inside a token: the token's remaining text must fit the grammar
+    k = next(k for k in range(1, len(out)) if len(tiny.tokenizer.decode(out[k:k + 1])) >= 2)
+    trig, piece = tiny.tokenizer.decode(out[:k]), tiny.tokenizer.decode(out[k:k + 1])
+    inside = Triggered(trig + piece[:-1], Constraint(tiny, regex=re.escape(piece[-1]) + "[0-9]{2}"))
+    text, stats, _ = _generate(tiny, "Hello", inside, n=12)
+    assert text.startswith(trig + piece) and re.fullmatch("[0-9]{2}", text[len(trig + piece):]), text
+    # ... and where it does not, the run stays free: the output is the unconstrained one
+    broken = Triggered(trig + piece[:-1], Constraint(tiny, regex="#[0-9]{2}"))
+    assert _generate(tiny, "Hello", broken, n=12)[0] == free
+    with pytest.raises(BadInputError, match="trigger"):
+        Triggered("", Constraint(tiny, regex="a"))
+
+
+def test_conversation_reply_under_a_constraint(tiny):
+    conv = tiny.create_conversation(sampler={"temperature": 1.0, "seed": 4})
+    yes_no = Constraint(tiny, regex="(yes|no)")
+    assert conv.send("Is it?", constraint=yes_no, max_new_tokens=8) in ("yes", "no")
+    assert conv.last_stats.stop_reason in ("grammar_complete", "stop_token")
+    reply = conv.send("Again, as JSON", constraint={"json_schema": SCHEMAS["flat"]}, max_new_tokens=60)
+    jsonschema.validate(json.loads(reply), SCHEMAS["flat"])
+    assert conv.history[-1] == {"role": "assistant", "content": reply}

@@ -101,3 +101,37 @@ def test_sampling_draws_what_numpy_choice_draws(top_k, top_p, temp):
             idx, probs = idx[keep], probs[keep]
             want = int(idx[ref_rng.choice(len(idx), p=probs / probs.sum())])
             assert got == want, (seed, got, want)
+
+
+def test_token_logprobs_are_log_softmax():
+    from edgelm.runtime.sampler import token_logprobs
+
+    x = np.random.default_rng(0).normal(size=1000).astype(np.float32) * 4
+    ref = x.astype(np.float64) - np.log(np.exp(x.astype(np.float64)).sum())
+    lp, top = token_logprobs(x, 17, 5)
+    assert lp == pytest.approx(ref[17], abs=1e-5)
+    order = np.argsort(-ref)[:5]
+    assert [i for i, _ in top] == list(order)
+    assert [v for _, v in top] == pytest.approx(list(ref[order]), abs=1e-5)
+    assert token_logprobs(x, 3, 0)[1] == []
+
+
+def test_generate_records_logprobs():
+    from edgelm import Engine
+    from edgelm.errors import BadInputError
+    from edgelm.runtime.sampler import token_logprobs
+    from tests.tiny_bundle import tiny_bundle
+
+    eng = Engine(tiny_bundle())
+    s = eng.create_session({"temperature": 1.0, "seed": 3})
+    list(s.generate("Hello", max_new_tokens=6, logprobs=2))
+    assert [e.token for e in s.generated_logprobs] == s.generated_ids
+    assert all(len(e.top) == 2 and e.logprob <= 0 for e in s.generated_logprobs)
+    ref = eng.create_session()
+    logits = ref.prefill(eng.tokenize("Hello", add_bos=True))[:eng.tokenizer.vocab_size]
+    assert s.generated_logprobs[0].logprob == pytest.approx(token_logprobs(logits, s.generated_ids[0])[0], abs=1e-5)
+    list(s.generate("again", max_new_tokens=2))
+    assert s.generated_logprobs == []  # not asked this time
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(BadInputError, match="logprobs"):
+            s.generate("x", max_new_tokens=1, logprobs=bad)

@@ -130,6 +130,124 @@ def test_stop_and_seed(client, eng):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+def test_n_choices_are_the_seeded_single_requests(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=10, temperature=1.0)
+    r = client.chat.completions.create(n=3, seed=5, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(seed=5 + i, **kw).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in r.choices] == singles
+    assert len(set(singles)) > 1  # different seeds, different samples
+    parts: dict[int, str] = {}
+    finishes = {}
+    usage = None
+    for ch in client.chat.completions.create(n=3, seed=5, stream=True, stream_options={"include_usage": True}, **kw):
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert [parts[i] for i in range(3)] == singles and set(finishes) == {0, 1, 2}
+    assert usage.completion_tokens == r.usage.completion_tokens and usage.prompt_tokens == r.usage.prompt_tokens
+    rc = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=3, n=2)
+    assert [c.index for c in rc.choices] == [0, 1]
+    one = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=4)
+    assert rc.choices[1].text == one.choices[0].text
+
+
+def _log_softmax(x):
+    import numpy as np
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def test_chat_logprobs_are_the_models(client, eng):
+    import numpy as np
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    # the first token's numbers from the model's own logits
+    _, ids = render_chat(eng, MSGS)
+    ref = _log_softmax(eng.create_session().prefill(ids)[:eng.tokenizer.vocab_size])
+    order = np.argsort(-ref, kind="stable")
+    first = content[0]
+    assert first.logprob == pytest.approx(ref[order[0]], abs=1e-4)  # greedy: the most likely token
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(list(ref[order[:3]]), abs=1e-4)
+    assert first.top_logprobs[0].token == first.token
+    assert bytes(first.bytes) == eng.tokenizer.token_bytes(int(order[0]))
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    streamed = []
+    for ch in client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=0, logprobs=True,
+                                             top_logprobs=3, stream=True):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            streamed += ch.choices[0].logprobs.content
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    plain = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs(client):
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert v == pytest.approx(max(top.values()), abs=1e-6)  # greedy picks the most likely
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "boolean"},
+                                           "c": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["a", "b", "c"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("temperature,seed", [(0, None), (1.0, 1), (1.0, 2), (1.0, 3)])
+def test_response_format_json_schema(client, temperature, seed):
+    jsonschema = pytest.importorskip("jsonschema")
+    rf = {"type": "json_schema", "json_schema": {"name": "abc", "schema": SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=60, temperature=temperature,
+                                       seed=seed, response_format=rf)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="tiny", messages=MSGS, max_tokens=60, temperature=temperature, seed=seed, response_format=rf,
+        stream=True) if ch.choices)
+    assert text == r.choices[0].message.content
+    rc = client.completions.create(model="tiny", prompt="JSON:", max_tokens=60, temperature=temperature, seed=seed,
+                                   extra_body={"response_format": rf})
+    jsonschema.validate(json.loads(rc.choices[0].text), SCHEMA)
+
+
+def test_response_format_json_object_and_max_tokens(client):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "length"  # the grammar is unfinished; max_tokens still holds
+    assert r.choices[0].message.content.startswith("{") and r.usage.completion_tokens == 3
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=20, temperature=0,
+                                       response_format={"type": "regex", "regex": "(yes|no)!"})
+    assert r.choices[0].message.content in ("yes!", "no!") and r.choices[0].finish_reason == "stop"
+
+
+def test_openai_parse_helper_with_pydantic(client):
+    from typing import Literal
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class Answer(pydantic.BaseModel):
+        a: Literal["x", "y"]
+        b: bool
+
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    r = parse(model="tiny", messages=MSGS, max_tokens=40, temperature=0, response_format=Answer)
+    got = r.choices[0].message.parsed
+    assert isinstance(got, Answer) and got.a in ("x", "y")
+
+
 def test_models_and_health(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
@@ -233,7 +351,24 @@ def assert_error(r, status, param=None, code=None, needle=None):
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages", "alternate"),
-    ({"messages": MSGS, "n": 2}, "n", "n=1"),
+    ({"messages": MSGS, "n": 9}, "n", "<= 8"),
+    ({"messages": MSGS, "n": 0}, "n", ">= 1"),
+    ({"messages": MSGS, "n": 2, "best_of": 3}, "best_of", "best_of"),
+    ({"messages": MSGS, "top_logprobs": 2}, "top_logprobs", "logprobs"),
+    ({"messages": MSGS, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+    ({"messages": MSGS, "logprobs": 3}, "logprobs", "boolean"),
+    ({"messages": MSGS, "response_format": "json"}, "response_format", "object"),
+    ({"messages": MSGS, "response_format": {"type": "xml"}}, "response_format.type", "xml"),
+    ({"messages": MSGS, "response_format": {"type": "json_schema"}}, "response_format.json_schema", "name"),
+    ({"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name", "letters"),
+    ({"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}},
+     "response_format.json_schema.schema", "Schema"),
+    ({"messages": MSGS, "response_format": {"type": "json_schema",
+                                            "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format", "json_schema"),
+    ({"messages": MSGS, "response_format": {"type": "regex", "regex": "(unclosed"}}, "response_format", "regex"),
+    ({"messages": MSGS, "functions": [{"name": "f"}]}, "functions", "tools"),
     ({"messages": MSGS, "temperature": -1}, "temperature", "temperature"),
     ({"messages": MSGS, "temperature": "hot"}, "temperature", "number"),
     ({"messages": MSGS, "top_p": 0}, "top_p", "top_p"),
@@ -244,8 +379,8 @@ def assert_error(r, status, param=None, code=None, needle=None):
     ({"messages": MSGS, "seed": "x"}, "seed", "integer"),
     ({"messages": MSGS, "stream": "yes"}, "stream", "boolean"),
     ({"messages": MSGS, "presence_penalty": 3}, "presence_penalty", "presence_penalty"),
-    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools", "not supported"),
-    ({"messages": MSGS, "logprobs": True}, "logprobs", "logprobs"),
+    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools[0].function", "name"),
+    ({"messages": MSGS, "tools": {"type": "function"}}, "tools", "array"),
     ({"messages": MSGS, "max_tokens": CAP}, "max_tokens", "maximum context length"),
     ({"messages": [{"role": "user", "content": "Hello world " * 600}]}, "messages", "maximum context length"),
 ])
@@ -491,6 +626,17 @@ def test_disconnect_cancels_non_stream(server):
 def test_queue_limit_gives_429_and_fifo(eng):
     app = create_app(eng, max_queue=1)
     sched = app.state.scheduler
+    # the long job holds the worker until the test lets it go (on a loaded host the tiny
+    # model could otherwise finish its 1000 tokens before the other requests arrive)
+    gate = threading.Event()
+    run = sched._run
+
+    def gated(job):
+        if job.max_new_tokens == LONG["max_tokens"]:
+            gate.wait(30)
+        run(job)
+
+    sched._run = gated
     with BackgroundServer(app) as srv, httpx.Client(timeout=30) as c:
         with c.stream("POST", srv.url + "/v1/chat/completions", json=LONG) as r:
             lines = r.iter_lines()  # (kept: a dropped iterator closes the stream)
@@ -506,6 +652,7 @@ def test_queue_limit_gives_429_and_fifo(eng):
             r3 = post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2})
             assert_error(r3, 429, code="queue_full")
             assert r3.headers.get("retry-after") == "1"
+        gate.set()
         t.join(30)  # leaving the stream cancelled the long one; the queued one then ran
         assert results["b"].status_code == 200 and results["b"].json()["usage"]["completion_tokens"] == 2
         assert [x[1] for x in list(sched.recent)[-2:]] == ["cancelled", "max_new_tokens"]

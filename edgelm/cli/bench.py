@@ -7,6 +7,7 @@ import json
 import click
 
 from ..errors import BadInputError
+from .options import CONSTRAINT_FLAGS, build_constraint, constraint_options, constraint_spec
 
 SYNTHETIC = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
 
@@ -52,20 +53,47 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
 @click.option("--no-probe", is_flag=True,
               help="Skip the bandwidth probe (a child process with a 512 MiB buffer: a parent's "
                    "wait4 ru_maxrss would count it).")
-def bench(model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend,
-          kv_dtype, prefill_chunk, as_json, no_probe):
-    """Benchmark a bundle with the seed's columns (docs/benchmarks.md)."""
+@constraint_options("Compare unconstrained decoding with decoding of")
+@click.option("--temperature", type=float, default=None,
+              help="With a constraint flag: sampling temperature of both runs of a pair (default 0, greedy).")
+@click.option("--prompt", "prompt_text", default=None,
+              help="With a constraint flag: the prompt text (default: a chat turn asking for what the "
+                   "grammar allows).")
+@click.pass_context
+def bench(ctx, model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, threads, repeat, max_tokens,
+          backend, kv_dtype, prefill_chunk, as_json, no_probe, json_schema, json_object, regex, grammar, temperature,
+          prompt_text):
+    """Benchmark a bundle with the seed's columns (docs/benchmarks.md). With --json-schema,
+    --json-object, --regex or --grammar: decode tok/s under that constraint against
+    unconstrained decoding of the same prompt, alternating in one process
+    (docs/structured-output.md, "Speed")."""
     from ..bench import bench as run_bench
     from ..bench import format_table
 
     if model and synthetic:
         raise BadInputError("give either --model or --synthetic, not both")
+    spec = constraint_spec(json_schema, json_object, regex, grammar)  # file errors before the model loads
+    if spec is None:
+        for name, v in (("--temperature", temperature), ("--prompt", prompt_text)):
+            if v is not None:
+                raise BadInputError(f"{name} applies only with one of {', '.join(CONSTRAINT_FLAGS)}")
+    elif ctx.get_parameter_source("prompt_tokens") is not click.core.ParameterSource.DEFAULT:
+        raise BadInputError("-p does not apply with a constraint flag: its prompt is text (--prompt)")
     if synthetic:
         model = _synthetic_in_child(synthetic, scheme, embed_scheme, as_json)
     elif model is None:
         from ..runtime.defaults import ensure_default_model
 
         model = ensure_default_model(quiet=as_json)
+    if spec is not None:
+        from ..bench_constrained import bench_constrained, format_constrained_table
+
+        flag, field, value = spec
+        res = bench_constrained(model, lambda eng: build_constraint(eng, spec), field, value, flag, gen_tokens,
+                                threads, repeat, max_tokens, backend, kv_dtype, prefill_chunk, temperature or 0.0,
+                                prompt_text, synthetic, progress=not as_json)
+        click.echo(json.dumps(res, indent=2) if as_json else format_constrained_table(res))
+        return
     res = run_bench(model, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend, synthetic,
                     progress=not as_json, probe=not no_probe, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk)
     click.echo(json.dumps(res, indent=2) if as_json else format_table(res))

@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import BadInputError, EdgelmError
-from .options import kv_dtype_option
+from .options import build_constraint, constraint_options, constraint_spec, kv_dtype_option
 
 EXIT_INTERNAL = 70
 
@@ -45,12 +45,7 @@ def cli():
 @click.option("--presence-penalty", type=float, default=None, help="In [-2, 2], OpenAI style.")
 @click.option("--frequency-penalty", type=float, default=None, help="In [-2, 2], OpenAI style.")
 @click.option("--stop", "stop", multiple=True, help="Stop at this string (not printed); repeat for several.")
-@click.option("--json-schema", "json_schema", type=click.Path(), default=None,
-              help="Output JSON that validates against the JSON Schema in this file (docs/structured-output.md).")
-@click.option("--json-object", is_flag=True, help="Output a JSON object (any).")
-@click.option("--regex", default=None, help="Output text that fully matches this regular expression.")
-@click.option("--grammar", type=click.Path(), default=None,
-              help="Output text in the language of this Lark grammar file.")
+@constraint_options("Output")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
@@ -65,21 +60,12 @@ def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, s
     from ..runtime.session import GenerationStats
 
     prompt = _read_prompt(prompt, prompt_file)
-    spec = _constraint_spec(json_schema, json_object, regex, grammar)  # file errors before the model loads
+    spec = constraint_spec(json_schema, json_object, regex, grammar)  # file errors before the model loads
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens, kv_dtype=kv_dtype)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                            frequency_penalty=frequency_penalty)
-    constraint = None
-    if spec is not None:
-        from ..runtime.constrained import Constraint
-
-        flag, field, value = spec
-        try:
-            constraint = Constraint(eng, **{field: value})
-        except BadInputError as e:  # the flag names what the field name would
-            msg = str(e)
-            raise BadInputError(f"{flag}: {msg[len(field) + 2:] if msg.startswith(field + ': ') else msg}") from None
+    constraint = None if spec is None else build_constraint(eng, spec)
     session = eng.create_session(sampler)
     out = sys.stdout
     stats = None
@@ -99,37 +85,6 @@ def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, s
             f"TTFT {stats.ttft_seconds:.3f} s, init {eng.init_seconds:.3f} s, {eng.backend}/{getattr(eng.ops, 'isa', '-')}]",
             err=True,
         )
-
-
-def _constraint_spec(json_schema, json_object, regex, grammar):
-    """(flag, Constraint field, value) from run's constraint options, or None; at most one."""
-    given = [f for f, v in (("--json-schema", json_schema), ("--json-object", json_object or None),
-                            ("--regex", regex), ("--grammar", grammar)) if v is not None]
-    if len(given) > 1:
-        raise BadInputError(f"give at most one of --json-schema, --json-object, --regex, --grammar "
-                            f"(got {', '.join(given)})")
-    if not given:
-        return None
-    from .eval import read_text_file
-
-    def read(flag, path):
-        try:
-            return read_text_file(path)
-        except BadInputError as e:
-            raise BadInputError(f"{flag} {e}") from None
-
-    if json_schema is not None:
-        text = read("--json-schema", json_schema)
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"--json-schema {json_schema}: not valid JSON ({e})") from None
-        return f"--json-schema {json_schema}", "json_schema", schema
-    if json_object:
-        return "--json-object", "json_object", True
-    if regex is not None:
-        return "--regex", "regex", regex
-    return f"--grammar {grammar}", "lark", read("--grammar", grammar)
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:

@@ -69,6 +69,7 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._typed: bool | None = None
+        self._reads_tools: bool | None = None
 
     @property
     def typed_content(self) -> bool:
@@ -86,12 +87,24 @@ class ChatTemplate:
             self._typed = as_list is not None and "Hello" in as_list and as_list == (as_str or as_list)
         return self._typed
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def reads_tools(self) -> bool:
+        """Whether the template renders tool declarations itself (a Hugging Face template that
+        reads the `tools` variable). Gemma 3's does not: edgelm then declares tools in the
+        system prompt (runtime/tools.py)."""
+        import jinja2.meta
+
+        if self._reads_tools is None:
+            env = self.template.environment
+            self._reads_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.source))
+        return self._reads_tools
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         from jinja2 import TemplateError
 
         try:
             return self.template.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                        add_generation_prompt=add_generation_prompt)
+                                        add_generation_prompt=add_generation_prompt, **extra)
         except _TemplateRaised as e:
             raise BadInputError(f"chat template: {e}") from None
         except TemplateError as e:
@@ -194,8 +207,33 @@ def prompt_ids(engine: "Engine", text: str) -> list[int]:
     return ids
 
 
-def render_chat(engine: "Engine", messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    text = get_chat_template(engine).render(check_messages(messages), add_generation_prompt)
+def has_tool_fields(messages) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
+def template_input(template: ChatTemplate, messages: list[dict], tools=None) -> tuple[list[dict], dict]:
+    """(messages, extra template variables) for chat messages that may hold tool calls and
+    results, with `tools` declared (runtime/tools.py): the template's own tool support where
+    it has one, else edgelm's Gemma convention (declarations in the system prompt, calls and
+    results as fenced blocks)."""
+    if not tools and not has_tool_fields(messages):
+        return messages, {}
+    from .tools import tool_messages
+
+    msgs, extra = tool_messages(messages, tools or [], template.reads_tools)
+    return msgs, extra
+
+
+def render_chat(engine: "Engine", messages: list[dict], add_generation_prompt: bool = True,
+                tools=None) -> tuple[str, list[int]]:
+    """The prompt text and ids of chat messages (roles system, user, assistant; tool and
+    assistant tool_calls too, and `tools` declared, see template_input)."""
+    template = get_chat_template(engine)
+    msgs, extra = template_input(template, messages, tools)
+    if not extra.get("tools") and not has_tool_fields(msgs):
+        msgs = check_messages(msgs)
+    text = template.render(msgs, add_generation_prompt, **extra)
     return text, prompt_ids(engine, text)
 
 
@@ -209,7 +247,10 @@ class Conversation:
     """A chat with history on one Session. Not thread-safe, except cancel()."""
 
     def __init__(self, engine: "Engine", system: str | None = None, sampler: SamplerConfig | dict | None = None,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, overflow: str = "error"):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, overflow: str = "error", tools=None,
+                 tool_choice: str = "auto"):
+        from .tools import coerce_tools
+
         if system is not None and not isinstance(system, str):
             raise BadInputError("system must be a string")
         if overflow not in OVERFLOW_POLICIES:
@@ -229,6 +270,13 @@ class Conversation:
         # (start, Embeddings) of each soft span in the session's tokens, as they were fed
         self._held_soft: list[tuple[int, Embeddings]] = []
         self._busy = threading.Lock()
+        # tools the model may call (runtime/tools.py): functions, Tools or JSON declarations
+        self.tools = coerce_tools(tools)
+        self.tool_choice = self._check_choice(tool_choice)
+        self.last_tool_calls: list = []  # the calls in the last reply (ToolCall)
+        self.last_tool_error = None  # a ToolCallError where the last reply's call was malformed
+        self._tool_constraints: dict = {}
+        self._calls: dict = {}  # id -> ToolCall, of the calls in the history
 
     # ------------------------------------------------------------------ state
 
@@ -252,6 +300,8 @@ class Conversation:
         if system is not ...:
             self.system = system or None
         self.messages = []
+        self._calls = {}
+        self.last_tool_calls, self.last_tool_error = [], None
         self.session.reset()
         self._held_text = None
         self._held_soft = []
@@ -274,9 +324,10 @@ class Conversation:
     def _render(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[Embeddings]]:
         # The history's parts were checked when sent; this catches parts edited in since (a
         # checked part comes back as itself, which the fast path in stream() relies on).
-        msgs, soft = template_messages(messages, self.template.typed_content,
+        msgs, extra = template_input(self.template, messages, self.tools)
+        msgs, soft = template_messages(msgs, self.template.typed_content,
                                        lambda p, where: check_part(self.engine, p, where))
-        text = self.template.render(msgs, add_generation_prompt)
+        text = self.template.render(msgs, add_generation_prompt, **extra)
         if text.count(SOFT_MARK) != len(soft):
             raise BadInputError(f"the chat template placed {text.count(SOFT_MARK)} of the {len(soft)} embeddings "
                                 f"parts; it must render each text item of a message exactly once")
@@ -336,21 +387,40 @@ class Conversation:
         return "".join(self.stream(message, **kw))
 
     def stream(self, message, *, max_new_tokens: int | None = None, stop=None,
-               cancel: threading.Event | None = None) -> Iterator[str]:
+               cancel: threading.Event | None = None, constraint=None, tool_choice: str | None = None
+               ) -> Iterator[str]:
         """Add a user message (a string or a list of content parts); returns an iterator of the
         reply's text pieces. Errors about the request (bad input, context overflow with policy
         "error") are raised here, before any work and with the conversation unchanged. The
         turn enters the history when the iterator ends, is closed or is cancelled (with the
-        text produced so far)."""
-        content = self._check_message(message)
+        text produced so far). constraint: as Session.generate's (a JSON Schema, regex, ...
+        that the reply must follow).
+
+        With tools declared, a reply may call them (see run() for the whole loop): the calls
+        are in `last_tool_calls` once the reply ends, and the history keeps them as the
+        assistant's `tool_calls`. Add each result with add_tool_result(), then continue with
+        stream(None). tool_choice overrides the conversation's for this reply: "auto" (a call,
+        once begun, is kept well formed by a grammar), "required" (the reply is one call),
+        "none", or a tool's name (the reply is a call to it)."""
+        if message is None:
+            if not self.messages or self.messages[-1].get("role") != "tool":
+                raise BadInputError("a message is required (None continues only after add_tool_result())")
+            content = None
+        else:
+            content = self._check_message(message)
+        choice = self.tool_choice if tool_choice is None else self._check_choice(tool_choice)
+        if self.tools and choice != "none":
+            if constraint is not None:
+                raise BadInputError("a constraint cannot be combined with tool calls; pass tool_choice=\"none\"")
+            constraint = self._tool_constraint(choice)
         max_new = self.max_new_tokens if max_new_tokens is None else _check_max_new(max_new_tokens)
         stops = check_stop_strings(stop)
         if not self._busy.acquire(blocking=False):
             raise BadInputError("this conversation is already generating a reply")
         try:
-            user = {"role": "user", "content": content}
-            turns, text, ids, spans, soft = self._fit(self.messages + [user], max_new)
-            self.messages = turns[:-1]  # what truncation kept
+            user = None if content is None else {"role": "user", "content": content}
+            turns, text, ids, spans, soft = self._fit(self.messages + ([user] if user else []), max_new)
+            self.messages = turns[:-1] if user else turns  # what truncation kept
             sess = self.session
             held = sess.held_tokens
             n_marks = self._held_text.count(SOFT_MARK) if self._held_text is not None else -1
@@ -370,11 +440,94 @@ class Conversation:
             feed = sess.sync(ids)
             self._held_soft = spans  # right for whatever prefix of ids the session holds from here on
             gen = sess.generate(_feed_parts(feed, len(ids) - len(feed), spans), max_new_tokens=max_new, stop=stops,
-                                cancel=cancel)
+                                cancel=cancel, constraint=constraint)
         except BaseException:
             self._busy.release()
             raise
-        return self._run(gen, user, text)
+        return _Reply(self, gen, user, text, choice if self.tools else "none")
+
+    def add_tool_result(self, call, result) -> None:
+        """Add a tool's result for a call of the last reply (a ToolCall, or its id), as a
+        `tool` message; the next stream(None) lets the model read it."""
+        from .tools import ToolCall
+
+        cid = call.id if isinstance(call, ToolCall) else call
+        calls = self._calls
+        if cid not in calls:
+            raise BadInputError(f"no tool call with id {cid!r} in the conversation")
+        if not isinstance(result, str):
+            result = json.dumps(result, ensure_ascii=False, default=str)
+        check_text(result)
+        self.messages = self.messages + [{"role": "tool", "tool_call_id": cid, "name": calls[cid].name,
+                                          "content": result}]
+
+    def run(self, message, *, confirm=None, max_rounds: int = 8, **kw) -> str:
+        """Send a message and run the tool-call loop: while the reply calls tools, ask
+        `confirm(call)` (if given; False declines the call, and the model is told so), run each
+        tool's function and feed the results back, then let the model continue. Returns the
+        final reply's text. `tool_choice=` (with the other stream() arguments in `kw`) applies
+        to the first reply only; the later ones use the conversation's. A call to a tool
+        without a function, a malformed call, or more than `max_rounds` rounds of calls is an
+        error (the history keeps what happened)."""
+        from .tools import ToolCallError, run_tool
+
+        if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
+            raise BadInputError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+        if confirm is not None and not callable(confirm):
+            raise BadInputError("confirm must be a function of a ToolCall that returns True or False")
+        tools = {t.name: t for t in self.tools}
+        reply = self.send(message, **kw)
+        kw.pop("tool_choice", None)  # it chose the first reply's kind; the model decides the rest
+        for _ in range(max_rounds):
+            if self.last_tool_error is not None:
+                raise self.last_tool_error
+            if not self.last_tool_calls:
+                return reply
+            for call in self.last_tool_calls:
+                tool = tools[call.name]
+                if tool.fn is None:
+                    raise BadInputError(f"the model called {call.name!r}, which has no Python function here: run "
+                                        f"it yourself, add_tool_result() and stream(None)")
+                if confirm is not None and not confirm(call):
+                    result = "error: the user declined this call"
+                else:
+                    result = run_tool(tool, call)
+                self.add_tool_result(call, result)
+            reply = self.send(None, **kw)
+        if self.last_tool_error is not None:
+            raise self.last_tool_error
+        if self.last_tool_calls:
+            raise ToolCallError(f"the model was still calling tools after {max_rounds} rounds (max_rounds)",
+                                text=reply)
+        return reply
+
+    def _check_choice(self, choice) -> str:
+        names = {t.name for t in self.tools}
+        if choice in ("auto", "none", "required") or (isinstance(choice, str) and choice in names):
+            if choice == "required" and not names:
+                raise BadInputError("tool_choice is 'required' but the conversation has no tools")
+            return choice
+        raise BadInputError(f"tool_choice must be 'auto', 'none', 'required' or a tool's name "
+                            f"({', '.join(sorted(names)) or 'no tools'}), got {choice!r}")
+
+    def _tool_constraint(self, choice: str):
+        """The grammar that keeps calls well formed (built once per choice)."""
+        c = self._tool_constraints.get(choice)
+        if c is None:
+            from .constrained import Constraint, Triggered, vocabulary
+            from .tools import TRIGGER, call_grammar
+
+            vocab = vocabulary(self.engine)
+            for t in (TRIGGER + "\n", "\n```"):
+                if not vocab.can_spell(t):
+                    raise BadInputError(f"this model's vocabulary cannot write {t!r}, which the tool-call format needs")
+            if choice == "auto":
+                c = Triggered(TRIGGER, Constraint(self.engine, lark=call_grammar(self.tools, fenced=False)))
+            else:
+                c = Constraint(self.engine, lark=call_grammar(
+                    self.tools, fenced=True, name=None if choice == "required" else choice))
+            self._tool_constraints[choice] = c
+        return c
 
     def _fit(self, turns: list[dict], max_new: int):
         """Render; with overflow="truncate" drop the oldest user/assistant pairs until the
@@ -392,19 +545,20 @@ class Conversation:
                     f"the conversation no longer fits: its next turn needs {len(ids)} prompt tokens plus up to "
                     f"{max_new} new tokens, but the KV-cache capacity is {cap}; reset the conversation, use "
                     f"overflow=\"truncate\" to drop the oldest turns, lower max_new_tokens or raise max_tokens")
-            if len(turns) <= 1:
+            if sum(m.get("role") == "user" for m in turns) <= 1:
                 raise CapacityError(
                     f"the message does not fit even on its own: {len(ids)} prompt tokens (with the system prompt) "
                     f"plus up to {max_new} new tokens exceed the KV-cache capacity of {cap}; shorten it, lower "
                     f"max_new_tokens or raise max_tokens")
-            turns = turns[2:]  # the oldest user message and its reply
-            dropped += 2
+            # the oldest exchange: a user message and everything up to the next user message
+            k = 1
+            while k < len(turns) - 1 and turns[k].get("role") != "user":
+                k += 1
+            turns = turns[k:]
+            dropped += k
         self.last_dropped_messages = dropped
         self.dropped_messages += dropped
         return turns, text, ids, spans, soft
-
-    def _run(self, gen, user: dict, prompt_text: str) -> "_Reply":
-        return _Reply(self, gen, user, prompt_text)
 
 
 def _first_soft_difference(a: list[tuple[int, Embeddings]], b: list[tuple[int, Embeddings]], n: int) -> int:
@@ -453,8 +607,9 @@ class _Reply:
     error) it finalizes the turn exactly once and frees the conversation for the next one. A
     reply that was never iterated leaves no turn in the history."""
 
-    def __init__(self, conv: Conversation, gen, user: dict, prompt_text: str):
+    def __init__(self, conv: Conversation, gen, user: dict | None, prompt_text: str, tool_choice: str = "none"):
         self._conv, self._gen, self._user, self._prompt = conv, gen, user, prompt_text
+        self._tool_choice = tool_choice
         self._pieces: list[str] = []
         self._started = False
         self._finished = False
@@ -482,6 +637,23 @@ class _Reply:
             self._finish(False)
             raise
 
+    def _calls(self, reply: dict) -> dict:
+        """The reply as the history keeps it, with the calls it makes as tool_calls."""
+        from .tools import ToolCallError, parse_tool_calls
+
+        conv = self._conv
+        cut = self._stats is None or self._stats.stop_reason in ("max_new_tokens", "cancelled")
+        try:
+            content, calls = parse_tool_calls(reply["content"], conv.tools, allow_unclosed=cut)
+        except ToolCallError as e:
+            conv.last_tool_error = e
+            return reply
+        if not calls:
+            return reply
+        conv.last_tool_calls = calls
+        conv._calls.update((c.id, c) for c in calls)
+        return {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+
     def close(self) -> None:
         """Stop here; the turn keeps the text produced so far."""
         if not self._finished:
@@ -503,8 +675,12 @@ class _Reply:
             conv.last_stats = self._stats
             if self._stats is not None:
                 conv.last_prefill_tokens = self._stats.prompt_tokens
+            conv.last_tool_calls, conv.last_tool_error = [], None
             if record:
-                conv.messages = conv.messages + [self._user, {"role": "assistant", "content": "".join(self._pieces)}]
+                reply = {"role": "assistant", "content": "".join(self._pieces)}
+                if self._tool_choice != "none":
+                    reply = self._calls(reply)
+                conv.messages = conv.messages + ([self._user] if self._user else []) + [reply]
                 conv._held_text = self._prompt + conv.engine.tokenizer.decode(conv.session.generated_ids)
             else:
                 conv._held_text = None

@@ -193,11 +193,13 @@ class Engine:
         return Session(self, cfg)
 
     def create_conversation(self, system: str | None = None, sampler: SamplerConfig | dict | None = None,
-                            max_new_tokens: int = 512, overflow: str = "error"):
+                            max_new_tokens: int = 512, overflow: str = "error", tools=None,
+                            tool_choice: str = "auto"):
         """A multi-turn chat (see edgelm.runtime.conversation.Conversation)."""
         from .conversation import Conversation
 
-        return Conversation(self, system=system, sampler=sampler, max_new_tokens=max_new_tokens, overflow=overflow)
+        return Conversation(self, system=system, sampler=sampler, max_new_tokens=max_new_tokens, overflow=overflow,
+                            tools=tools, tool_choice=tool_choice)
 
     def score(self, token_ids, start: int = 0) -> np.ndarray:
         """Teacher-forced logits (float32) for a token sequence: [n_tokens - start, vocab],

@@ -160,7 +160,13 @@ def sample(logits: np.ndarray, cfg: SamplerConfig, rng, context=(), generated=()
     idx = top_k_filter(logits, cfg.top_k) if 0 < cfg.top_k < n else None
     y = np.divide(logits if idx is None else logits[idx], cfg.temperature)  # a fresh array we own
     y -= y.max()
-    np.exp(y, out=y)
+    live = _live(y) if idx is None else None
+    if live is None:
+        np.exp(y, out=y)
+    else:  # the same values, bit for bit: exp is exactly 0 below _EXP_ZERO
+        v = np.exp(y[live])
+        y.fill(0.0)
+        y[live] = v
     y /= y.sum()  # softmax
     keep = top_p_filter(y, cfg.top_p) if cfg.top_p < 1.0 else None
     probs = y if keep is None else y[keep]
@@ -171,9 +177,49 @@ def sample(logits: np.ndarray, cfg: SamplerConfig, rng, context=(), generated=()
     probs /= total
     # numpy's Generator.choice(len(p), p=p) without its O(n) argument checks: the same
     # inverse-CDF draw from one rng.random(), so a seed gives the same tokens
+    if keep is None and live is not None:
+        # Only the live entries: the zeros between them add exactly nothing to the running
+        # sum, and the first cdf entry above the draw is always a live one.
+        keep = live
+        probs = probs[live]
     cdf = np.cumsum(probs)
     cdf /= cdf[-1]
     j = int(cdf.searchsorted(rng.random(), side="right"))
     if keep is not None:
         j = int(keep[j])
     return j if idx is None else int(idx[j])
+
+
+# exp(x) is exactly 0.0 in float64 for every x below this (the smallest subnormal is e^-744.4)
+_EXP_ZERO = -746.0
+_SPARSE_MIN = 4096  # a vocabulary this small is cheap either way
+
+
+def _live(y: np.ndarray):
+    """Where exp(y) can be non-zero, when that is under half of a large `y` (its maximum at 0),
+    else None. Logits masked to -inf by constrained decoding are the case: numpy's exp takes a
+    slow path for -inf (~4x a finite value's cost over 262k entries), and the cumulative sum
+    of the draw would walk every zero. One min() pass is all it costs other logits."""
+    if y.shape[0] < _SPARSE_MIN or not y.min() < _EXP_ZERO:
+        return None
+    live = y >= _EXP_ZERO
+    return np.flatnonzero(live) if 2 * np.count_nonzero(live) < y.shape[0] else None
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under softmax(logits) (the model's distribution at
+    temperature 1, before penalties, masks and filters), and the `top` most likely tokens
+    with theirs, most likely first."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = float(x.max())
+    lse = m + float(np.log(np.exp(x - m, dtype=np.float32).sum(dtype=np.float64)))
+    head: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(top, x.shape[0])
+        idx = np.argpartition(-x, k - 1)[:k] if k < x.shape[0] else np.arange(x.shape[0])
+        idx = idx[np.lexsort((idx, -x[idx]))]  # most likely first, ties by id
+        head = [(int(i), float(x[i]) - lse) for i in idx]
+    return float(x[token]) - lse, head

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import BadInputError, CapacityError
 from ..models._inputs import SoftRows
 from .content import Part, is_parts, resolve
-from .sampler import SamplerConfig, sample
+from .sampler import MAX_TOP_LOGPROBS, SamplerConfig, sample, token_logprobs
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -100,6 +100,15 @@ def check_stop_strings(stop) -> list[str]:
     return list(stop)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token, its log-probability, and the most likely tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: list  # [(token id, logprob)], most likely first
+
+
 class Session:
     """One sequence's KV state. Not thread-safe, except cancel(), which any thread may call."""
 
@@ -115,6 +124,7 @@ class Session:
         self.pending_token: int | None = None
         self.prefilled_tokens = 0  # tokens fed through the model over the session's life
         self.generated_ids: list[int] = []  # the ids sampled by the last generate()
+        self.generated_logprobs: list[TokenLogprob] = []  # ... and their logprobs, when asked
         self._cancel = threading.Event()
         self._tok_vocab = int(getattr(engine.tokenizer, "vocab_size", 0) or 0)
 
@@ -168,6 +178,7 @@ class Session:
         other.pending_token = self.pending_token
         other.prefilled_tokens = 0
         other.generated_ids = list(self.generated_ids)
+        other.generated_logprobs = list(self.generated_logprobs)
         other._cancel = threading.Event()
         other._tok_vocab = self._tok_vocab
         return other
@@ -290,6 +301,7 @@ class Session:
         stop=None,
         cancel: threading.Event | None = None,
         constraint=None,
+        logprobs: int | None = None,
     ) -> Iterator["str | GenerationStats"]:
         """Yields text pieces as they decode, then one GenerationStats.
 
@@ -300,7 +312,13 @@ class Session:
         cancel: an extra Event that stops generation when set (as cancel() does).
         constraint: a runtime.constrained.Constraint (or a dict such as {"json_schema": {...}}):
         only tokens the grammar allows are sampled, and generation stops once it is complete
-        (stop_reason "grammar_complete"); max_new_tokens still bounds an unfinished one."""
+        (stop_reason "grammar_complete"); max_new_tokens still bounds an unfinished one. A
+        constrained.Triggered constraint starts once the output contains its trigger text.
+        logprobs: None, or how many of the most likely alternatives (0-20) to record beside
+        each sampled token's own log-probability, in `generated_logprobs` (one
+        TokenLogprob per sampled token, filled as tokens are sampled). They are the model's
+        (softmax of its logits at temperature 1, before penalties, grammar masks and
+        top-k/top-p)."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise BadInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop_strings = check_stop_strings(stop)
@@ -320,13 +338,16 @@ class Session:
                 embeds = SoftRows(embeds.rows + 1, embeds.values)
         self._check_fits(len(ids) + max_new_tokens, f"a {len(ids)}-token prompt plus {max_new_tokens} new tokens")
         stops = eng.stop_ids if stop_ids is None else frozenset(stop_ids)
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise BadInputError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         run = None
         if constraint is not None:
-            from .constrained import Constraint, ConstraintRun
+            from .constrained import start_run
 
-            run = ConstraintRun(Constraint.coerce(constraint, eng))
+            run = start_run(constraint, eng)
         self._cancel.clear()
-        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel, embeds, run)
+        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel, embeds, run, logprobs)
 
     def _prefill_cancellable(self, ids, cancel, embeds=None):
         """prefill(), checking for cancellation between chunks: returns None if cancelled
@@ -346,7 +367,8 @@ class Session:
     def _cancelled(self, extra) -> bool:
         return self._cancel.is_set() or (extra is not None and extra.is_set())
 
-    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None, constraint=None):
+    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None, constraint=None,
+                  logprobs=None):
         t0 = time.perf_counter()
         generated = 0
         reason = "max_new_tokens"
@@ -355,6 +377,9 @@ class Session:
         t_dec = t0
         out_ids: list[int] = []
         self.generated_ids = out_ids  # filled as tokens are sampled (also when closed early)
+        lps: list[TokenLogprob] = []
+        self.generated_logprobs = lps
+        n_vocab = self._tok_vocab
         decoder = self.engine.tokenizer.stream()
         stopper = StopStrings(stop_strings)
         if self._cancelled(cancel):
@@ -369,9 +394,13 @@ class Session:
                 if self._cancelled(cancel):
                     reason = "cancelled"
                     break
+                raw = logits
                 if constraint is not None:
                     logits = constraint.apply(logits, self.sampler)
                 tok = self.sample(logits, out_ids)
+                if logprobs is not None:
+                    lp, top = token_logprobs(raw[:n_vocab] if n_vocab else raw, tok, logprobs)
+                    lps.append(TokenLogprob(tok, lp, top))
                 out_ids.append(tok)
                 generated += 1
                 if ttft is None:

@@ -22,8 +22,9 @@ from ..errors import BadInputError
 from ..runtime.conversation import render_chat
 from ..runtime.modelinfo import BASE_MODEL_NOTICE, is_instruction_tuned
 from ..runtime.sampler import SamplerConfig
+from ..runtime.tools import ToolCallError, ToolCallStream, parse_tool_calls
 from .protocol import (MAX_JSON_DEPTH, ApiError, GenParams, bad, check_json_tree, check_model, model_not_found,
-                       parse_common, parse_messages, parse_prompt)
+                       parse_common, parse_messages, parse_prompt, parse_tools)
 from .scheduler import Job, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
@@ -50,15 +51,22 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-async def _next_event(job: Job, listener: asyncio.Future):
-    """The job's next (kind, value); raises ClientGone (and cancels the job) on disconnect."""
-    get = asyncio.ensure_future(job.events.get())
+async def _next_event(jobs: list[Job], listener: asyncio.Future):
+    """The request's next (index, kind, value) from any of its jobs (they share one queue);
+    raises ClientGone (and cancels every job) on disconnect."""
+    get = asyncio.ensure_future(jobs[0].events.get())
     done, _ = await asyncio.wait({get, listener}, return_when=asyncio.FIRST_COMPLETED)
     if get in done:
         return get.result()
     get.cancel()
-    job.cancel.set()
+    _cancel_all(jobs)
     raise ClientGone()
+
+
+def _cancel_all(jobs: list[Job]) -> None:
+    for j in jobs:
+        if not j.done:
+            j.cancel.set()
 
 
 def _finish_reason(stats) -> str:
@@ -67,15 +75,49 @@ def _finish_reason(stats) -> str:
     return "length" if stats.stop_reason == "max_new_tokens" else "stop"
 
 
-def _usage(job: Job, stats) -> dict:
-    done = stats.generated_tokens if stats else 0
-    prefilled = stats.prompt_tokens if stats else 0
+def _usage(jobs: list[Job], stats: dict) -> dict:
+    """Usage over a request's choices: the prompt counted once, every choice's tokens."""
+    n_prompt = len(jobs[0].ids)
+    done = sum(st.generated_tokens for st in stats.values() if st is not None)
+    st0 = stats.get(0)
+    prefilled = st0.prompt_tokens if st0 is not None else 0
     return {
-        "prompt_tokens": len(job.ids),
+        "prompt_tokens": n_prompt,
         "completion_tokens": done,
-        "total_tokens": len(job.ids) + done,
-        "prompt_tokens_details": {"cached_tokens": max(len(job.ids) - prefilled, 0)},
+        "total_tokens": n_prompt + done,
+        "prompt_tokens_details": {"cached_tokens": max(n_prompt - prefilled, 0)},
     }
+
+
+def _token_text(tok, i: int) -> tuple[str, list[int]]:
+    b = tok.token_bytes(i)
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def _chat_logprobs(tok, lps) -> list[dict]:
+    """OpenAI chat logprobs entries for TokenLogprobs."""
+    out = []
+    for lp in lps:
+        text, b = _token_text(tok, lp.token)
+        top = []
+        for i, v in lp.top:
+            t, tb = _token_text(tok, i)
+            top.append({"token": t, "logprob": v, "bytes": tb})
+        out.append({"token": text, "logprob": lp.logprob, "bytes": b, "top_logprobs": top})
+    return out
+
+
+def _completion_logprobs(tok, lps, offset: int) -> dict:
+    """The legacy completions logprobs object; `offset` is the text offset of the first token."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in lps:
+        text, _ = _token_text(tok, lp.token)
+        tokens.append(text)
+        values.append(lp.logprob)
+        tops.append({_token_text(tok, i)[0]: v for i, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _timings(stats) -> dict | None:
@@ -96,33 +138,35 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, job: Job, chunks, headers: dict | None = None):
-        self.job = job
-        self.chunks = chunks  # callable(kind, value) -> list[dict] of events to send
+    def __init__(self, jobs: list[Job], chunks, headers: dict | None = None):
+        self.jobs = jobs
+        self.chunks = chunks  # callable(index, kind, value) -> list[dict] of events to send
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def __call__(self, scope, receive, send) -> None:
-        job = self.job
+        jobs = self.jobs
         listener = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            for ev in self.chunks("start", None):
-                await self._send(send, ev)
-            while True:
-                kind, value = await _next_event(job, listener)
-                for ev in self.chunks(kind, value):
+            for j in jobs:
+                for ev in self.chunks(j.index, "start", None):
                     await self._send(send, ev)
-                if kind in ("done", "error"):
+            left = len(jobs)
+            while left:
+                index, kind, value = await _next_event(jobs, listener)
+                for ev in self.chunks(index, kind, value):
+                    await self._send(send, ev)
+                if kind == "error":
                     break
+                left -= kind == "done"
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         except (ClientGone, OSError):
-            job.cancel.set()
+            pass
         finally:
             listener.cancel()
-            if not job.done:
-                job.cancel.set()
+            _cancel_all(jobs)
 
     @staticmethod
     async def _send(send, ev: dict) -> None:
@@ -197,7 +241,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         check_json_tree(body)
         return body
 
-    def make_job(ids: list[int], p: GenParams, default_max: int | None, param: str) -> Job:
+    def make_jobs(ids: list[int], p: GenParams, default_max: int | None, param: str, constraint=None) -> list[Job]:
+        """The request's n jobs (one per choice, sharing one event queue), queued together."""
         cap = engine.max_tokens
         if len(ids) >= cap:
             raise bad(f"This model's maximum context length is {cap} tokens, but the prompt has {len(ids)} tokens",
@@ -209,42 +254,90 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
                       f"max_tokens asks for {max_new} more (at most {room} fit)", "max_tokens",
                       "context_length_exceeded")
         d = engine.default_sampler
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for i in range(p.n):
+            try:
+                sampler = SamplerConfig(
+                    temperature=d.temperature if p.temperature is None else p.temperature,
+                    top_p=d.top_p if p.top_p is None else p.top_p,
+                    top_k=d.top_k if p.top_k is None else p.top_k,
+                    # choice i of a seeded request draws from seed + i: reproducible, not identical
+                    seed=None if p.seed is None else (p.seed + i) % (2 ** 63),
+                    presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty,
+                    repetition_penalty=p.repetition_penalty,
+                )
+            except BadInputError as e:
+                raise bad(str(e)) from None
+            jobs.append(Job(ids=ids, sampler=sampler, max_new_tokens=max_new, stop=p.stop, loop=loop,
+                            events=events, index=i, constraint=constraint, logprobs=p.logprobs))
         try:
-            sampler = SamplerConfig(
-                temperature=d.temperature if p.temperature is None else p.temperature,
-                top_p=d.top_p if p.top_p is None else p.top_p,
-                top_k=d.top_k if p.top_k is None else p.top_k,
-                seed=p.seed,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-                repetition_penalty=p.repetition_penalty,
-            )
-        except BadInputError as e:
-            raise bad(str(e)) from None
-        job = Job(ids=ids, sampler=sampler, max_new_tokens=max_new, stop=p.stop, loop=asyncio.get_running_loop())
-        try:
-            scheduler.submit(job)
+            scheduler.submit(jobs)
         except QueueFull as e:
             raise ApiError(429, f"{e}; retry later", None, "queue_full", type="rate_limit_error") from None
-        return job
+        return jobs
 
-    async def collect(request: Request, job: Job):
-        listener = asyncio.ensure_future(_wait_disconnect(request.receive))
-        pieces = []
+    async def build_constraint(spec: dict | None, param: str = "response_format"):
+        """A Constraint for a response_format spec. The first one builds the model's vocabulary
+        for the grammar engine (about a second): off the event loop."""
+        if spec is None:
+            return None
+        from ..runtime.constrained import Constraint
+
         try:
-            while True:
-                kind, value = await _next_event(job, listener)
+            return await asyncio.to_thread(Constraint, engine, **spec)
+        except BadInputError as e:
+            raise bad(f"{param}: {e}", param, "invalid_value") from None
+
+    async def tool_constraint(tools, choice: str):
+        """What keeps a call well formed: with "auto" a grammar that starts once the reply opens
+        a ```tool_call block; with "required" or a named function, the whole reply is one call."""
+        from ..runtime.constrained import Constraint, Triggered, vocabulary
+        from ..runtime.tools import TRIGGER, call_grammar
+
+        def build():
+            vocab = vocabulary(engine)
+            for text in (TRIGGER + "\n", "\n```"):
+                if not vocab.can_spell(text):
+                    raise BadInputError(f"this model's vocabulary cannot write {text!r}, which the tool-call "
+                                        f"format needs")
+            if choice == "auto":
+                return Triggered(TRIGGER, Constraint(engine, lark=call_grammar(tools, fenced=False)))
+            return Constraint(engine, lark=call_grammar(tools, fenced=True, name=None if choice == "required" else choice))
+
+        try:
+            return await asyncio.to_thread(build)
+        except BadInputError as e:
+            raise bad(f"tools: {e}", "tools", "invalid_value") from None
+
+    async def collect(request: Request, jobs: list[Job]):
+        """Every choice's (text, logprobs, stats), by index."""
+        listener = asyncio.ensure_future(_wait_disconnect(request.receive))
+        texts = {j.index: [] for j in jobs}
+        lps = {j.index: [] for j in jobs}
+        stats = {}
+        try:
+            while len(stats) < len(jobs):
+                index, kind, value = await _next_event(jobs, listener)
                 if kind == "piece":
-                    pieces.append(value)
+                    texts[index].append(value[0])
+                    lps[index] += value[1]
                 elif kind == "error":
+                    if isinstance(value, BadInputError):  # e.g. a grammar the vocabulary cannot finish
+                        raise bad(f"the request cannot be completed: {value}", None, "invalid_value")
                     raise ApiError(500, f"generation failed: {type(value).__name__}: {value}", None, None,
                                    type="server_error")
                 else:
-                    return "".join(pieces), value
+                    stats[index] = value
+            return {i: ("".join(texts[i]), lps[i], stats[i]) for i in texts}
         finally:
             listener.cancel()
-            if not job.done:
-                job.cancel.set()
+            _cancel_all(jobs)
+
+    def error_event(value) -> dict:
+        return {"error": ApiError(500, f"generation failed: {value}", type="server_error").body()["error"]}
 
     # ------------------------------------------------------------------ endpoints
 
@@ -266,50 +359,113 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         body = await read_json(request)
         p = parse_common(body)
         messages = parse_messages(body)
+        tools, tool_choice = parse_tools(body)
         check_model(body, name)  # (after the request's shape: a malformed request is a 400 whatever its model)
         try:
-            _, ids = render_chat(engine, messages, add_generation_prompt=True)
+            _, ids = render_chat(engine, messages, add_generation_prompt=True, tools=tools)
         except BadInputError as e:
             raise bad(str(e), "messages", "invalid_value") from None
-        job = make_job(ids, p, None, "messages")
+        calling = tools is not None and tool_choice != "none"
+        if calling and p.constraint is not None:
+            raise bad("'response_format' cannot be combined with 'tools' unless 'tool_choice' is 'none'",
+                      "response_format", "unsupported_value")
+        constraint = await (tool_constraint(tools, tool_choice) if calling else build_constraint(p.constraint))
+        jobs = make_jobs(ids, p, None, "messages", constraint)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
+        tok = engine.tokenizer
 
-        def chunk(delta: dict, finish=None, **extra) -> dict:
+        def chunk(index: int, delta: dict, finish=None, logprobs=None, **extra) -> dict:
             return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": name,
                     "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                    **extra}
+
+        def bad_call(e: ToolCallError) -> ApiError:
+            return ApiError(500, f"the model's reply holds a malformed tool call: {e}", None, "invalid_tool_call",
+                            type="server_error")
 
         if p.stream:
-            def events(kind, value):
-                if kind == "start":
-                    return [chunk({"role": "assistant", "content": ""})]
-                if kind == "piece":
-                    return [chunk({"content": value})]
-                if kind == "error":
-                    return [{"error": ApiError(500, f"generation failed: {value}", type="server_error").body()["error"]}]
-                out = [chunk({}, _finish_reason(value), timings=_timings(value))]
-                if p.include_usage:
-                    out.append({"id": cid, "object": "chat.completion.chunk", "created": now, "model": name,
-                                "system_fingerprint": None, "choices": [], "usage": _usage(job, value),
-                                "timings": _timings(value)})
+            stats: dict = {}
+            parsers = {j.index: ToolCallStream(tools) for j in jobs} if calling else {}
+
+            def deltas(index: int, evs) -> list[dict]:
+                out = []
+                for ev in evs:
+                    if ev[0] == "content":
+                        out.append({"content": ev[1]})
+                    elif ev[0] == "call_start":
+                        _, k, call_id, fname = ev
+                        out.append({"tool_calls": [{"index": k, "id": call_id, "type": "function",
+                                                    "function": {"name": fname, "arguments": ""}}]})
+                    elif ev[0] == "call_args":
+                        out.append({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
                 return out
-            return SSEResponse(job, events, chat_headers)
+
+            def events(index, kind, value):
+                if kind == "start":
+                    return [chunk(index, {"role": "assistant", "content": ""})]
+                if kind == "piece":
+                    text, lps = value
+                    lp = {"content": _chat_logprobs(tok, lps), "refusal": None} if p.logprobs is not None else None
+                    if index not in parsers:
+                        return [chunk(index, {"content": text}, logprobs=lp)]
+                    try:
+                        ds = deltas(index, parsers[index].feed(text))
+                    except ToolCallError as e:
+                        return [{"error": bad_call(e).body()["error"]}]
+                    if lp is not None and not ds:
+                        ds = [{}]
+                    return [chunk(index, d, logprobs=lp if k == 0 else None) for k, d in enumerate(ds)]
+                if kind == "error":
+                    return [error_event(value)]
+                stats[index] = value
+                finish = _finish_reason(value)
+                out = []
+                if index in parsers:
+                    ps = parsers[index]
+                    try:
+                        out = [chunk(index, d) for d in deltas(index, ps.finish(allow_unclosed=finish == "length"))]
+                    except ToolCallError as e:
+                        return [{"error": bad_call(e).body()["error"]}]
+                    if ps.calls and finish == "stop":
+                        finish = "tool_calls"
+                out.append(chunk(index, {}, finish, timings=_timings(value)))
+                if p.include_usage and len(stats) == len(jobs):
+                    out.append({"id": cid, "object": "chat.completion.chunk", "created": now, "model": name,
+                                "system_fingerprint": None, "choices": [], "usage": _usage(jobs, stats),
+                                "timings": _timings(stats.get(0))})
+                return out
+            return SSEResponse(jobs, events, chat_headers)
         try:
-            text, stats = await collect(request, job)
+            results = await collect(request, jobs)
         except ClientGone:
             return Response(status_code=499)
+        choices = []
+        for i, (text, lps, st) in sorted(results.items()):
+            lp = {"content": _chat_logprobs(tok, lps), "refusal": None} if p.logprobs is not None else None
+            message = {"role": "assistant", "content": text}
+            finish = _finish_reason(st)
+            if calling:
+                try:
+                    content, calls = parse_tool_calls(text, tools, allow_unclosed=finish == "length")
+                except ToolCallError as e:
+                    raise bad_call(e) from None
+                if calls:
+                    message = {"role": "assistant", "content": content or None,
+                               "tool_calls": [c.to_openai() for c in calls]}
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": now, "model": name, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": _finish_reason(stats)}],
-            "usage": _usage(job, stats), "timings": _timings(stats),
+            "choices": choices, "usage": _usage(jobs, {i: r[2] for i, r in results.items()}),
+            "timings": _timings(results[0][2]),
         }, headers=chat_headers)
 
     async def completions(request: Request):
         check_auth(request)
         body = await read_json(request)
-        p = parse_common(body)
+        p = parse_common(body, chat=False)
         if body.get("echo"):
             raise bad("echo is not supported", "echo", "unsupported_parameter")
         if body.get("suffix"):
@@ -319,37 +475,53 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         ids = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
         if not ids:
             raise bad("'prompt' is empty", "prompt", "invalid_value")
-        job = make_job(ids, p, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+        constraint = await build_constraint(p.constraint)
+        jobs = make_jobs(ids, p, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", constraint)
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
+        tok = engine.tokenizer
 
-        def chunk(text: str, finish=None, **extra) -> dict:
+        def chunk(index: int, text: str, finish=None, logprobs=None, **extra) -> dict:
             return {"id": cid, "object": "text_completion", "created": now, "model": name,
                     "system_fingerprint": None,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra}
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+                    **extra}
 
         if p.stream:
-            def events(kind, value):
+            stats: dict = {}
+            offsets = {j.index: 0 for j in jobs}
+
+            def events(index, kind, value):
                 if kind == "start":
                     return []
                 if kind == "piece":
-                    return [chunk(value)]
+                    text, lps = value
+                    lp = None
+                    if p.logprobs is not None:
+                        lp = _completion_logprobs(tok, lps, offsets[index])
+                    offsets[index] += len(text)
+                    return [chunk(index, text, logprobs=lp)]
                 if kind == "error":
-                    return [{"error": ApiError(500, f"generation failed: {value}", type="server_error").body()["error"]}]
-                out = [chunk("", _finish_reason(value), timings=_timings(value))]
-                if p.include_usage:
+                    return [error_event(value)]
+                stats[index] = value
+                out = [chunk(index, "", _finish_reason(value), timings=_timings(value))]
+                if p.include_usage and len(stats) == len(jobs):
                     out.append({"id": cid, "object": "text_completion", "created": now, "model": name,
-                                "choices": [], "usage": _usage(job, value)})
+                                "choices": [], "usage": _usage(jobs, stats)})
                 return out
-            return SSEResponse(job, events)
+            return SSEResponse(jobs, events)
         try:
-            text, stats = await collect(request, job)
+            results = await collect(request, jobs)
         except ClientGone:
             return Response(status_code=499)
+        choices = []
+        for i, (text, lps, st) in sorted(results.items()):
+            lp = _completion_logprobs(tok, lps, 0) if p.logprobs is not None else None
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": _finish_reason(st)})
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": now, "model": name, "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(stats)}],
-            "usage": _usage(job, stats), "timings": _timings(stats),
+            "choices": choices, "usage": _usage(jobs, {i: r[2] for i, r in results.items()}),
+            "timings": _timings(results[0][2]),
         })
 
     async def index(request: Request):

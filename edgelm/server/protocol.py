@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 MAX_STOP = 4
@@ -89,6 +90,9 @@ class GenParams:
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float
+    n: int = 1
+    logprobs: int | None = None  # None: off; else alternatives per token
+    constraint: dict | None = None  # a Constraint spec from response_format
 
 
 def _num(body: dict, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -124,26 +128,82 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     return v
 
 
-def parse_common(body: dict) -> GenParams:
-    n = body.get("n")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise bad("'n' must be an integer", "n", "invalid_type")
-        if n != 1:
-            raise bad("only n=1 is supported", "n", "unsupported_value")
+MAX_N = 8  # choices per request; each is its own generation in the queue's worker
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+
+
+def parse_response_format(body: dict):
+    """`response_format` as a constraint spec for runtime.constrained.Constraint: None for
+    text, {"json_object": True}, {"json_schema": schema}, or (extensions) {"regex": ...} and
+    {"lark": ...}. Compiling the grammar is the caller's (it needs the model's vocabulary)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise bad("'response_format' must be an object", "response_format", "invalid_type")
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = rf.get("schema")  # llama.cpp's extension: a schema inside json_object
+        if schema is None:
+            return {"json_object": True}
+        if not isinstance(schema, (dict, bool)):
+            raise bad("'response_format.schema' must be a JSON Schema object", "response_format.schema",
+                      "invalid_type")
+        return {"json_schema": schema}
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        where = "response_format.json_schema"
+        if not isinstance(js, dict):
+            raise bad(f"'{where}' must be an object with 'name' and 'schema'", where,
+                      "missing_required_parameter" if js is None else "invalid_type")
+        name = js.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise bad(f"'{where}.name' must be 1-64 letters, digits, '_' or '-', got {name!r}", f"{where}.name",
+                      "invalid_value")
+        strict = js.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise bad(f"'{where}.strict' must be a boolean", f"{where}.strict", "invalid_type")
+        schema = js.get("schema", True)  # no schema: any JSON value
+        if not isinstance(schema, (dict, bool)):
+            raise bad(f"'{where}.schema' must be a JSON Schema object", f"{where}.schema", "invalid_type")
+        return {"json_schema": schema}
+    if kind in ("regex", "grammar"):  # extensions: {"type": "regex", "regex": "..."}, {"type": "grammar", "grammar": lark}
+        src = rf.get(kind)
+        if not isinstance(src, str) or not src:
+            raise bad(f"'response_format.{kind}' must be a non-empty string", f"response_format.{kind}",
+                      "invalid_type")
+        return {"regex": src} if kind == "regex" else {"lark": src}
+    raise bad(f"'response_format.type' must be 'text', 'json_object', 'json_schema', 'regex' or 'grammar', "
+              f"got {kind!r}", "response_format.type", "invalid_value")
+
+
+def parse_common(body: dict, chat: bool = True) -> GenParams:
+    n = _int(body, "n", 1, MAX_N)
+    n = 1 if n is None else n
     best_of = body.get("best_of")
-    if best_of not in (None, 1):
-        raise bad("only best_of=1 is supported", "best_of", "unsupported_value")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-        raise bad("logprobs are not supported", "logprobs", "unsupported_value")
-    for name in ("tools", "functions", "tool_choice", "function_call"):
-        if body.get(name) not in (None, [], "none"):
-            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    if best_of is not None and best_of != n:
+        raise bad("best_of is not supported (it must be absent or equal to n)", "best_of", "unsupported_value")
+    if chat:
+        want = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not want:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        logprobs = (top or 0) if want else None
+    else:  # completions: logprobs is the number of alternatives (0-5)
+        if isinstance(body.get("logprobs"), bool):
+            raise bad("'logprobs' must be an integer (alternatives per token) for completions", "logprobs",
+                      "invalid_type")
+        logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is deprecated by OpenAI and not supported: use 'tools' and 'tool_choice'", name,
+                      "unsupported_parameter")
     if body.get("logit_bias"):
         raise bad("logit_bias is not supported", "logit_bias", "unsupported_parameter")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
+    constraint = parse_response_format(body)
 
     max_tokens = _int(body, "max_tokens", 1)
     mct = _int(body, "max_completion_tokens", 1)
@@ -192,7 +252,24 @@ def parse_common(body: dict) -> GenParams:
         presence_penalty=_num(body, "presence_penalty", -2.0, 2.0) or 0.0,
         frequency_penalty=_num(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         repetition_penalty=_num(body, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
+        n=n,
+        logprobs=logprobs,
+        constraint=constraint,
     )
+
+
+def _text_content(content, p: str) -> str:
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{p}.content[{j}]: only text content parts are supported", f"{p}.content",
+                          "unsupported_value")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise bad(f"{p}.content must be a string or an array of text parts", f"{p}.content", "invalid_type")
+    return content
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -202,6 +279,7 @@ def parse_messages(body: dict) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise bad("'messages' must be a non-empty array", "messages", "invalid_value")
     out = []
+    call_ids: set = set()
     for i, m in enumerate(msgs):
         p = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -209,23 +287,87 @@ def parse_messages(body: dict) -> list[dict]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
-            raise bad(f"{p}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{p}.role", "invalid_value")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad(f"{p}.role must be 'system', 'user', 'assistant' or 'tool', got {role!r}", f"{p}.role",
+                      "invalid_value")
         content = m.get("content")
+        calls = m.get("tool_calls") if role == "assistant" else None
         if content is None and role == "assistant":
             content = ""
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad(f"{p}.content[{j}]: only text content parts are supported", f"{p}.content",
-                              "unsupported_value")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise bad(f"{p}.content must be a string or an array of text parts", f"{p}.content", "invalid_type")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": _text_content(content, p)}
+        if calls:
+            if not isinstance(calls, list):
+                raise bad(f"{p}.tool_calls must be an array", f"{p}.tool_calls", "invalid_type")
+            for j, c in enumerate(calls):
+                q = f"{p}.tool_calls[{j}]"
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+                    raise bad(f"{q}.function must be an object with a 'name'", f"{q}.function", "invalid_value")
+                if not isinstance(c.get("id", ""), str):
+                    raise bad(f"{q}.id must be a string", f"{q}.id", "invalid_type")
+                call_ids.add(c.get("id"))
+            msg["tool_calls"] = calls
+        if role == "tool":
+            cid = m.get("tool_call_id")
+            if not isinstance(cid, str):
+                raise bad(f"{p}.tool_call_id is required for a tool message (the id of the call it answers)",
+                          f"{p}.tool_call_id", "missing_required_parameter" if cid is None else "invalid_type")
+            if cid not in call_ids:
+                raise bad(f"{p}.tool_call_id {cid!r} matches no tool call of an earlier assistant message",
+                          f"{p}.tool_call_id", "invalid_value")
+            msg["tool_call_id"] = cid
+            if isinstance(m.get("name"), str):
+                msg["name"] = m["name"]
+        out.append(msg)
     return out
+
+
+TOOL_CHOICES = ("auto", "none", "required")
+
+
+def parse_tools(body: dict):
+    """(tools, tool_choice): the declared tools as runtime.tools.Tool (None when there are
+    none), and "auto", "none", "required" or the name of the one function to call."""
+    from ..errors import BadInputError
+    from ..runtime.tools import coerce_tools
+
+    raw = body.get("tools")
+    if raw is not None and not isinstance(raw, list):
+        raise bad("'tools' must be an array of {\"type\": \"function\", \"function\": {...}}", "tools",
+                  "invalid_type")
+    for i, t in enumerate(raw or []):
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            raise bad(f"tools[{i}].type must be 'function'", f"tools[{i}]", "invalid_value")
+        if not isinstance(t.get("function"), dict):
+            raise bad(f"tools[{i}].function must be an object with 'name', 'description' and 'parameters'",
+                      f"tools[{i}].function", "invalid_value")
+    try:
+        tools = coerce_tools(raw) or None
+    except BadInputError as e:
+        field = re.match(r"(tools\[\d+\][.\w]*)", str(e))
+        raise bad(str(e), field.group(1) if field else "tools", "invalid_value") from None
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        f = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad("'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+                      "\"function\": {\"name\": ...}}", "tool_choice", "invalid_value")
+        choice = f["name"]
+        if not tools or choice not in {t.name for t in tools}:
+            known = ", ".join(t.name for t in tools or []) or "none"
+            raise bad(f"'tool_choice' names the function {choice!r}, which is not in 'tools' (declared: {known})",
+                      "tool_choice", "invalid_value")
+    elif choice not in TOOL_CHOICES:
+        raise bad(f"'tool_choice' must be 'auto', 'none', 'required' or a named function, got {choice!r}",
+                  "tool_choice", "invalid_value")
+    if choice == "required" and not tools:
+        raise bad("'tool_choice' is 'required' but no 'tools' are declared", "tool_choice", "invalid_value")
+    ptc = body.get("parallel_tool_calls")
+    if ptc is not None and not isinstance(ptc, bool):
+        raise bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls", "invalid_type")
+    return tools, choice
 
 
 def parse_prompt(body: dict, vocab: int):

@@ -24,7 +24,10 @@ class Job:
     max_new_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (index, kind, value); shared by a request's choices
+    index: int = 0  # the choice this job generates
+    constraint: object = None  # a Constraint or Triggered (runtime.constrained)
+    logprobs: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0  # prompt tokens whose KV was reused
     done: bool = False
@@ -32,7 +35,7 @@ class Job:
 
     def emit(self, kind: str, value) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
         except RuntimeError:  # the event loop is gone (shutdown)
             pass
 
@@ -62,15 +65,19 @@ class Scheduler:
 
     # ------------------------------------------------------------------ control
 
-    def submit(self, job: Job) -> int:
-        """Queue a job; returns its place in the queue. Raises QueueFull past max_queue."""
+    def submit(self, job: "Job | list[Job]") -> int:
+        """Queue a job, or a request's jobs together (all or none); returns the place in the
+        queue of the last. Raises QueueFull when they would put more than max_queue behind
+        the running one (a request's own jobs are let in together when the queue is empty)."""
+        jobs = job if isinstance(job, list) else [job]
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._queue) + (self._running is not None) > self.max_queue:
+            waiting = len(self._queue) + (self._running is not None)
+            if waiting > self.max_queue or (waiting and waiting + len(jobs) - 1 > self.max_queue):
                 raise QueueFull(f"the server is busy: {len(self._queue)} requests are already waiting "
                                 f"(the limit is {self.max_queue})")
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._cv.notify()
             return len(self._queue)
 
@@ -143,12 +150,16 @@ class Scheduler:
             sess.set_sampler(job.sampler)
             feed = sess.sync(job.ids)
             job.cached_tokens = len(job.ids) - len(feed)
-            for item in sess.generate(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel):
+            sent = 0
+            for item in sess.generate(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel,
+                                      constraint=job.constraint, logprobs=job.logprobs):
                 if isinstance(item, GenerationStats):
                     self.recent.append((job.id, item.stop_reason, item.generated_tokens))
                     job.emit("done", item)
-                else:
-                    job.emit("piece", item)
+                else:  # the text, and the logprobs of the tokens sampled since the last piece
+                    lps = sess.generated_logprobs[sent:]
+                    sent += len(lps)
+                    job.emit("piece", (item, lps))
             ok = True
         except Exception as e:  # reported to the client as a 500
             job.emit("error", e)
