@@ -62,8 +62,9 @@ inline void band(const WView& W, bool q, const QAct& A, const float* x, int64_t 
         q_band(W, A, n, r0, r1, out, ldo);
     } else {
         const SchemeKernels& K = scheme_kernels(W.scheme);
-        for (int64_t i0 = 0; i0 < n; i0 += kMaxNX) {
-            const int nx = static_cast<int>(std::min<int64_t>(kMaxNX, n - i0));
+        const int64_t maxnx = deterministic() ? 2 : kMaxNX;  // as matmul()
+        for (int64_t i0 = 0; i0 < n; i0 += maxnx) {
+            const int nx = static_cast<int>(std::min<int64_t>(maxnx, n - i0));
             K.tile[nx](W, r0, r1, x + i0 * W.cols, W.cols, out + i0 * ldo, ldo);
         }
     }

@@ -805,6 +805,16 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         "1 (default): qd8 products with >= 16 activation rows use the packed GEMM where the build has it; "
         "0: always the one-row tiles (for comparisons)");
     m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
+    m.def(
+        "set_deterministic",
+        [](int on) {
+            if (on != 0 && on != 1) throw py::value_error("set_deterministic: on must be 0 or 1");
+            edgelm::deterministic_mode() = on;
+        },
+        "on"_a,
+        "For the calling thread: 1 = batch-invariant kernels (a row's result does not depend on the other "
+        "rows of the call, the chunking of a prompt or the cache's history); 0 = the fastest kernels (default)");
+    m.def("get_deterministic", [] { return edgelm::deterministic_mode(); });
     m.def("packed_gemm_built", [] { return edgelm::kPackedGemmBuilt; });
     m.def(
         "set_decode_prefetch",

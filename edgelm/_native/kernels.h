@@ -144,7 +144,7 @@ constexpr int kMaxNX = 8;  // activation rows per tile
 // NACC independent accumulators per activation row hide the FMA latency.
 template <class S, int NX>
 void tile_rows(const WView& v, int64_t r0, int64_t r1, const float* x, int64_t ldx, float* out, int64_t ldo) {
-    constexpr int NACC = NX <= 2 ? 4 : (NX <= 4 ? 2 : 1);
+    constexpr int NACC = NX <= 2 ? 4 : (NX <= 4 ? 2 : 1);  // NX 1 and 2: the same per-row sums (see matmul)
     const S s(v);
     const int64_t cols = v.cols;
     const int64_t nb = cols / 32;
@@ -306,10 +306,13 @@ inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
     }
     const int64_t chunk = band_rows(W, n, T);
     const int64_t ntasks = ceil_div(rows, chunk);
+    // Batch-invariant mode: tiles of at most 2 rows, whose per-row sums (4 accumulators) are
+    // the one-row GEMV's, operation for operation.
+    const int64_t maxnx = deterministic() ? 2 : kMaxNX;
     auto task = [&](int64_t t) {
         const int64_t r0 = t * chunk, r1 = std::min(rows, r0 + chunk);
-        for (int64_t i0 = 0; i0 < n; i0 += kMaxNX) {
-            const int nx = static_cast<int>(std::min<int64_t>(kMaxNX, n - i0));
+        for (int64_t i0 = 0; i0 < n; i0 += maxnx) {
+            const int nx = static_cast<int>(std::min<int64_t>(maxnx, n - i0));
             K.tile[nx](W, r0, r1, x + i0 * cols, cols, out + i0 * rows, rows);
         }
     };

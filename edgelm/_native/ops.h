@@ -373,10 +373,12 @@ inline Scratch& scratch() {
 }
 
 // One (kv group, query tile, key range) unit: fills o (unnormalized), m, l for its R rows.
+// Rows are (query, head) pairs: queries qi0..qi0+qn, heads h0..h0+hn of kv group g.
 template <class T>
 void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t qi0, int64_t qn, int64_t t0,
-                 int64_t t1, float* o, float* m, float* l) {
-    const int64_t G = P.H / P.KV, hd = P.hd, R = qn * G;
+                 int64_t t1, float* o, float* m, float* l, int64_t h0, int64_t hn) {
+    const int64_t G = P.H / P.KV, hd = P.hd, R = qn * hn;
+    const bool det = deterministic();
     Scratch& sc = scratch();
     sc.s.resize(static_cast<size_t>(R * KB));
     sc.act.resize(KB);
@@ -391,7 +393,7 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
     const float** qr = sc.qr.data();
     int64_t qmin = std::numeric_limits<int64_t>::max(), qmax = std::numeric_limits<int64_t>::min();
     for (int64_t r = 0; r < R; ++r) {
-        const int64_t qi = qi0 + r / G, h = g * G + r % G;
+        const int64_t qi = qi0 + r / hn, h = g * G + h0 + r % hn;
         qr[r] = P.q + (qi * P.H + h) * hd;
         sc.rpos[r] = P.qpos[qi];
         qmin = std::min(qmin, P.qpos[qi]);
@@ -406,22 +408,42 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
     const float inv_cap = P.cap > 0.f ? 1.f / P.cap : 0.f;
     const int64_t W = P.window;
     const bool dpf = R <= 8 && decode_prefetch_mode().load(std::memory_order_relaxed) != 0;
-    const int64_t kbs = dpf ? KB_DECODE : KB;
+    // Batch-invariant: the same 64-slot blocks for every call, and every slot of a block in
+    // its place (masked, not skipped), so that a row's sums see the same lanes whatever the
+    // other rows of the call or the slots beyond its own keys.
+    const int64_t kbs = det ? KB : dpf ? KB_DECODE : KB;
     for (int64_t tb = t0; tb < t1; tb += kbs) {
         const int64_t te = std::min(t1, tb + kbs);
-        int64_t na = 0;
+        int64_t na = 0, nvis = 0, last = -1;
         int64_t kmin = std::numeric_limits<int64_t>::max(), kmax = -1;
+        bool holes = false;
         for (int64_t t = tb; t < te; ++t) {
             const int64_t kpos = P.kpos[t];
-            if (kpos < 0 || qmax - kpos < 0) continue;
-            if (W > 0 && qmin - kpos >= W) continue;
+            const bool usable = kpos >= 0 && qmax - kpos >= 0 && !(W > 0 && qmin - kpos >= W);
+            if (!usable) {
+                if (det) {
+                    act[na++] = t;
+                    holes = true;
+                }
+                continue;
+            }
             act[na++] = t;
+            last = na;
+            ++nvis;
             kmin = std::min(kmin, kpos);
             kmax = std::max(kmax, kpos);
         }
-        if (na == 0) continue;
+        if (nvis == 0) continue;
+        if (det) {  // slots after the last usable one only add zeros to every lane: leave them out
+            na = last;
+            holes = false;
+            for (int64_t a = 0; a < na && !holes; ++a) {
+                const int64_t kpos = P.kpos[act[a]];
+                holes = !(kpos >= 0 && qmax - kpos >= 0 && !(W > 0 && qmin - kpos >= W));
+            }
+        }
         // every active key visible to every row: no per-element mask
-        const bool all_visible = kmax <= qmin && (W == 0 || qmax - kmin < W);
+        const bool all_visible = !(det && holes) && kmax <= qmin && (W == 0 || qmax - kmin < W);
         const int64_t nap = (na + 7) & ~int64_t(7);
         for (int64_t a = 0; a < na; ++a) {
             kp[a] = K + (act[a] * P.KV + g) * hd;
@@ -459,8 +481,9 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             } else {
                 const int64_t qp = sc.rpos[r];
                 for (int64_t a = 0; a < na; ++a) {
-                    const int64_t dd = qp - P.kpos[act[a]];
-                    const bool vis = dd >= 0 && (W == 0 || dd < W);
+                    const int64_t kp_a = P.kpos[act[a]];
+                    const int64_t dd = qp - kp_a;
+                    const bool vis = kp_a >= 0 && dd >= 0 && (W == 0 || dd < W);
                     if (!vis) s[a] = ninf;
                     bm = s[a] > bm ? s[a] : bm;
                 }
@@ -498,11 +521,12 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
 }  // namespace attn_detail
 
 inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, int64_t t0, int64_t t1, float* o,
-                      float* m, float* l) {
+                      float* m, float* l, int64_t h0 = 0, int64_t hn = -1) {
+    if (hn < 0) hn = P.H / P.KV;
     if (P.k16)
-        attn_detail::attn_unit_t<uint16_t>(P, P.k16, P.v16, g, qi0, qn, t0, t1, o, m, l);
+        attn_detail::attn_unit_t<uint16_t>(P, P.k16, P.v16, g, qi0, qn, t0, t1, o, m, l, h0, hn);
     else
-        attn_detail::attn_unit_t<float>(P, P.k, P.v, g, qi0, qn, t0, t1, o, m, l);
+        attn_detail::attn_unit_t<float>(P, P.k, P.v, g, qi0, qn, t0, t1, o, m, l, h0, hn);
 }
 
 inline void attention(const AttnParams& P) {
@@ -519,6 +543,19 @@ inline void attention(const AttnParams& P) {
     // results are the same for any --threads.
     if (units < 8 && P.T >= 256) S = std::min<int64_t>(ceil_div(8, units), P.T / 128);
     S = std::max<int64_t>(1, S);
+    // Batch-invariant mode: a key split would combine partial sums in an order that depends on
+    // the cache's length, so the threads share a unit's query heads instead (rows are
+    // independent; each thread reads the group's keys).
+    const bool det = deterministic();
+    int64_t HS = 1, hl = G;
+    if (det) {
+        S = 1;
+        if (units < pool.threads() && G > 1) {  // (rows are independent: any split gives the same bits)
+            HS = std::min<int64_t>(G, ceil_div(pool.threads(), units));
+            hl = ceil_div(G, HS);
+            HS = ceil_div(G, hl);
+        }
+    }
     const int64_t span = ceil_div(std::max<int64_t>(P.T, 1), S);
     const int64_t Rmax = QT * G;
     std::vector<float> part_o, part_ml;
@@ -526,26 +563,30 @@ inline void attention(const AttnParams& P) {
         part_o.resize(static_cast<size_t>(units * S * Rmax * hd));
         part_ml.resize(static_cast<size_t>(units * S * Rmax * 2));
     }
-    auto write_rows = [&](int64_t g, int64_t qi0, int64_t qn, const float* o, const float* l) {
-        for (int64_t r = 0; r < qn * G; ++r) {
-            const int64_t qi = qi0 + r / G, h = g * G + r % G;
+    auto write_rows = [&](int64_t g, int64_t qi0, int64_t qn, const float* o, const float* l, int64_t h0,
+                          int64_t hn) {
+        for (int64_t r = 0; r < qn * hn; ++r) {
+            const int64_t qi = qi0 + r / hn, h = g * G + h0 + r % hn;
             float* dst = P.out + (qi * P.H + h) * hd;
             const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
             for (int64_t j = 0; j < hd; ++j) dst[j] = o[r * hd + j] * inv;
         }
     };
     auto task = [&](int64_t t) {
+        const int64_t hs = t % HS;
+        t /= HS;
         const int64_t u = t / S, s = t % S;
         const int64_t g = u / ntiles, tile = u % ntiles;
         const int64_t qi0 = tile * QT, qn = std::min(QT, P.n - qi0);
         const int64_t t0 = std::min(P.T, s * span), t1 = std::min(P.T, t0 + span);
         if (S == 1) {
+            const int64_t h0 = hs * hl, hn = std::min(G, h0 + hl) - h0;
             thread_local std::vector<float> o, m, l;
             o.resize(static_cast<size_t>(Rmax * hd));
             m.resize(static_cast<size_t>(Rmax));
             l.resize(static_cast<size_t>(Rmax));
-            attn_unit(P, g, qi0, qn, t0, t1, o.data(), m.data(), l.data());
-            write_rows(g, qi0, qn, o.data(), l.data());
+            attn_unit(P, g, qi0, qn, t0, t1, o.data(), m.data(), l.data(), h0, hn);
+            write_rows(g, qi0, qn, o.data(), l.data(), h0, hn);
         } else {
             float* o = part_o.data() + t * Rmax * hd;
             float* ml = part_ml.data() + t * Rmax * 2;
@@ -553,7 +594,7 @@ inline void attention(const AttnParams& P) {
         }
     };
     const double work = static_cast<double>(P.n) * P.H * hd * std::max<int64_t>(P.T, 1);
-    pool.run(units * S, task, work >= 32768.0);
+    pool.run(units * S * HS, task, work >= 32768.0);
     if (S == 1) return;
     // combine the key splits
     auto comb = [&](int64_t u) {

@@ -563,6 +563,7 @@ inline std::atomic<int>& packed_gemm_mode() {
 }
 
 inline bool packed_gemm_applies(int scheme, int64_t n) {
+    if (kPackedGemmBuilt && qd8_scheme(scheme) && n >= 1 && deterministic()) return true;
     return kPackedGemmBuilt && qd8_scheme(scheme) && n >= kGemmMinN && packed_gemm_mode().load(std::memory_order_relaxed) != 0;
 }
 
@@ -848,6 +849,195 @@ inline uint8_t* pack_buffer(size_t bytes) {
     return reinterpret_cast<uint8_t*>((p + 63) & ~uintptr_t(63));
 }
 
+// The one-row product of batch-invariant mode, equal bit for bit to the packed GEMM tiles'
+// result for that row (see q4_gemm_tile / q8_gemm_tile): per weight row and block, the exact
+// integer sum S of the block, then, over the blocks in order,
+//     int4:         acc = fma(fmsub(S, dx_b, c_b), dw_b, acc)
+//     int8-b32:     acc = fma(S * dx_b, dw_b, acc)
+//     int8 per-row: acc = fma(S, dx_b, acc), then acc * rs
+// Unlike the packed GEMM it reads the weights where they lie (no packing per call), which a
+// one-row product cannot amortize. Eight weight rows go together: each row's block sums are
+// reduced to integers as q4_gemv does and stored per block ([b][8 rows]), and the float
+// steps then run on vectors of the 8 rows.
+template <int KIND>  // 0: int4 BS 32, 1: int4 BS 128, 2: int8 per-row, 3: int8-b32
+void det_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i, float* out) {
+    constexpr bool kInt4 = KIND <= 1;
+    constexpr int BS = KIND == 1 ? 128 : 32;
+    const int64_t cols = v.cols, nb = cols / 32, nbt = A.nbt, np = nb / 2, ng = nb / 8;
+    const int8_t* xq = A.q(i);
+    const float* xd = A.d(i);
+    const float* xc = A.c(i);
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+    const uint16_t* S16 = static_cast<const uint16_t*>(v.scale);
+    thread_local std::vector<uint8_t> xbuf_v;
+    thread_local std::vector<int32_t> sbuf_v;
+    thread_local std::vector<float> dbuf_v;
+    sbuf_v.resize(static_cast<size_t>(8 * nbt));
+    dbuf_v.resize(static_cast<size_t>(8 * nbt + 8));
+    int32_t* sb = sbuf_v.data();
+    float* db = dbuf_v.data();
+    uint8_t* xu = nullptr;
+    if constexpr (kInt4) {  // the activation in pair units [xa 32][xb 32], as the nibbles lie
+        xbuf_v.resize(static_cast<size_t>(64 * (np + 1)));
+        xu = xbuf_v.data();
+        for (int64_t p = 0; p < np; ++p) {
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * p));
+            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * p + 32));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xu + 64 * p), _mm256_permute2x128_si256(x0, x1, 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xu + 64 * p + 32), _mm256_permute2x128_si256(x0, x1, 0x31));
+        }
+        if (nb & 1) {
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * np));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xu + 64 * np), _mm256_permute2x128_si256(x0, x0, 0x80));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xu + 64 * np + 32), _mm256_permute2x128_si256(x0, x0, 0x81));
+        }
+    }
+    // The int32 lane sums of one int4 block pair / one int8 block of a row.
+    auto pairv = [&](const uint8_t* wq, int64_t p) EDGELM_INLINE_LAMBDA {
+        return pair_dot(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * p)), xu + 64 * p, m0f, ones);
+    };
+    auto blk = [&](const int8_t* wq, int64_t b) EDGELM_INLINE_LAMBDA {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * b));
+        const __m256i aw = _mm256_sign_epi8(w, w);
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
+#if defined(EDGELM_VNNI)
+        return dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, w));
+#else
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+#endif
+    };
+    // One float step of the 8 rows for block b: S the rows' integer sums, dw their scales.
+    auto fstep = [&](__m256 acc, __m256i S, __m256 dw, int64_t b) EDGELM_INLINE_LAMBDA {
+        const __m256 f = _mm256_cvtepi32_ps(S);
+        if constexpr (kInt4) return _mm256_fmadd_ps(_mm256_fmsub_ps(f, _mm256_broadcast_ss(xd + b), _mm256_broadcast_ss(xc + b)), dw, acc);
+        else if constexpr (KIND == 2) return _mm256_fmadd_ps(f, _mm256_broadcast_ss(xd + b), acc);
+        else return _mm256_fmadd_ps(_mm256_mul_ps(f, _mm256_broadcast_ss(xd + b)), dw, acc);
+    };
+    thread_local std::vector<uint8_t> hv_v;  // per group and row: block sums, then scales (32-byte aligned)
+    hv_v.resize(static_cast<size_t>(2 * 32 * (8 * ng + 8) + 32));
+    __m256i* hb = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(hv_v.data()) + 31) & ~uintptr_t(31));
+    __m256i* vb = hb + 8 * ng + 8;
+    // a 4-pair horizontal sum holds blocks 0,2,4,6,1,3,5,7 of its group; kSlot[b]: block b's lane
+    static constexpr int kSlot[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+    for (int64_t g0 = r0; g0 < r1; g0 += 8) {
+        const int nr = static_cast<int>(std::min<int64_t>(8, r1 - g0));
+        const uint8_t* rowp[8];  // rows past r1 repeat the last one (their results are dropped)
+        for (int j = 0; j < 8; ++j) {
+            const int64_t r = g0 + std::min(j, nr - 1);
+            rowp[j] = static_cast<const uint8_t*>(v.w) + r * (kInt4 ? cols / 2 : cols);
+        }
+        __m256 acc = _mm256_setzero_ps();
+        // Whole groups of 8 blocks. Each row is read start to end (the way the prefetchers
+        // follow it) and its 8 block sums per group kept as one vector (with its 8 scales);
+        // then per group the 8 rows' vectors are transposed, so that vector k holds lane k of
+        // every row, and the float steps run on those.
+        for (int j = 0; j < 8; ++j) {
+            if constexpr (kInt4) {
+                const uint8_t* wq = rowp[j];
+                for (int64_t g = 0; g < ng; ++g) {
+                    _mm_prefetch(reinterpret_cast<const char*>(wq + 128 * g + kGemvPrefetch), _MM_HINT_T0);
+                    _mm_prefetch(reinterpret_cast<const char*>(wq + 128 * g + kGemvPrefetch + 64), _MM_HINT_T0);
+                    _mm256_store_si256(hb + 8 * g + j,
+                                       _mm256_hadd_epi32(_mm256_hadd_epi32(pairv(wq, 4 * g), pairv(wq, 4 * g + 1)),
+                                                         _mm256_hadd_epi32(pairv(wq, 4 * g + 2), pairv(wq, 4 * g + 3))));
+                }
+            } else {
+                const int8_t* wq = reinterpret_cast<const int8_t*>(rowp[j]);
+                for (int64_t g = 0; g < ng; ++g) {
+                    const int64_t b = 8 * g;
+                    for (int k = 0; k < 4; ++k)
+                        _mm_prefetch(reinterpret_cast<const char*>(wq + 32 * b + kGemvPrefetch + 64 * k), _MM_HINT_T0);
+                    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(blk(wq, b), blk(wq, b + 1)),
+                                                        _mm256_hadd_epi32(blk(wq, b + 2), blk(wq, b + 3)));
+                    const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(blk(wq, b + 4), blk(wq, b + 5)),
+                                                        _mm256_hadd_epi32(blk(wq, b + 6), blk(wq, b + 7)));
+                    _mm256_store_si256(hb + 8 * g + j, _mm256_add_epi32(_mm256_permute2x128_si256(a, c, 0x20),
+                                                                        _mm256_permute2x128_si256(a, c, 0x31)));
+                }
+            }
+            // the blocks after the last whole group: their sums and scales per block
+            {
+                alignas(32) int32_t t8[8];
+                const __m256i z = _mm256_setzero_si256();
+                const int64_t b0 = 8 * ng;
+                if constexpr (kInt4) {
+                    const uint8_t* wq = rowp[j];
+                    for (int64_t p = b0 / 2; p < np; ++p) {
+                        _mm256_store_si256(reinterpret_cast<__m256i*>(t8),
+                                           _mm256_hadd_epi32(_mm256_hadd_epi32(pairv(wq, p), z), z));
+                        sb[8 * (2 * p) + j] = t8[0];
+                        sb[8 * (2 * p + 1) + j] = t8[4];
+                    }
+                    if (nb & 1) {
+                        const __m256i wv =
+                            _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wq + 32 * np)));
+                        _mm256_store_si256(reinterpret_cast<__m256i*>(t8),
+                                           _mm256_hadd_epi32(_mm256_hadd_epi32(pair_dot(wv, xu + 64 * np, m0f, ones), z), z));
+                        sb[8 * (2 * np) + j] = t8[0];
+                    }
+                } else {
+                    const int8_t* wq = reinterpret_cast<const int8_t*>(rowp[j]);
+                    for (int64_t b = b0; b < nb; ++b) {
+                        _mm256_store_si256(reinterpret_cast<__m256i*>(t8), _mm256_hadd_epi32(_mm256_hadd_epi32(blk(wq, b), z), z));
+                        sb[8 * b + j] = t8[0] + t8[4];
+                    }
+                    if (nbt > nb) {  // int8 per-row: a partial last block
+                        int32_t it = 0;
+                        for (int64_t k = 32 * nb; k < cols; ++k) it += static_cast<int32_t>(wq[k]) * xq[k];
+                        sb[8 * nb + j] = it;
+                    }
+                }
+                if constexpr (KIND != 2) {
+                    const uint16_t* ws = S16 + (g0 + std::min(j, nr - 1)) * (cols / BS);
+                    for (int64_t b = b0; b < nb; ++b) db[8 * b + j] = half_to_float(ws[(32 * b) / BS]);
+                }
+            }
+            if constexpr (KIND != 2) {
+                const uint16_t* ws = S16 + (g0 + std::min(j, nr - 1)) * (cols / BS);
+                for (int64_t g = 0; g < ng; ++g) {
+                    __m256 f;
+                    if constexpr (BS == 32) {
+                        f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + 8 * g)));
+                    } else {
+                        int32_t two;
+                        std::memcpy(&two, ws + 2 * g, 4);
+                        f = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)),
+                                                     _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+                    }
+                    _mm256_store_si256(vb + 8 * g + j, _mm256_castps_si256(f));
+                }
+            }
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+            __m256i h[8];
+            for (int j = 0; j < 8; ++j) h[j] = _mm256_load_si256(hb + 8 * g + j);
+            transpose8_epi32(h);
+            if constexpr (KIND == 2) {
+                for (int b = 0; b < 8; ++b) acc = fstep(acc, h[b], acc, 8 * g + b);
+            } else {
+                __m256i sv[8];
+                for (int j = 0; j < 8; ++j) sv[j] = _mm256_load_si256(vb + 8 * g + j);
+                transpose8_epi32(sv);
+                for (int b = 0; b < 8; ++b)
+                    acc = fstep(acc, h[kInt4 ? kSlot[b] : b], _mm256_castsi256_ps(sv[b]), 8 * g + b);
+            }
+        }
+        // the blocks after the last whole group, in order
+        for (int64_t b = 8 * ng; b < nbt; ++b)
+            acc = fstep(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 8 * b)),
+                        KIND == 2 ? acc : _mm256_loadu_ps(db + 8 * b), b);
+        if constexpr (KIND == 2) {
+            alignas(32) float rs[8];
+            for (int j = 0; j < 8; ++j) rs[j] = static_cast<const float*>(v.scale)[g0 + std::min(j, nr - 1)];
+            acc = _mm256_mul_ps(acc, _mm256_load_ps(rs));
+        }
+        alignas(32) float o8[8];
+        _mm256_store_ps(o8, acc);
+        for (int j = 0; j < nr; ++j) out[g0 + j] = o8[j];
+    }
+}
+
 // Rows [r0, r1) of W for all n activation rows of A (gemm layout). int4 packs 16 rows (two
 // groups) at a time for the two-group tiles; a last group of 8 or fewer rows alone takes the
 // one-group tiles; int8 packs 8.
@@ -899,6 +1089,15 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
 inline void q_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
 #if defined(EDGELM_PATH_AVX2)
     if (A.gemm) {
+        if (n == 1 && deterministic()) {  // batch-invariant, without packing
+            switch (W.scheme) {
+                case kINT4B32: det_gemv<0>(W, r0, r1, A, 0, out); break;
+                case kINT4B128: det_gemv<1>(W, r0, r1, A, 0, out); break;
+                case kINT8: det_gemv<2>(W, r0, r1, A, 0, out); break;
+                default: det_gemv<3>(W, r0, r1, A, 0, out); break;
+            }
+            return;
+        }
         gemm_band(W, A, n, r0, r1, out, ldo);
         return;
     }

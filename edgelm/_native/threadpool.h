@@ -36,6 +36,21 @@
 
 namespace edgelm {
 
+// Batch-invariant mode (module switch `set_deterministic`): every row of a product and every
+// query of attention is computed by the same sequence of float operations, whatever the
+// number of rows in the call, the chunk a prompt was cut into, or what the cache held before.
+// qd8 products then always take the packed GEMM route (its per-row sum is a fixed sequence
+// over the blocks, for any number of rows); attention walks the keys in fixed 64-slot blocks
+// without compacting them, and splits work over query heads rather than keys. See
+// docs/kernels.md, "Batch invariance".
+// The setting belongs to the calling thread (two engines in two threads may differ); a
+// thread-pool job carries its caller's setting to the workers that run its tasks.
+inline int& deterministic_mode() {
+    thread_local int m = 0;
+    return m;
+}
+inline bool deterministic() { return deterministic_mode() != 0; }
+
 class ThreadPool {
 public:
     static constexpr int kMaxThreads = 512;
@@ -84,6 +99,7 @@ public:
             fn_ = call;
             ctx_ = &f;
             base_ = base;
+            det_ = deterministic_mode();
             done_.store(0, std::memory_order_relaxed);
             const uint64_t job = (job_ = (job_ + 1) & kJobMask);
             claim_.store((job << 40) | (static_cast<uint64_t>(cnt) << 20), std::memory_order_release);
@@ -133,6 +149,7 @@ private:
             if (next >= cnt) return;
             if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire))
                 continue;
+            deterministic_mode() = det_;
             fn_(ctx_, base_ + static_cast<int64_t>(next));
             if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<int64_t>(cnt)) {
                 std::lock_guard<std::mutex> lk(mu_);
@@ -218,6 +235,7 @@ private:
     std::atomic<int64_t> done_{0};    // tasks of the current job finished
     uint64_t job_ = 0;
     int64_t base_ = 0;                // index of the job's first task (jobs over kMaxTasks are split)
+    int det_ = 0;                     // the caller's batch-invariant setting, for the job's tasks
     int sleepers_ = 0;
     void (*fn_)(void*, int64_t) = nullptr;
     void* ctx_ = nullptr;

@@ -10,7 +10,7 @@ from .numpy_ops import NumpyOps
 BACKENDS = ("cpu", "numpy")
 
 
-def get_backend(name="cpu", threads: int | None = None):
+def get_backend(name="cpu", threads: int | None = None, deterministic: bool | None = None):
     """The op table called `name`, or `name` itself when it is already a Backend instance
     (a backend defined outside edgelm)."""
     from .base import Backend
@@ -34,4 +34,6 @@ def get_backend(name="cpu", threads: int | None = None):
         if not isinstance(threads, int) or threads < 1:
             raise BadInputError(f"threads must be a positive integer, got {threads!r}")
         ops.set_threads(threads)
+    if deterministic is not None:
+        ops.set_deterministic(deterministic)
     return ops

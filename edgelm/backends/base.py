@@ -60,8 +60,22 @@ class Backend(abc.ABC):
     default_kv_dtype: str = "f32"
     fused_plans: frozenset[str] = frozenset()
 
+    # Batch invariance (docs/kernels.md): whether a row's results can be made independent of
+    # the other rows of a call, the chunking of a prompt and the cache's history.
+    supports_deterministic: bool = False
+    deterministic: bool = False
+
     def set_threads(self, n: int) -> None:
         """Worker threads for the kernels; backends without their own pool ignore it."""
+
+    def set_deterministic(self, on: bool) -> None:
+        """Batch-invariant kernels on or off (set before the engine is built)."""
+        if on and not self.supports_deterministic:
+            from ..errors import BadInputError
+
+            raise BadInputError(f"the {self.name} backend has no batch-invariant (deterministic) mode; use the "
+                                f"cpu backend")
+        self.deterministic = bool(on)
 
     @abc.abstractmethod
     def place_weights(self, weights):

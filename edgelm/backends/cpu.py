@@ -6,6 +6,8 @@ against it. Per-call Python work is kept small: decode calls ~18 ops per layer p
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..quant.schemes import QTensor
@@ -34,13 +36,30 @@ def _f32(a) -> np.ndarray:
     return a
 
 
+def _batch_mode(fn):
+    """Runs a product or attention call with the op table's batch-invariant setting. The
+    native setting belongs to the calling thread and is 0 outside these calls, so a
+    deterministic engine and a default one (or direct kernel calls) can share a thread."""
+    @functools.wraps(fn)
+    def call(self, *args, **kw):
+        if not self.deterministic:
+            return fn(self, *args, **kw)
+        self._m.set_deterministic(1)
+        try:
+            return fn(self, *args, **kw)
+        finally:
+            self._m.set_deterministic(0)
+    return call
+
+
 class CpuOps(HostBackend):
     name = "cpu"
     # fp16 K/V: half the cache's memory and bandwidth; attention widens them to fp32
     default_kv_dtype = "f16"
     fused_plans = frozenset({"gemma3_blocks"})
+    supports_deterministic = True
 
-    def __init__(self, isa: str | None = None):
+    def __init__(self, isa: str | None = None, deterministic: bool = False):
         self._k = _native.kernels(isa) if isa else _native._default()
         self.isa = self._k.isa
         self._m = self._k.module
@@ -48,6 +67,7 @@ class CpuOps(HostBackend):
         self._wargs: dict[int, tuple] = {}
         self._rope_cache: dict = {}
         self._plans: dict[int, tuple] = {}  # id(Weights) -> (weights, native Gemma3Blocks)
+        self.deterministic = bool(deterministic)
 
     def set_threads(self, n: int) -> None:
         self._k.set_threads(n)
@@ -61,6 +81,7 @@ class CpuOps(HostBackend):
         self._wargs[id(t)] = (t, args)
         return args
 
+    @_batch_mode
     def matmul(self, x: np.ndarray, t: QTensor) -> np.ndarray:
         sid, w, scale, rows, cols = self._weight_args(t)
         x = _f32(x)
@@ -70,6 +91,7 @@ class CpuOps(HostBackend):
         self._m.matmul(x, sid, w, scale, rows, cols, out)
         return out
 
+    @_batch_mode
     def matmul_multi(self, x: np.ndarray, ts) -> list[np.ndarray]:
         x = _f32(x)
         args = [self._weight_args(t) for t in ts]
@@ -79,6 +101,7 @@ class CpuOps(HostBackend):
         self._m.matmul_multi(x, args, outs)
         return outs
 
+    @_batch_mode
     def matmul_gelu_mul(self, x: np.ndarray, gate: QTensor, up: QTensor) -> np.ndarray:
         x = _f32(x)
         g, u = self._weight_args(gate), self._weight_args(up)
@@ -154,6 +177,7 @@ class CpuOps(HostBackend):
         self._m.softcap(x, float(cap), out)
         return out
 
+    @_batch_mode
     def gemma3_blocks(self, cfg, w, x: np.ndarray, h: np.ndarray, positions: np.ndarray, caches) -> bool:
         """Every Gemma 3 block of one forward step in one native call (edgelm/_native/block.h):
         x [n, hidden] is updated in place and h becomes the final-norm output, exactly as the
@@ -193,5 +217,6 @@ class CpuOps(HostBackend):
         self._plans[id(w)] = (w, plan)
         return plan
 
+    @_batch_mode
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None) -> np.ndarray:
         return self._k.attention(q, k, v, q_pos, k_pos, window, scale, softcap)

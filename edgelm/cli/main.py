@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import BadInputError, EdgelmError
-from .options import build_constraint, constraint_options, constraint_spec, kv_dtype_option
+from .options import build_constraint, constraint_options, constraint_spec, deterministic_option, kv_dtype_option
 
 EXIT_INTERNAL = 70
 
@@ -50,10 +50,11 @@ def cli():
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @kv_dtype_option
+@deterministic_option
 @click.option("--quiet", "-q", is_flag=True, help="Do not print stats to stderr.")
 def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
         presence_penalty, frequency_penalty, stop, json_schema, json_object, regex, grammar, threads, max_tokens,
-        backend, kv_dtype, quiet):
+        backend, kv_dtype, deterministic, quiet):
     """Generate a continuation of PROMPT, streamed to stdout. PROMPT '-' reads standard input;
     --file reads a file."""
     from ..runtime.engine import Engine
@@ -61,7 +62,8 @@ def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, s
 
     prompt = _read_prompt(prompt, prompt_file)
     spec = constraint_spec(json_schema, json_object, regex, grammar)  # file errors before the model loads
-    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens, kv_dtype=kv_dtype)
+    eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens, kv_dtype=kv_dtype,
+                 deterministic=deterministic)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                            frequency_penalty=frequency_penalty)

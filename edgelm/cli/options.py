@@ -12,6 +12,11 @@ kv_dtype_option = click.option(
     "--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
     help="KV-cache storage: f16 halves its memory and bandwidth (default on cpu), f32 (default on numpy).")
 
+deterministic_option = click.option(
+    "--deterministic/--no-deterministic", default=None,
+    help="Batch-invariant kernels: the same request always gives the same tokens, however the prompt "
+         "was chunked or cached (slower decode; default: EDGELM_DETERMINISTIC, else off).")
+
 CONSTRAINT_FLAGS = ("--json-schema", "--json-object", "--regex", "--grammar")
 
 

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from .options import kv_dtype_option
+from .options import deterministic_option, kv_dtype_option
 
 
 @click.command()
@@ -29,11 +29,12 @@ from .options import kv_dtype_option
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @kv_dtype_option
+@deterministic_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(model, host, port, api_key, max_queue, max_body, request_timeout, max_tokens, threads, backend, kv_dtype,
-          model_name, log_level):
+          deterministic, model_name, log_level):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
     from ..errors import BadInputError
@@ -46,7 +47,7 @@ def serve(model, host, port, api_key, max_queue, max_body, request_timeout, max_
     if not math.isfinite(request_timeout):
         raise BadInputError(f"--request-timeout must be a finite number of seconds > 0, got {request_timeout}")
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens,
-                 kv_dtype=kv_dtype)
+                 kv_dtype=kv_dtype, deterministic=deterministic)
 
     def ready(actual_port):
         shown = f"[{host}]" if ":" in host else host

@@ -165,7 +165,8 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
     embeddings of those chunk rows (image or audio features, as transformers merges them).
 
     logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None,
-    or an int k -> [n - k, vocab] for positions k.. of the chunk (skips the head for the rest).
+    or an int k -> [n - k, vocab] for positions k.. of the chunk (skips the head for the rest),
+    "hidden" -> [n, hidden]: the final-norm hidden states of every position (no head).
     """
     import numpy as np
 
@@ -204,6 +205,8 @@ def forward(cfg: Gemma3Config, w: Weights, ops, tokens, pos0: int, caches, logit
 
     if logits == "none":
         return None
+    if logits == "hidden":
+        return h
     if logits == "last":
         h = h[-1:]
     elif not isinstance(logits, str):

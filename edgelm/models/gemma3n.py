@@ -309,6 +309,7 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     vocabulary), as transformers' Gemma3nModel does.
 
     logits: "last" -> [vocab] for the final token, "all" -> [n, vocab], "none" -> None,
+    "hidden" -> [n, hidden] final-norm hidden states (no head),
     or an int k -> [n - k, vocab] for positions k.. of the chunk.
     """
     import numpy as np
@@ -335,8 +336,8 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     hs = ops.concat([x0[None], ops.match_rms(extra, x0)], axis=0)
 
     # rows of the chunk whose logits are wanted: [keep_from, n)
-    if logits in ("none", "last", "all"):
-        keep_from = {"none": n, "last": n - 1, "all": 0}[logits]
+    if logits in ("none", "last", "all", "hidden"):
+        keep_from = {"none": n, "last": n - 1, "all": 0, "hidden": 0}[logits]
     else:
         keep_from = int(logits)
         if not 0 <= keep_from < n:
@@ -407,6 +408,8 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     for j in range(1, A):
         x = x + ops.match_rms(ops.matmul(hs[j], w.altup_unembd[j - 1]), hs[0])
     x = x / f32(A)
+    if logits == "hidden":
+        return ops.rmsnorm(x, w.output_norm, eps)
     out = ops.matmul(ops.rmsnorm(x, w.output_norm, eps), w.embed)
     if cfg.final_logit_softcap:
         out = ops.softcap(out, cfg.final_logit_softcap)

@@ -101,6 +101,11 @@ class Engine:
     kv_dtype: "f16" or "f32" storage for the KV cache. Default: f16 on the native cpu
         backend (half the cache's memory and bandwidth; the kernel widens each key block to
         fp32, so the arithmetic stays fp32), f32 on the numpy reference.
+    deterministic: batch-invariant kernels (cpu backend): a token's logits are then the same
+        bits whether its prompt was prefilled whole or in chunks, reused from the cache, or
+        decoded step by step, so a greedy or seeded request always gives the same text.
+        Default: the EDGELM_DETERMINISTIC environment variable ("1" on), else off. Costs
+        decode speed (docs/kernels.md, "Batch invariance").
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class Engine:
         max_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         kv_dtype: str | None = None,
+        deterministic: bool | None = None,
     ):
         if path is None:
             from .defaults import ensure_default_model
@@ -136,7 +142,15 @@ class Engine:
         self.prefill_chunk = min(prefill_chunk, max_tokens)
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-        self.ops = get_backend(backend, threads)
+        if deterministic is None:
+            env = os.environ.get("EDGELM_DETERMINISTIC", "").strip().lower()
+            if env not in ("", "0", "1", "false", "true", "off", "on"):
+                raise BadInputError(f"EDGELM_DETERMINISTIC must be 0 or 1, got {env!r}")
+            deterministic = env in ("1", "true", "on")
+        elif not isinstance(deterministic, bool):
+            raise BadInputError(f"deterministic must be true or false, got {deterministic!r}")
+        self.ops = get_backend(backend, threads, deterministic=deterministic or None)
+        self.deterministic = bool(self.ops.deterministic)
         self.backend = self.ops.name
         self.kv_dtype_name = kv_dtype or self.ops.default_kv_dtype
         self.kv_dtype = KV_DTYPES[self.kv_dtype_name]
@@ -220,6 +234,41 @@ class Engine:
             if out is not None:
                 outs.append(out)
         return np.concatenate(outs, axis=0)
+
+    def embeddings(self, inputs, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """One vector per input (a string or a list of token ids): the model's final-norm hidden
+        states over the input's tokens (BOS included where the model adds one), pooled by
+        "mean" (the average over positions) or "last" (the last position, which has read the
+        whole input), and scaled to unit length unless normalize=False. Returns float32
+        [len(inputs), hidden]. A causal model's hidden states, not a trained embedding model:
+        good for similarity and clustering, not tuned for retrieval."""
+        if pooling not in ("mean", "last"):
+            raise BadInputError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise BadInputError("inputs must be a non-empty list of strings or token-id lists")
+        out = np.empty((len(inputs), self.config.hidden_size), np.float32)
+        for i, item in enumerate(inputs):
+            ids = self.tokenize(item, add_bos=self.add_bos) if isinstance(item, str) else self.check_ids(item)
+            if not ids:
+                raise BadInputError(f"input {i} is empty")
+            if len(ids) > self.max_tokens:
+                raise CapacityError(f"input {i} has {len(ids)} tokens, more than the KV-cache capacity of "
+                                    f"{self.max_tokens} (raise max_tokens)")
+            s = self.create_session()
+            acc = np.zeros(self.config.hidden_size, np.float64)
+            last = None
+            for c in range(0, len(ids), self.prefill_chunk):
+                h = s._forward(ids[c:c + self.prefill_chunk], "hidden")
+                acc += h.sum(axis=0, dtype=np.float64)
+                last = h[-1]
+            v = (acc / len(ids)) if pooling == "mean" else last.astype(np.float64)
+            if normalize:
+                norm = float(np.linalg.norm(v))
+                v = v / norm if norm > 0 else v
+            out[i] = v
+        return out
 
     def check_ids(self, token_ids) -> list[int]:
         """Token ids as a list of ints; a non-integer or an id outside the model's vocabulary is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -11,7 +12,9 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -25,6 +28,7 @@ from ..runtime.sampler import SamplerConfig
 from ..runtime.tools import ToolCallError, ToolCallStream, parse_tool_calls
 from .protocol import (MAX_JSON_DEPTH, ApiError, GenParams, bad, check_json_tree, check_model, model_not_found,
                        parse_common, parse_messages, parse_prompt, parse_tools)
+from .metrics import Metrics
 from .scheduler import Job, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
@@ -133,6 +137,34 @@ def _timings(stats) -> dict | None:
     }
 
 
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize",
+          "/metrics", "/health", "/")
+
+
+class CountRequests:
+    """ASGI middleware: counts every HTTP response by route and status code."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        seen = {}
+
+        async def send_counted(msg):
+            if msg["type"] == "http.response.start":
+                seen["status"] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.requests.labels(route, str(seen.get("status", 499))).inc()
+
+
 class SSEResponse(Response):
     """Streams a job as server-sent events; a client that disconnects cancels the job."""
 
@@ -188,7 +220,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         raise BadInputError(f"request_timeout must be a number of seconds > 0, got {request_timeout!r}")
     name = model_name or engine.path.name.removesuffix(".edgelm")
     created = int(time.time())
-    scheduler = Scheduler(engine, max_queue=max_queue, pool_size=pool_size)
+    metrics = Metrics(lambda: scheduler.stats())
+    scheduler = Scheduler(engine, max_queue=max_queue, pool_size=pool_size, on_done=metrics.job_done)
     tuned = is_instruction_tuned(getattr(getattr(engine, "bundle", None), "header", None))
     # chat with a base model works but rambles: say so on every chat response
     chat_headers = {"X-Edgelm-Notice": BASE_MODEL_NOTICE} if tuned is False else {}
@@ -241,7 +274,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         check_json_tree(body)
         return body
 
-    def make_jobs(ids: list[int], p: GenParams, default_max: int | None, param: str, constraint=None) -> list[Job]:
+    def make_jobs(ids: list[int], p: GenParams, default_max: int | None, param: str, constraint=None,
+                  request_id: str = "") -> list[Job]:
         """The request's n jobs (one per choice, sharing one event queue), queued together."""
         cap = engine.max_tokens
         if len(ids) >= cap:
@@ -272,7 +306,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
             except BadInputError as e:
                 raise bad(str(e)) from None
             jobs.append(Job(ids=ids, sampler=sampler, max_new_tokens=max_new, stop=p.stop, loop=loop,
-                            events=events, index=i, constraint=constraint, logprobs=p.logprobs))
+                            events=events, index=i, constraint=constraint, logprobs=p.logprobs,
+                            request_id=request_id))
         try:
             scheduler.submit(jobs)
         except QueueFull as e:
@@ -370,8 +405,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
             raise bad("'response_format' cannot be combined with 'tools' unless 'tool_choice' is 'none'",
                       "response_format", "unsupported_value")
         constraint = await (tool_constraint(tools, tool_choice) if calling else build_constraint(p.constraint))
-        jobs = make_jobs(ids, p, None, "messages", constraint)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        jobs = make_jobs(ids, p, None, "messages", constraint, cid)
         now = int(time.time())
         tok = engine.tokenizer
 
@@ -476,8 +511,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         if not ids:
             raise bad("'prompt' is empty", "prompt", "invalid_value")
         constraint = await build_constraint(p.constraint)
-        jobs = make_jobs(ids, p, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", constraint)
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        jobs = make_jobs(ids, p, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", constraint, cid)
         now = int(time.time())
         tok = engine.tokenizer
 
@@ -524,6 +559,106 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
             "timings": _timings(results[0][2]),
         })
 
+    async def tokenize(request: Request):
+        """llama.cpp's /tokenize: {"content": str, "add_special": bool, "with_pieces": bool}."""
+        check_auth(request)
+        body = await read_json(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise bad("'content' must be a string", "content", "invalid_type")
+        add_special = body.get("add_special", False)
+        with_pieces = body.get("with_pieces", False)
+        for k, v in (("add_special", add_special), ("with_pieces", with_pieces)):
+            if not isinstance(v, bool):
+                raise bad(f"'{k}' must be a boolean", k, "invalid_type")
+        try:
+            ids = engine.tokenize(content, add_bos=add_special and engine.add_bos)
+        except BadInputError as e:
+            raise bad(str(e), "content", "invalid_value") from None
+        if not with_pieces:
+            return JSONResponse({"tokens": ids})
+        tok = engine.tokenizer
+        pieces = []
+        for i in ids:
+            b = tok.token_bytes(i)
+            try:
+                piece = b.decode("utf-8")
+            except UnicodeDecodeError:
+                piece = list(b)  # a byte-fallback piece: its bytes
+            pieces.append({"id": i, "piece": piece})
+        return JSONResponse({"tokens": pieces})
+
+    async def detokenize(request: Request):
+        """llama.cpp's /detokenize: {"tokens": [ids]} -> {"content": str}."""
+        check_auth(request)
+        body = await read_json(request)
+        toks = body.get("tokens")
+        if not isinstance(toks, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in toks):
+            raise bad("'tokens' must be an array of token ids", "tokens", "invalid_type")
+        try:
+            return JSONResponse({"content": engine.detokenize(toks)})
+        except BadInputError as e:
+            raise bad(str(e), "tokens", "invalid_value") from None
+
+    async def embeddings(request: Request):
+        """OpenAI /v1/embeddings over the model's hidden states (Engine.embeddings)."""
+        check_auth(request)
+        body = await read_json(request)
+        inputs = body.get("input")
+        vocab = engine.config.vocab_size
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in inputs)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise bad("'input' must be a string, an array of strings, or token ids", "input",
+                      "missing_required_parameter" if inputs is None else "invalid_type")
+        if len(inputs) > 256:
+            raise bad("'input' takes at most 256 items", "input", "invalid_value")
+        for j, item in enumerate(inputs):
+            if isinstance(item, str):
+                if not item:
+                    raise bad(f"input[{j}] is empty", f"input[{j}]", "invalid_value")
+            elif isinstance(item, list) and item and all(isinstance(i, int) and not isinstance(i, bool) for i in item):
+                if any(not 0 <= i < vocab for i in item):
+                    raise bad(f"token ids in input[{j}] must be in [0, {vocab})", f"input[{j}]", "invalid_value")
+            else:
+                raise bad(f"input[{j}] must be a non-empty string or array of token ids", f"input[{j}]",
+                          "invalid_type")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise bad("'encoding_format' must be 'float' or 'base64'", "encoding_format", "invalid_value")
+        pooling = body.get("pooling", "mean")  # extension: "mean" or "last"
+        if pooling not in ("mean", "last"):
+            raise bad("'pooling' must be 'mean' or 'last'", "pooling", "invalid_value")
+        dims = body.get("dimensions")
+        hidden = engine.config.hidden_size
+        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= hidden):
+            raise bad(f"'dimensions' must be an integer in [1, {hidden}]", "dimensions", "invalid_value")
+        check_model(body, name)
+        ids = [engine.tokenize(x, add_bos=engine.add_bos) if isinstance(x, str) else x for x in inputs]
+        for j, x in enumerate(ids):
+            if len(x) > engine.max_tokens:
+                raise bad(f"input[{j}] has {len(x)} tokens; this server's context is {engine.max_tokens}",
+                          f"input[{j}]", "context_length_exceeded")
+        # unnormalized, so that a `dimensions` cut is normalized after the cut
+        vecs = await asyncio.to_thread(engine.embeddings, ids, pooling, False)
+        if dims is not None:
+            vecs = vecs[:, :dims]
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        vecs = (vecs / np.where(norms > 0, norms, 1)).astype(np.float32)
+        n_tok = sum(len(x) for x in ids)
+        metrics.embedded_tokens.inc(n_tok)
+        data = []
+        for j, v in enumerate(vecs):
+            emb = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": j, "embedding": emb})
+        return JSONResponse({"object": "list", "data": data, "model": name,
+                             "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
+
+    async def metrics_route(request: Request):
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
     async def index(request: Request):
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -555,12 +690,18 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CountRequests, metrics=metrics)],
+                    exception_handlers={
         ApiError: api_error, HTTPException: http_error, Exception: internal_error,
     })
     app.state.scheduler = scheduler
+    app.state.metrics = metrics
     app.state.engine = engine
     app.state.model_name = name
     app.state.instruction_tuned = tuned

@@ -28,6 +28,7 @@ class Job:
     index: int = 0  # the choice this job generates
     constraint: object = None  # a Constraint or Triggered (runtime.constrained)
     logprobs: int | None = None
+    request_id: str = ""  # the response id, for the log line
     cancel: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0  # prompt tokens whose KV was reused
     done: bool = False
@@ -48,8 +49,9 @@ class Scheduler:
     """FIFO queue in front of one worker thread: at most `max_queue` requests wait behind
     the one being generated (0: none wait; a request is taken only when the worker is free)."""
 
-    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2):
+    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2, on_done=None):
         self.engine = engine
+        self.on_done = on_done  # called (on the worker) with each finished job and its stats
         self.max_queue = max_queue
         self.pool_size = pool_size
         self._queue: collections.deque[Job] = collections.deque()
@@ -155,6 +157,11 @@ class Scheduler:
                                       constraint=job.constraint, logprobs=job.logprobs):
                 if isinstance(item, GenerationStats):
                     self.recent.append((job.id, item.stop_reason, item.generated_tokens))
+                    if self.on_done is not None:
+                        try:
+                            self.on_done(job, item)
+                        except Exception:  # accounting must never fail a request
+                            pass
                     job.emit("done", item)
                 else:  # the text, and the logprobs of the tokens sampled since the last piece
                     lps = sess.generated_logprobs[sent:]
