@@ -141,6 +141,14 @@ def _release_free_heap() -> None:
         pass
 
 
+
+def model_fields(meta: dict, path, synthetic, max_tokens) -> dict:
+    """The result fields that describe the bundle measured (shared by the bench modes)."""
+    q = meta.get("quantization", {})
+    return {"model": str(path), "arch": meta.get("arch"), "scheme": q.get("scheme"),
+            "embed_scheme": q.get("embed_scheme"), "synthetic": synthetic is not None,
+            "synthetic_geometry": synthetic, "capacity": max_tokens}
+
 def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, repeat: int = 3,
           max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True,
           probe: bool = True, kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
@@ -176,18 +184,10 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
     probes = [r["stream_read_gb_s"] for r in runs if r.get("stream_read_gb_s")]
     stream = statistics.median(probes) if probes else None
     pct = [100.0 * r["decode_gb_s"] / r["stream_read_gb_s"] for r in runs if r.get("stream_read_gb_s")]
-    meta = runs[0]["meta"]
-    q = meta.get("quantization", {})
     return {
         "backend": runs[0]["backend"],
         "isa": runs[0]["isa"],
-        "model": str(path),
-        "arch": meta.get("arch"),
-        "scheme": q.get("scheme"),
-        "embed_scheme": q.get("embed_scheme"),
-        "synthetic": synthetic is not None,
-        "synthetic_geometry": synthetic,
-        "capacity": max_tokens,
+        **model_fields(runs[0]["meta"], path, synthetic, max_tokens),
         "kv_dtype": runs[0]["kv_dtype"],
         "prefill_chunk": runs[0]["prefill_chunk"],
         "threads": runs[0]["threads"],

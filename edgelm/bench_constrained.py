@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from .bench import _stats, _threads_used, peak_rss_mib
+from .bench import _stats, _threads_used, model_fields, peak_rss_mib
 from .errors import BadInputError
 
 # Gemma's chat turn markers: every bundle edgelm runs is a Gemma 3 or 3n model.
@@ -133,19 +133,11 @@ def bench_constrained(path, make_constraint, kind: str, value, label: str, gen_t
         unc_runs.append(u)
         ratios.append(c.decode_tok_s / u.decode_tok_s)
     timings = constraint.timings.to_dict()
-    meta = eng.bundle.header
-    q = meta.get("quantization", {})
     res = {
         "mode": "constrained",
         "backend": eng.backend,
         "isa": getattr(eng.ops, "isa", "-"),
-        "model": str(path),
-        "arch": meta.get("arch"),
-        "scheme": q.get("scheme"),
-        "embed_scheme": q.get("embed_scheme"),
-        "synthetic": synthetic is not None,
-        "synthetic_geometry": synthetic,
-        "capacity": max_tokens,
+        **model_fields(eng.bundle.header, path, synthetic, max_tokens),
         "kv_dtype": eng.kv_dtype_name,
         "prefill_chunk": eng.prefill_chunk,
         "threads": _threads_used(eng, threads),

@@ -13,12 +13,13 @@ ALLOWED = {
     "format": {"quant"},
     "tokenizer": set(),
     "backends": {"quant"},
+    "multimodal": set(),  # input front ends (audio, images): numpy only
     "models": {"backends", "quant"},
     "convert": {"models", "quant", "format", "tokenizer"},
-    "runtime": {"models", "backends", "quant", "format", "tokenizer", "convert"},
-    "eval": {"runtime", "models", "backends", "quant", "format", "tokenizer", "convert"},
-    "server": {"runtime", "eval", "models", "backends", "quant", "format", "tokenizer", "convert"},
-    "cli": {"runtime", "eval", "models", "backends", "quant", "format", "tokenizer", "convert", "server"},
+    "runtime": {"multimodal", "models", "backends", "quant", "format", "tokenizer", "convert"},
+    "eval": {"multimodal", "runtime", "models", "backends", "quant", "format", "tokenizer", "convert"},
+    "server": {"multimodal", "runtime", "eval", "models", "backends", "quant", "format", "tokenizer", "convert"},
+    "cli": {"multimodal", "runtime", "eval", "models", "backends", "quant", "format", "tokenizer", "convert", "server"},
 }
 TOP_LEVEL = {p.stem for p in PKG.glob("*.py")}  # errors, bench, ... : shared helpers
 

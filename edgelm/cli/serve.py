@@ -17,6 +17,8 @@ from .options import deterministic_option, kv_dtype_option
 @click.option("--port", "-p", type=int, default=8080, show_default=True)
 @click.option("--api-key", default=None, envvar="EDGELM_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* (or set EDGELM_API_KEY).")
+@click.option("--parallel", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Sequences decoded together (continuous batching): each step reads the weights once for all.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait behind the one being generated; more get 429.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
@@ -33,8 +35,8 @@ from .options import deterministic_option, kv_dtype_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(model, host, port, api_key, max_queue, max_body, request_timeout, max_tokens, threads, backend, kv_dtype,
-          deterministic, model_name, log_level):
+def serve(model, host, port, api_key, parallel, max_queue, max_body, request_timeout, max_tokens, threads, backend,
+          kv_dtype, deterministic, model_name, log_level):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
     from ..errors import BadInputError
@@ -59,7 +61,7 @@ def serve(model, host, port, api_key, max_queue, max_body, request_timeout, max_
     try:
         run_server(eng, host=host, port=port, log_level=log_level, on_ready=ready, api_key=api_key,
                    max_queue=max_queue, max_body_bytes=max_body, model_name=model_name,
-                   request_timeout=request_timeout)
+                   request_timeout=request_timeout, parallel=parallel)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
     except OSError as e:

@@ -152,8 +152,8 @@ def load_audio(src, *, sampling_rate: int | None = None, name: str | None = None
 
     Multi-channel audio is averaged to mono. With `sampling_rate` the samples are resampled
     to it (`resample`) and that rate is returned. `name` labels errors for bytes input.
-    Unreadable, corrupt, truncated, empty or silent-by-absence (zero-sample) files raise
-    `BadInputError` naming the file.
+    Unreadable, corrupt, truncated or empty files, files holding zero samples and files
+    holding NaN or infinite samples raise `BadInputError` naming the file.
     """
     data, label = _read_source(src, name)
     if not data:

@@ -128,7 +128,7 @@ def load_image(src, *, name: str | None = None):
         img.load()  # decode now: a truncated file fails here, not later
         img = ImageOps.exif_transpose(img)
     except Image.UnidentifiedImageError:
-        raise BadInputError(f"{label}: not an image format Pillow can read") from None
+        raise BadInputError(f"{label}: not an image Pillow can read (an unknown format, or a cut-off header)") from None
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
         msg = str(e).strip() or type(e).__name__
         raise BadInputError(f"{label}: corrupt or truncated image ({msg})") from None
@@ -139,11 +139,14 @@ def load_image(src, *, name: str | None = None):
 
 def to_rgb(img, *, flatten_alpha: bool = True):
     """`img` as an RGB PIL image. Transparency is composited onto white (the image processor's
-    `do_convert_rgb`); with `flatten_alpha=False` the alpha is dropped instead, which is what
-    transformers' `load_image` does to images it opens from a path or URL."""
+    `do_convert_rgb`). With `flatten_alpha=False` an alpha channel is dropped first, as
+    transformers' `load_image` does to images it opens from a path or URL (a transparent
+    palette or colour key survives that `convert("RGB")` and is still composited, as there)."""
     Image, _ = _pil()
+    if not flatten_alpha:
+        img = img.convert("RGB")
     transparent = "A" in img.getbands() or img.info.get("transparency") is not None
-    if transparent and flatten_alpha:
+    if transparent:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")

@@ -270,6 +270,40 @@ class Engine:
             out[i] = v
         return out
 
+    def decode_batch(self, sessions, tokens) -> np.ndarray:
+        """One decode step for several sessions of this engine at once: feeds tokens[b] to
+        sessions[b] and returns the logits [B, vocab]. Where the model has a batched forward
+        (Gemma 3) each weight is read once for all B sequences, which is what makes serving
+        many users cheaper than serving them one by one; otherwise the sessions step in turn.
+        With deterministic=True each row equals the session's own decode_step bit for bit."""
+        sessions = list(sessions)
+        if not sessions or len(sessions) != len(tokens):
+            raise BadInputError("decode_batch needs one token per session, and at least one session")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise BadInputError("decode_batch: a session appears twice")
+        ids = self.check_ids([int(t) for t in tokens] if all(isinstance(t, (int, np.integer)) for t in tokens)
+                             else tokens)
+        for s in sessions:
+            if s.engine is not self:
+                raise BadInputError("decode_batch: every session must belong to this engine")
+            s._check_fits(1, "decoding")
+        fb = getattr(self.model, "forward_batch", None)
+        if fb is None or len(sessions) == 1:
+            return np.stack([s.decode_step(t) for s, t in zip(sessions, ids)])
+        n0 = [len(s.tokens) for s in sessions]
+        try:
+            with self.lock:
+                out = fb(self.config, self.weights, self.ops, ids, n0, [s.caches for s in sessions])
+        except BaseException:
+            for s, n in zip(sessions, n0):
+                for c in s.caches:
+                    c.truncate(n)
+            raise
+        for s, t in zip(sessions, ids):
+            s.tokens.append(t)
+            s.prefilled_tokens += 1
+        return self.ops.to_host(out)
+
     def check_ids(self, token_ids) -> list[int]:
         """Token ids as a list of ints; a non-integer or an id outside the model's vocabulary is
         a BadInputError naming it and its position."""

@@ -101,6 +101,13 @@ def check_stop_strings(stop) -> list[str]:
 
 
 @dataclass(frozen=True)
+class DecodeRequest:
+    """What Session.steps() yields when it needs the logits that follow `token`."""
+
+    token: int
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A sampled token, its log-probability, and the most likely tokens with theirs."""
 
@@ -292,7 +299,13 @@ class Session:
             context = self.held_tokens[-n:] if n else self.held_tokens
         return sample(logits, cfg, self._get_rng, context, generated)
 
-    def generate(
+    def generate(self, prompt: "str | list[int] | list[Part]", max_new_tokens: int = 256, stop_ids=None,
+                 **kw) -> Iterator["str | GenerationStats"]:
+        """Yields text pieces as they decode, then one GenerationStats (see steps() for the
+        arguments). Errors about the request are raised here, before any work."""
+        return self._drive(self.steps(prompt, max_new_tokens, stop_ids, **kw))
+
+    def steps(
         self,
         prompt: "str | list[int] | list[Part]",
         max_new_tokens: int = 256,
@@ -302,8 +315,12 @@ class Session:
         cancel: threading.Event | None = None,
         constraint=None,
         logprobs: int | None = None,
-    ) -> Iterator["str | GenerationStats"]:
-        """Yields text pieces as they decode, then one GenerationStats.
+    ):
+        """generate() as a coroutine, for a driver that batches the decode steps of several
+        sessions (the server's continuous batching): it yields text pieces,
+        DecodeRequest(token) when it needs the logits that follow `token` (send them back with
+        .send(logits), e.g. a row of Engine.decode_batch), and last the GenerationStats.
+        Prefill runs inside, on the first next().
 
         The prompt continues the session's context (a fresh session starts with BOS). It is
         text, token ids, or a list of content parts (runtime/content.py: text, soft
@@ -347,7 +364,27 @@ class Session:
 
             run = start_run(constraint, eng)
         self._cancel.clear()
-        return self._generate(ids, max_new_tokens, stops, stop_strings, cancel, embeds, run, logprobs)
+        return self._steps(ids, max_new_tokens, stops, stop_strings, cancel, embeds, run, logprobs)
+
+    def _drive(self, steps):
+        """Runs a steps coroutine on its own, one decode_step at a time."""
+        try:
+            msg = next(steps)
+            while True:
+                if isinstance(msg, DecodeRequest):
+                    try:
+                        logits = self.decode_step(msg.token)
+                    except BaseException as e:
+                        msg = steps.throw(e)
+                        continue
+                    msg = steps.send(logits)
+                else:
+                    yield msg
+                    msg = next(steps)
+        except StopIteration:
+            return
+        finally:
+            steps.close()
 
     def _prefill_cancellable(self, ids, cancel, embeds=None):
         """prefill(), checking for cancellation between chunks: returns None if cancelled
@@ -367,8 +404,8 @@ class Session:
     def _cancelled(self, extra) -> bool:
         return self._cancel.is_set() or (extra is not None and extra.is_set())
 
-    def _generate(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None, constraint=None,
-                  logprobs=None):
+    def _steps(self, ids, max_new_tokens, stops, stop_strings=(), cancel=None, embeds=None, constraint=None,
+               logprobs=None):
         t0 = time.perf_counter()
         generated = 0
         reason = "max_new_tokens"
@@ -426,7 +463,7 @@ class Session:
                 if self._cancelled(cancel):
                     reason = "cancelled"
                     break
-                logits = self.decode_step(tok)
+                logits = yield DecodeRequest(tok)
                 self.pending_token = None
         if stopper.stopped is None:
             tail = stopper.feed(decoder.flush())

@@ -208,11 +208,13 @@ class SSEResponse(Response):
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY,
                model_name: str | None = None, pool_size: int = 2,
-               request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> Starlette:
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, parallel: int = 1) -> Starlette:
     """The ASGI app. `engine` is an edgelm Engine; generation runs in one worker thread.
 
     request_timeout: seconds a client has to send a request's head (enforced by the server,
     see edgelm.server.connection) and then again its body (enforced here); past it, 408."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 64:
+        raise BadInputError(f"parallel must be an integer in [1, 64], got {parallel!r}")
     if not isinstance(max_queue, int) or max_queue < 0:
         raise BadInputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if (isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
@@ -221,7 +223,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
     name = model_name or engine.path.name.removesuffix(".edgelm")
     created = int(time.time())
     metrics = Metrics(lambda: scheduler.stats())
-    scheduler = Scheduler(engine, max_queue=max_queue, pool_size=pool_size, on_done=metrics.job_done)
+    scheduler = Scheduler(engine, max_queue=max_queue, pool_size=pool_size, on_done=metrics.job_done,
+                          parallel=parallel)
     tuned = is_instruction_tuned(getattr(getattr(engine, "bundle", None), "header", None))
     # chat with a base model works but rambles: say so on every chat response
     chat_headers = {"X-Edgelm-Notice": BASE_MODEL_NOTICE} if tuned is False else {}

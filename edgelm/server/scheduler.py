@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 
 from ..runtime.sampler import SamplerConfig
-from ..runtime.session import GenerationStats, Session
+from ..runtime.session import DecodeRequest, GenerationStats, Session
 
 
 @dataclass
@@ -49,8 +49,10 @@ class Scheduler:
     """FIFO queue in front of one worker thread: at most `max_queue` requests wait behind
     the one being generated (0: none wait; a request is taken only when the worker is free)."""
 
-    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2, on_done=None):
+    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2, on_done=None, parallel: int = 1):
         self.engine = engine
+        self.parallel = max(1, int(parallel))  # sequences decoded together (continuous batching)
+        self._active: list = []  # the batched worker's running slots
         self.on_done = on_done  # called (on the worker) with each finished job and its stats
         self.max_queue = max_queue
         self.pool_size = pool_size
@@ -62,7 +64,8 @@ class Scheduler:
         self._stopping = False
         self.completed = 0
         self.recent: collections.deque = collections.deque(maxlen=64)  # (job id, stop reason, tokens)
-        self._thread = threading.Thread(target=self._work, name="edgelm-generate", daemon=True)
+        target = self._work if self.parallel == 1 else self._work_batched
+        self._thread = threading.Thread(target=target, name="edgelm-generate", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ control
@@ -75,7 +78,7 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            waiting = len(self._queue) + (self._running is not None)
+            waiting = len(self._queue) + (self._running is not None and self.parallel == 1)
             if waiting > self.max_queue or (waiting and waiting + len(jobs) - 1 > self.max_queue):
                 raise QueueFull(f"the server is busy: {len(self._queue)} requests are already waiting "
                                 f"(the limit is {self.max_queue})")
@@ -90,6 +93,8 @@ class Scheduler:
                 job.cancel.set()
             if self._running is not None:
                 self._running.cancel.set()
+            for slot in list(self._active):
+                slot.job.cancel.set()
             self._cv.notify_all()
         self._thread.join(timeout)
 
@@ -97,7 +102,9 @@ class Scheduler:
         with self._cv:
             return {
                 "queued": len(self._queue),
-                "running": self._running is not None,
+                "running": self._running is not None or bool(self._active),
+                "active": len(self._active) if self.parallel > 1 else int(self._running is not None),
+                "parallel": self.parallel,
                 "max_queue": self.max_queue,
                 "idle_sessions": len(self._idle),
                 "live_sessions": len(self._live),
@@ -176,3 +183,118 @@ class Scheduler:
                 self._return_session(sess)
             else:
                 sess.reset()
+
+
+class _Slot:
+    """One running generation of the batched worker."""
+
+    def __init__(self, job: Job, sess: Session, steps):
+        self.job, self.sess, self.steps = job, sess, steps
+        self.pending: int | None = None  # the token whose logits the generation waits for
+        self.sent = 0  # logprobs already sent with pieces
+
+
+def _batched(cls):
+    """Adds the continuous-batching worker to Scheduler."""
+
+    def _work_batched(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._active and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._queue and not self._active:
+                    return
+                new = []
+                while self._queue and len(self._active) + len(new) < self.parallel:
+                    new.append(self._queue.popleft())
+            for job in new:  # prefill runs here, between decode steps
+                self._admit(job)
+            ready = [sl for sl in self._active if sl.pending is not None]
+            if not ready:
+                continue
+            try:
+                logits = self.engine.decode_batch([sl.sess for sl in ready], [sl.pending for sl in ready])
+            except Exception as e:
+                for sl in ready:
+                    self._fail(sl, e)
+                continue
+            for sl, row in zip(ready, logits):
+                sl.pending = None
+                self._pump(sl, row)
+
+    def _admit(self, job: Job) -> None:
+        if job.cancel.is_set():
+            self.recent.append((job.id, "cancelled", 0))
+            job.done = True
+            job.emit("done", None)
+            with self._cv:
+                self.completed += 1
+            return
+        sess = self._take_session(job.ids)
+        try:
+            sess.set_sampler(job.sampler)
+            feed = sess.sync(job.ids)
+            job.cached_tokens = len(job.ids) - len(feed)
+            steps = sess.steps(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel,
+                               constraint=job.constraint, logprobs=job.logprobs)
+        except Exception as e:
+            job.emit("error", e)
+            job.done = True
+            sess.reset()
+            with self._cv:
+                self.completed += 1
+            return
+        sl = _Slot(job, sess, steps)
+        with self._cv:
+            self._active.append(sl)
+        self._pump(sl, None)
+
+    def _pump(self, sl: _Slot, value) -> None:
+        """Advances a slot's generation until it asks for logits or ends."""
+        job = sl.job
+        try:
+            msg = next(sl.steps) if value is None else sl.steps.send(value)
+            while True:
+                if isinstance(msg, DecodeRequest):
+                    sl.pending = msg.token
+                    return
+                if isinstance(msg, GenerationStats):
+                    self.recent.append((job.id, msg.stop_reason, msg.generated_tokens))
+                    if self.on_done is not None:
+                        try:
+                            self.on_done(job, msg)
+                        except Exception:
+                            pass
+                    job.emit("done", msg)
+                else:
+                    lps = sl.sess.generated_logprobs[sl.sent:]
+                    sl.sent += len(lps)
+                    job.emit("piece", (msg, lps))
+                msg = next(sl.steps)
+        except StopIteration:
+            self._finish(sl, ok=True)
+        except Exception as e:
+            self._fail(sl, e)
+
+    def _fail(self, sl: _Slot, e: Exception) -> None:
+        sl.job.emit("error", e)
+        self._finish(sl, ok=False)
+
+    def _finish(self, sl: _Slot, ok: bool) -> None:
+        sl.steps.close()
+        sl.job.done = True
+        with self._cv:
+            if sl in self._active:
+                self._active.remove(sl)
+            self.completed += 1
+        if ok:
+            self._return_session(sl.sess)
+        else:
+            sl.sess.reset()
+
+    for f in (_work_batched, _admit, _pump, _fail, _finish):
+        setattr(cls, f.__name__, f)
+    return cls
+
+
+_batched(Scheduler)

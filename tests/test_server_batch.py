@@ -1,0 +1,117 @@
+"""Continuous batching in the server (create_app(parallel=N), `edgelm serve --parallel N`):
+requests decoded together give the answers they get alone (deterministic kernels: bit for
+bit), streamed or not, seeded or greedy, constrained or not; a client that leaves frees its
+slot; Engine.decode_batch rows equal each session's own decode_step."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_determinism import _quant_bundle  # noqa: E402
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from edgelm import Engine  # noqa: E402
+from edgelm.errors import BadInputError  # noqa: E402
+from edgelm.server import BackgroundServer, create_app  # noqa: E402
+
+PROMPTS = ["Count to five.", "Name a color.", "What is 2+2?", "Say hello.", "Tell a story.", "Why?"]
+
+
+@pytest.fixture(scope="module")
+def eng():
+    e = Engine(_quant_bundle("int8-b32"), deterministic=True, max_tokens=512)
+    yield e
+    e.close()
+
+
+def test_decode_batch_rows_are_each_sessions_own(eng):
+    a = [eng.create_session() for _ in PROMPTS]
+    b = [eng.create_session() for _ in PROMPTS]
+    ta = [int(np.argmax(s.prefill(eng.tokenize(p, add_bos=True)))) for s, p in zip(a, PROMPTS)]
+    tb = list(ta)
+    for s, p in zip(b, PROMPTS):
+        s.prefill(eng.tokenize(p, add_bos=True))
+    for _ in range(6):
+        la = eng.decode_batch(a, ta)
+        lb = np.stack([s.decode_step(t) for s, t in zip(b, tb)])
+        assert np.array_equal(la, lb)
+        ta = tb = [int(x) for x in la.argmax(1)]
+    assert [s.n_tokens for s in a] == [s.n_tokens for s in b]
+    with pytest.raises(BadInputError, match="twice"):
+        eng.decode_batch([a[0], a[0]], [1, 2])
+    with pytest.raises(BadInputError, match="one token per session"):
+        eng.decode_batch(a[:2], [1])
+
+
+def _answers(url, temperature, seed=None, stream=False, **kw):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+
+    def one(i):
+        msgs = [{"role": "user", "content": PROMPTS[i]}]
+        if stream:
+            return "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+                model="m", messages=msgs, max_tokens=24, temperature=temperature, seed=seed, stream=True, **kw)
+                if ch.choices)
+        return client.chat.completions.create(model="m", messages=msgs, max_tokens=24, temperature=temperature,
+                                              seed=seed, **kw).choices[0].message.content
+
+    with ThreadPoolExecutor(len(PROMPTS)) as ex:
+        return list(ex.map(one, range(len(PROMPTS))))
+
+
+def test_batched_answers_equal_the_answers_alone(eng):
+    with BackgroundServer(create_app(eng, model_name="m")) as solo:
+        alone = [_answers(solo.url, 0), _answers(solo.url, 1.0, seed=3)]
+    app = create_app(eng, model_name="m", parallel=4)
+    with BackgroundServer(app) as srv:
+        assert _answers(srv.url, 0) == alone[0]
+        assert _answers(srv.url, 0, stream=True) == alone[0]
+        assert _answers(srv.url, 1.0, seed=3) == alone[1]
+        health = httpx.get(srv.url + "/health").json()
+        assert health["parallel"] == 4 and health["active"] == 0
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        rf = {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
+        for text in _answers(srv.url, 1.0, seed=1, response_format=rf):
+            assert json.loads(text)["ok"] in (True, False)
+
+
+def test_disconnect_frees_the_slot(eng):
+    app = create_app(eng, model_name="m", parallel=2)
+    sched = app.state.scheduler
+    with BackgroundServer(app) as srv:
+        body = {"messages": [{"role": "user", "content": "Go on and on"}], "max_tokens": 400, "temperature": 0,
+                "stream": True}
+        with httpx.Client(timeout=30) as c, c.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            deadline = time.time() + 10
+            while sched.stats()["active"] == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            assert sched.stats()["active"] == 1
+        deadline = time.time() + 10
+        while sched.stats()["active"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert sched.stats()["active"] == 0
+        assert sched.recent[-1][1] == "cancelled"
+        # and it still serves
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                                 "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200
+
+
+def test_bad_parallel(eng):
+    for bad in (0, 65, True, "2"):
+        with pytest.raises(BadInputError, match="parallel"):
+            create_app(eng, parallel=bad)
