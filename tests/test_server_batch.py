@@ -115,3 +115,22 @@ def test_bad_parallel(eng):
     for bad in (0, 65, True, "2"):
         with pytest.raises(BadInputError, match="parallel"):
             create_app(eng, parallel=bad)
+
+
+def test_n_choices_share_one_prefill(eng):
+    app = create_app(eng, model_name="m", parallel=4)
+    msgs = [{"role": "user", "content": "Tell me something about the sea, please."}]
+    with BackgroundServer(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=60)
+        prefilled = {}
+        texts = {}
+        for ch in client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=1.0,
+                                                 seed=11, n=3, stream=True):
+            for c in ch.choices:
+                texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+                if c.finish_reason:
+                    prefilled[c.index] = ch.model_extra["timings"]["prefilled_tokens"]
+        assert prefilled == {0: 1, 1: 1, 2: 1}  # the prompt was prefilled once, outside the choices
+        singles = [client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=1.0,
+                                                  seed=11 + i).choices[0].message.content for i in range(3)]
+        assert [texts[i] for i in range(3)] == singles

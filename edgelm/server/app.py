@@ -83,13 +83,12 @@ def _usage(jobs: list[Job], stats: dict) -> dict:
     """Usage over a request's choices: the prompt counted once, every choice's tokens."""
     n_prompt = len(jobs[0].ids)
     done = sum(st.generated_tokens for st in stats.values() if st is not None)
-    st0 = stats.get(0)
-    prefilled = st0.prompt_tokens if st0 is not None else 0
     return {
         "prompt_tokens": n_prompt,
         "completion_tokens": done,
         "total_tokens": n_prompt + done,
-        "prompt_tokens_details": {"cached_tokens": max(n_prompt - prefilled, 0)},
+        # the first choice's: its prompt tokens whose KV came from an earlier request
+        "prompt_tokens_details": {"cached_tokens": jobs[0].cached_tokens},
     }
 
 

@@ -199,30 +199,73 @@ def _batched(cls):
 
     def _work_batched(self) -> None:
         while True:
-            with self._cv:
-                while not self._queue and not self._active and not self._stopping:
-                    self._cv.wait()
-                if self._stopping and not self._queue and not self._active:
-                    return
-                new = []
-                while self._queue and len(self._active) + len(new) < self.parallel:
-                    new.append(self._queue.popleft())
-            for job in new:  # prefill runs here, between decode steps
-                self._admit(job)
-            ready = [sl for sl in self._active if sl.pending is not None]
-            if not ready:
-                continue
             try:
-                logits = self.engine.decode_batch([sl.sess for sl in ready], [sl.pending for sl in ready])
-            except Exception as e:
-                for sl in ready:
+                if not self._step_batched():
+                    return
+            except Exception as e:  # never let the worker die: fail what is running, go on
+                for sl in list(self._active):
                     self._fail(sl, e)
-                continue
-            for sl, row in zip(ready, logits):
-                sl.pending = None
-                self._pump(sl, row)
 
-    def _admit(self, job: Job) -> None:
+    def _step_batched(self) -> bool:
+        """Admits waiting requests into free slots, then decodes one token for every running
+        one. False once stopped with nothing left."""
+        with self._cv:
+            while not self._queue and not self._active and not self._stopping:
+                self._cv.wait()
+            if self._stopping and not self._queue and not self._active:
+                return False
+            new = []
+            while self._queue and len(self._active) + len(new) < self.parallel:
+                new.append(self._queue.popleft())
+        k = 0
+        while k < len(new):  # prefill runs here, between decode steps
+            group = [new[k]]  # the choices of one request share its prompt's prefill
+            while k + len(group) < len(new) and new[k + len(group)].events is new[k].events:
+                group.append(new[k + len(group)])
+            k += len(group)
+            self._admit_group(group)
+        ready = [sl for sl in self._active if sl.pending is not None]
+        if not ready:
+            return True
+        try:
+            logits = self.engine.decode_batch([sl.sess for sl in ready], [sl.pending for sl in ready])
+        except Exception as e:
+            for sl in ready:
+                self._fail(sl, e)
+            return True
+        for sl, row in zip(ready, logits):
+            sl.pending = None
+            self._pump(sl, row)
+        return True
+
+    def _admit_group(self, jobs: list) -> None:
+        """Admits the choices of one request: the prompt (all but its last token) is prefilled
+        once, and each choice continues a copy of that session."""
+        ids = jobs[0].ids
+        if len(jobs) == 1 or len(ids) < 2:
+            for job in jobs:
+                self._admit(job)
+            return
+        base = self._take_session(ids)
+        try:
+            feed = base.sync(ids[:-1])
+            cached = len(ids) - 1 - len(feed)
+            base.prefill(feed)
+        except Exception:
+            base.reset()
+            for job in jobs:
+                self._admit(job)
+            return
+        for i, job in enumerate(jobs):
+            job.cached_tokens = cached if i == 0 else len(ids) - 1
+            try:
+                sess = base if i == len(jobs) - 1 else base.clone()
+            except Exception:  # (no memory for a copy): this choice prefills on its own
+                self._admit(job)
+                continue
+            self._admit(job, sess)
+
+    def _admit(self, job: Job, prepared: Session | None = None) -> None:
         if job.cancel.is_set():
             self.recent.append((job.id, "cancelled", 0))
             job.done = True
@@ -230,11 +273,15 @@ def _batched(cls):
             with self._cv:
                 self.completed += 1
             return
-        sess = self._take_session(job.ids)
+        sess = self._take_session(job.ids) if prepared is None else prepared
         try:
             sess.set_sampler(job.sampler)
-            feed = sess.sync(job.ids)
-            job.cached_tokens = len(job.ids) - len(feed)
+            if prepared is None:
+                feed = sess.sync(job.ids)
+                job.cached_tokens = len(job.ids) - len(feed)
+            else:  # holds all of the prompt but its last token
+                feed = job.ids[-1:]
+                self._live.add(sess)
             steps = sess.steps(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel,
                                constraint=job.constraint, logprobs=job.logprobs)
         except Exception as e:
@@ -292,7 +339,7 @@ def _batched(cls):
         else:
             sl.sess.reset()
 
-    for f in (_work_batched, _admit, _pump, _fail, _finish):
+    for f in (_work_batched, _step_batched, _admit_group, _admit, _pump, _fail, _finish):
         setattr(cls, f.__name__, f)
     return cls
 
