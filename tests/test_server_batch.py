@@ -134,3 +134,58 @@ def test_n_choices_share_one_prefill(eng):
         singles = [client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=1.0,
                                                   seed=11 + i).choices[0].message.content for i in range(3)]
         assert [texts[i] for i in range(3)] == singles
+
+
+def test_steps_yield_between_prefill_chunks():
+    from edgelm.runtime.session import DecodeRequest, GenerationStats, PrefillProgress
+
+    e = Engine(_quant_bundle("int8-b32"), max_tokens=512, prefill_chunk=16)
+    s = e.create_session({"temperature": 0})
+    ids = [e.tokenizer.bos_id] + [10 + i % 50 for i in range(99)]
+    kinds = []
+    gen = s.steps(ids, max_new_tokens=3)
+    msg = next(gen)
+    try:
+        while True:
+            kinds.append(type(msg).__name__)
+            msg = gen.send(s.decode_step(msg.token)) if isinstance(msg, DecodeRequest) else next(gen)
+    except StopIteration:
+        pass
+    assert kinds.count("PrefillProgress") == 6  # 100 tokens in chunks of 16: 7 chunks, 6 pauses
+    assert kinds[-1] == "GenerationStats" and kinds.count("DecodeRequest") == 2
+    # generate() drives the same coroutine: the same text
+    text = "".join(p for p in e.create_session({"temperature": 0}).generate(ids, max_new_tokens=3)
+                   if not isinstance(p, GenerationStats))
+    assert isinstance(text, str) and PrefillProgress(1, 2).total == 2
+
+
+def test_long_prompt_prefills_between_decode_steps():
+    """A long prompt joining is prefilled a chunk at a time between the running requests'
+    decode steps: they keep producing tokens meanwhile."""
+    e = Engine(_quant_bundle("int8-b32"), max_tokens=1024, prefill_chunk=8)
+    app = create_app(e, model_name="m", parallel=2)
+    with BackgroundServer(app) as srv:
+        stamps = []
+        started = threading.Event()
+
+        def stream_a():
+            body = {"prompt": "Once", "max_tokens": 600, "temperature": 0, "stream": True}
+            with httpx.Client(timeout=60) as c, c.stream("POST", srv.url + "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        stamps.append(time.perf_counter())
+                        if len(stamps) == 5:
+                            started.set()
+
+        ta = threading.Thread(target=stream_a)
+        ta.start()
+        assert started.wait(30)
+        long_prompt = [e.tokenizer.bos_id] + [10 + i % 50 for i in range(500)]
+        t0 = time.perf_counter()
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": long_prompt, "max_tokens": 1, "temperature": 0},
+                       timeout=60)
+        t1 = time.perf_counter()
+        ta.join(60)
+        assert r.status_code == 200
+        during = sum(t0 <= t <= t1 for t in stamps)
+        assert during >= 30, during  # 63 chunks of 8, each followed by one step of A

@@ -101,6 +101,14 @@ def check_stop_strings(stop) -> list[str]:
 
 
 @dataclass(frozen=True)
+class PrefillProgress:
+    """What Session.steps() yields between prefill chunks (done of total tokens fed)."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class DecodeRequest:
     """What Session.steps() yields when it needs the logits that follow `token`."""
 
@@ -319,8 +327,9 @@ class Session:
         """generate() as a coroutine, for a driver that batches the decode steps of several
         sessions (the server's continuous batching): it yields text pieces,
         DecodeRequest(token) when it needs the logits that follow `token` (send them back with
-        .send(logits), e.g. a row of Engine.decode_batch), and last the GenerationStats.
-        Prefill runs inside, on the first next().
+        .send(logits), e.g. a row of Engine.decode_batch), PrefillProgress between prefill
+        chunks (resume it with next(); others may decode meanwhile), and last the
+        GenerationStats. Prefill runs inside, from the first next().
 
         The prompt continues the session's context (a fresh session starts with BOS). It is
         text, token ids, or a list of content parts (runtime/content.py: text, soft
@@ -378,6 +387,8 @@ class Session:
                         msg = steps.throw(e)
                         continue
                     msg = steps.send(logits)
+                elif isinstance(msg, PrefillProgress):
+                    msg = next(steps)
                 else:
                     yield msg
                     msg = next(steps)
@@ -388,10 +399,13 @@ class Session:
 
     def _prefill_cancellable(self, ids, cancel, embeds=None):
         """prefill(), checking for cancellation between chunks: returns None if cancelled
-        (what was fed so far stays in the cache)."""
+        (what was fed so far stays in the cache). A generator: it yields PrefillProgress
+        between chunks, where a batching driver may run other sequences' decode steps."""
         chunk = self.engine.prefill_chunk
         out = None
         for s in range(0, len(ids), chunk):
+            if s:
+                yield PrefillProgress(s, len(ids))
             if s and self._cancelled(cancel):
                 return None
             final = s + chunk >= len(ids)
@@ -422,7 +436,7 @@ class Session:
         if self._cancelled(cancel):
             reason = "cancelled"
         else:
-            logits = self._prefill_cancellable(ids, cancel, embeds)
+            logits = yield from self._prefill_cancellable(ids, cancel, embeds)
             t_prefill = time.perf_counter() - t0
             t_dec = time.perf_counter()
             if logits is None:

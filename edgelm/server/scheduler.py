@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 
 from ..runtime.sampler import SamplerConfig
-from ..runtime.session import DecodeRequest, GenerationStats, Session
+from ..runtime.session import DecodeRequest, GenerationStats, PrefillProgress, Session
 
 
 @dataclass
@@ -191,6 +191,7 @@ class _Slot:
     def __init__(self, job: Job, sess: Session, steps):
         self.job, self.sess, self.steps = job, sess, steps
         self.pending: int | None = None  # the token whose logits the generation waits for
+        self.prefilling = False  # between two chunks of its prompt
         self.sent = 0  # logprobs already sent with pieces
 
 
@@ -224,6 +225,11 @@ def _batched(cls):
                 group.append(new[k + len(group)])
             k += len(group)
             self._admit_group(group)
+        # one prompt chunk of each request still prefilling, between the decode steps of the
+        # running ones, so that a long prompt does not stall them
+        for sl in [sl for sl in self._active if sl.prefilling]:
+            sl.prefilling = False
+            self._pump(sl, None)
         ready = [sl for sl in self._active if sl.pending is not None]
         if not ready:
             return True
@@ -304,6 +310,9 @@ def _batched(cls):
             while True:
                 if isinstance(msg, DecodeRequest):
                     sl.pending = msg.token
+                    return
+                if isinstance(msg, PrefillProgress):  # its next chunk comes after a decode step
+                    sl.prefilling = True
                     return
                 if isinstance(msg, GenerationStats):
                     self.recent.append((job.id, msg.stop_reason, msg.generated_tokens))
