@@ -723,7 +723,9 @@ def test_edgelm_serve_command(tmp_path):
         url = m.group(1)
         note = proc.stderr.readline()
         assert note.startswith("edgelm: note: This is a base model") and "/v1/completions" in note, note
-        assert httpx.get(url + "/health").json()["status"] == "ok"
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "ok"
+        assert f"{health['parallel']} request" in line and "decoded together" in line  # picked from memory
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         served = c.models.list().data[0].id
         assert served == "gemma-3-base"

@@ -246,3 +246,18 @@ def test_load_with_random_disconnects(eng):
         assert st["live_sessions"] <= sched.pool_size + sched.parallel
         grown = _rss() - before
         assert grown < 0.05 * before + 16 * 2 ** 20, f"memory grew by {grown / 2 ** 20:.1f} MiB"
+
+
+def test_auto_parallel_follows_memory(eng, monkeypatch):
+    import os
+
+    from edgelm.server.scheduler import MAX_AUTO_PARALLEL, auto_parallel
+
+    assert auto_parallel(eng) == MAX_AUTO_PARALLEL  # a tiny model's caches: plenty of room
+    real = os.sysconf
+
+    def small(name):  # 64 pages of 4 KiB available: not even one cache fits a quarter of it
+        return 64 if name == "SC_AVPHYS_PAGES" else 4096 if name == "SC_PAGE_SIZE" else real(name)
+
+    monkeypatch.setattr(os, "sysconf", small)
+    assert auto_parallel(eng) == 1

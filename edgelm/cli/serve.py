@@ -17,8 +17,9 @@ from .options import deterministic_option, kv_dtype_option
 @click.option("--port", "-p", type=int, default=8080, show_default=True)
 @click.option("--api-key", default=None, envvar="EDGELM_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* (or set EDGELM_API_KEY).")
-@click.option("--parallel", type=click.IntRange(min=1, max=64), default=1, show_default=True,
-              help="Sequences decoded together (continuous batching): each step reads the weights once for all.")
+@click.option("--parallel", type=click.IntRange(min=1, max=64), default=None,
+              help="Sequences decoded together (continuous batching): each step reads the weights once for all "
+                   "(default: as many full KV caches as fit in a quarter of free memory, at most 8).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait behind the one being generated; more get 429.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
@@ -54,10 +55,15 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, request_tim
     def ready(actual_port):
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"edgelm: serving {eng.path.name} on http://{shown}:{actual_port} "
-                   f"(OpenAI API under /v1, web chat at /){' with an API key' if api_key else ''}", err=True)
+                   f"(OpenAI API under /v1, web chat at /){' with an API key' if api_key else ''}; "
+                   f"{parallel} request{'s' if parallel > 1 else ''} decoded together", err=True)
         if is_instruction_tuned(eng.bundle.header) is False:
             click.echo(f"edgelm: note: {BASE_MODEL_NOTICE} /v1/completions suits it.", err=True)
 
+    if parallel is None:
+        from ..server.scheduler import auto_parallel
+
+        parallel = auto_parallel(eng)
     try:
         run_server(eng, host=host, port=port, log_level=log_level, on_ready=ready, api_key=api_key,
                    max_queue=max_queue, max_body_bytes=max_body, model_name=model_name,

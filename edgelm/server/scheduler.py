@@ -41,6 +41,25 @@ class Job:
             pass
 
 
+MAX_AUTO_PARALLEL = 8
+
+
+def auto_parallel(engine, memory_fraction: float = 0.25) -> int:
+    """The default number of slots for `edgelm serve`: as many full KV caches (at the engine's
+    capacity) as fit in a quarter of the memory available now, at most MAX_AUTO_PARALLEL (8
+    sequences already make decode compute-bound on small models) and at least 1."""
+    import os
+
+    specs = engine.model.cache_specs(engine.config, engine.max_tokens, engine.prefill_chunk)
+    per_elem = 2 if engine.kv_dtype_name == "f16" else 4
+    kv = sum(2 * c.slots * c.kv_heads * c.head_dim * per_elem for c in specs)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1
+    return max(1, min(MAX_AUTO_PARALLEL, int(avail * memory_fraction // max(kv, 1))))
+
+
 class QueueFull(Exception):
     pass
 
