@@ -432,6 +432,31 @@ def _git_rev() -> str | None:
         return None
 
 
+def host_info() -> dict:
+    """The host's CPU model and its SIMD flags, and the build edgelm picks on it, recorded with
+    every result: figures from AVX2-only and AVX-512 VNNI hosts must never be mixed."""
+    model, flags = "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and model == "?":
+                model = val.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_int8")
+    try:
+        from edgelm.backends import native
+
+        isa = native._default().isa if native.available() else None
+    except Exception:
+        isa = None
+    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count(), "edgelm_isa": isa,
+            "edgelm_isa_forced": os.environ.get("EDGELM_ISA") or None}
+
+
 def main(argv=None) -> int:
     # SIGTERM -> SystemExit, so run_child kills the running benchmark child instead of orphaning it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -462,18 +487,27 @@ def main(argv=None) -> int:
     if a.show:
         doc = json.loads(Path(a.show).read_text())
         print(f"# {doc.get('command')}  ({doc.get('date_utc')})")
+        if doc.get("host"):
+            h = doc["host"]
+            print(f"# host: {h.get('cpu')}, {h.get('cores')} cores, {' '.join(h.get('flags', []))}; "
+                  f"edgelm build {h.get('edgelm_isa')}")
         print(fmt_table(doc["results"]))
         return 0
     results = []
     doc = {"command": " ".join(["python benchmarks/compare.py"] + (argv if argv is not None else sys.argv[1:])),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "edgelm_git": _git_rev(),
-           "results": results}
+           "host": host_info(), "results": results}
     for peer, pm, scheme in parse_pairs(a):
         results.append(compare_pair(peer, pm, scheme, a))
         if a.out:  # after every pair, so an interrupted run keeps what it measured
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(doc, indent=2))
-    print(json.dumps(doc, indent=2) if a.json else fmt_table(results))
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        h = doc["host"]
+        print(f"# host: {h['cpu']}, {h['cores']} cores, {' '.join(h['flags'])}; edgelm build {h['edgelm_isa']}")
+        print(fmt_table(results))
     return 0
 
 
