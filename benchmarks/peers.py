@@ -36,7 +36,7 @@ LITERT_LM = "0.18.1"
 TORCH = "2.13.0"  # the local CPU wheel; any other spec downloads GBs
 
 LLAMA_TYPES = ("Q4_0", "Q8_0", "F16")  # requantized from the original Q4_K_M GGUF
-LLAMA_TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
+LLAMA_TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-server")
 
 PREFILL_LENGTHS = "32,128,512,1024"
 # name -> (quantization recipe, cache length)
@@ -143,7 +143,7 @@ def setup_llama() -> dict:
         build = d / "build"
         run(["cmake", "-S", src / "vendor" / "llama.cpp", "-B", build,
              "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release",
-             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON"])
         run(["cmake", "--build", build, "--config", "Release", "-j2", "--target", *LLAMA_TARGETS])
         log(f"llama.cpp built in {time.time() - t0:.0f} s")
     src_gguf = source_gguf()
