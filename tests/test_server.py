@@ -644,7 +644,7 @@ def test_queue_limit_gives_429_and_fifo(eng):
             results = {}
 
             def queued():
-                results["b"] = post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2})
+                results["b"] = post(srv, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "temperature": 0})
 
             t = threading.Thread(target=queued)
             t.start()
