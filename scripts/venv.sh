@@ -24,6 +24,12 @@ edgelm_venv() {
       echo "edgelm: installation failed; the full log is $venv/install.log" >&2
       exit 1
     fi
+    # The vision tower's parity tests build timm's MobileNet-V5. timm's declared dependencies
+    # would pull a CUDA torchvision that breaks the CPU torch beside it, so it comes without
+    # them (its other needs, pyyaml and huggingface_hub, arrive with transformers).
+    if [[ "$extras" == *test* ]] && ! "$venv/bin/python" -m pip install --no-deps "timm>=1.0.16" >>"$venv/install.log" 2>&1; then
+      echo "edgelm: could not install timm (the vision-tower parity tests will skip); see $venv/install.log" >&2
+    fi
     touch "$stamp"
   fi
   EDGELM_VENV="$venv"

@@ -165,3 +165,136 @@ def load_reference(d: str | Path):
     from transformers import Gemma3nForCausalLM
 
     return Gemma3nForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+# ----------------------------------------------------------------------------- with real towers
+
+MM_TOKENS = ("<start_of_image>", "<start_of_audio>")  # text-range markers, as Gemma 3n's boi/boa
+MM_VOCAB = 8  # hard tokens per modality (Gemma 3n: 128)
+
+# A Gemma 3n-style chat template reading typed content: text items trimmed, an image item as
+# the image placeholder token, an audio item as the audio one (the processor expands both).
+MM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image_soft_token>' }}"
+    "{% elif item['type'] == 'audio' %}{{ '<audio_soft_token>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def write_mm_tokenizer(d: Path) -> dict:
+    """The tiny BPE tokenizer plus Gemma 3n's multimodal tokens laid out as in Gemma 3n: the
+    begin markers in the text range, then the vision range (<end_of_image> at its offset,
+    <image_soft_token> next) and the audio range (<end_of_audio>, <audio_soft_token>), each
+    MM_VOCAB ids long, padded with unused tokens. Returns the ids."""
+    import json
+
+    from tokenizers import AddedToken
+
+    tok = fx.build_tokenizer(fx.TOKENIZER_VOCAB, extra_alphabet="\n")
+    base = tok.get_vocab_size()
+    names = list(MM_TOKENS)
+    vision = base + len(names)
+    names += ["<end_of_image>", "<image_soft_token>"] + [f"<unused_v{i}>" for i in range(MM_VOCAB - 2)]
+    audio = base + len(names)
+    names += ["<end_of_audio>", "<audio_soft_token>"] + [f"<unused_a{i}>" for i in range(MM_VOCAB - 2)]
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    for i, n in enumerate(names):
+        assert tok.token_to_id(n) == base + i, n
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    ids = {"boi": base, "boa": base + 1, "eoi": vision, "image": vision + 1, "eoa": audio, "audio": audio + 1,
+           "vision_offset": vision, "audio_offset": audio, "vocab": audio + MM_VOCAB}
+    extra = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+             "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "add_bos_token": True, "add_eos_token": False,
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "extra_special_tokens": extra,
+        "model_max_length": 2048,
+        "chat_template": MM_CHAT_TEMPLATE,
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    smap = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens")}
+    (d / "special_tokens_map.json").write_text(json.dumps(smap, indent=2), encoding="utf-8")
+    return ids
+
+
+# the image size of the tiny checkpoints' processor: MobileNet-V5 makes 16 x 16 tokens from
+# any multiple of 32 (Gemma 3n's is 768; 256 keeps the torch reference fast)
+MM_IMAGE_SIZE = 256
+
+
+def mm_configs(ids: dict, *, vision: bool = True, audio: bool = True, channel_multiplier: float = 0.05, **kw):
+    """transformers configs (text, vision, audio, whole) of a tiny Gemma 3n with towers."""
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
+
+    tkw = text_config_kwargs(**{"vocab_size": ids["vocab"], "vocab_size_per_layer_input": ids["vision_offset"], **kw})
+    tkw["max_position_embeddings"] = 2048
+    tc = Gemma3nTextConfig(**tkw)
+    vc = Gemma3nVisionConfig(model_args={"channel_multiplier": channel_multiplier}, vocab_offset=ids["vision_offset"],
+                             vocab_size=MM_VOCAB)
+    ac = Gemma3nAudioConfig(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=2,
+                            sscp_conv_channel_size=[8, 4], vocab_offset=ids["audio_offset"], vocab_size=MM_VOCAB)
+    cfg = Gemma3nConfig(text_config=tc, vision_config=vc, audio_config=ac, image_token_id=ids["image"],
+                        boi_token_id=ids["boi"], eoi_token_id=ids["eoi"], audio_token_id=ids["audio"],
+                        boa_token_id=ids["boa"], eoa_token_id=ids["eoa"], initializer_range=0.1)
+    return cfg
+
+
+def randomize_towers_(model, seed: int) -> None:
+    """Text decoder and embedders as randomize_ does; in the towers (deep, so N(0, 0.1)
+    matrices would explode) only the 1-D parameters are redrawn (norm scales, layer scales,
+    biases: uniform in [0.5, 1.5]), so no branch is switched off by its initial value."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            tower = ".vision_tower." in f".{name}" or ".audio_tower." in f".{name}"
+            if not tower:
+                if p.ndim == 1:
+                    mag = torch.rand(p.shape, generator=g) + 0.5
+                    sign = torch.where(torch.rand(p.shape, generator=g) < 0.2, -1.0, 1.0)
+                    p.copy_(mag * sign)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.ndim == 1:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+
+
+def make_tiny_gemma3n_mm(dir: str | Path, *, seed: int = 0, **kw) -> Path:
+    """A tiny random Gemma3nForConditionalGeneration with both real towers (MobileNet-V5 with
+    narrow channels, a 2-layer conformer), saved with save_pretrained, plus the multimodal
+    tokenizer and a preprocessor_config.json (images at MM_IMAGE_SIZE px). Needs timm
+    (tests/timm_support.need_timm())."""
+    import json
+
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    d = Path(dir)
+    ids = write_mm_tokenizer(d)
+    cfg = mm_configs(ids, **kw)
+    torch.manual_seed(seed)
+    model = Gemma3nForConditionalGeneration(cfg).eval()
+    randomize_towers_(model, seed)
+    model.save_pretrained(d, safe_serialization=True)
+    pre = {
+        "feature_extractor_type": "Gemma3nAudioFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
+        "padding_value": 0.0, "padding_side": "right", "return_attention_mask": True,
+        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "size": {"height": MM_IMAGE_SIZE, "width": MM_IMAGE_SIZE}, "do_convert_rgb": True,
+    }
+    (d / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (d / "mm_ids.json").write_text(json.dumps(ids))
+    return d

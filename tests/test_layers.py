@@ -15,7 +15,7 @@ ALLOWED = {
     "backends": {"quant"},
     "multimodal": set(),  # input front ends (audio, images): numpy only
     "models": {"backends", "quant"},
-    "convert": {"models", "quant", "format", "tokenizer"},
+    "convert": {"multimodal", "models", "quant", "format", "tokenizer"},  # (preprocessor settings checked)
     "runtime": {"multimodal", "models", "backends", "quant", "format", "tokenizer", "convert"},
     "eval": {"multimodal", "runtime", "models", "backends", "quant", "format", "tokenizer", "convert"},
     "server": {"multimodal", "runtime", "eval", "models", "backends", "quant", "format", "tokenizer", "convert"},

@@ -12,7 +12,8 @@ import click
 
 from .options import deterministic_option, kv_dtype_option
 
-HELP = "commands: /reset (new conversation), /exit or Ctrl-D (quit), /help; Ctrl-C stops a reply"
+HELP = ("commands: /image FILE, /audio FILE (attach to your next message; Gemma 3n bundles with towers), "
+        "/reset (new conversation), /exit or Ctrl-D (quit), /help; Ctrl-C stops a reply")
 
 
 def _line_reader(use_prompt_toolkit: bool):
@@ -33,7 +34,30 @@ def _line_reader(use_prompt_toolkit: bool):
     return input
 
 
-def _reply(conv, text: str, out, quiet: bool) -> None:
+def _attach(eng, pending: list, cmd: str, path: str) -> None:
+    """/image FILE, /audio FILE: check the file and the bundle now, encode when sent."""
+    import os
+
+    from ..runtime import media
+    from ..runtime.content import Audio, Image
+
+    kind = "vision" if cmd == "/image" else "audio"
+    what = cmd[1:]
+    if not path:
+        click.echo(f"usage: {cmd} FILE", err=True)
+        return
+    if media.modality(eng, kind) is None:
+        click.echo(f"error: this bundle ({eng.path.name}) has no {what} encoder", err=True)
+        return
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        click.echo(f"error: {path}: no such file", err=True)
+        return
+    pending.append(Image(path) if kind == "vision" else Audio(path))
+    click.echo(f"[{what} {os.path.basename(path)} attached to your next message]", err=True)
+
+
+def _reply(conv, text, out, quiet: bool) -> None:
     """Stream one reply; Ctrl-C cancels it (the conversation keeps the partial reply).
 
     The reply is generated in a worker thread. While it runs, SIGINT only sets the cancel
@@ -143,6 +167,7 @@ def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, s
 
     if is_instruction_tuned(eng.bundle.header) is False:  # shown even with --quiet: it explains the replies
         click.echo(click.style(f"note: {BASE_MODEL_NOTICE}", fg="yellow"), err=True)
+    pending: list = []  # images / audio attached to the next message
     while True:
         try:
             line = read("> " if sys.stdin.isatty() else "")
@@ -159,15 +184,23 @@ def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, s
             cmd = text.split()[0].lower()
             if cmd in ("/exit", "/quit", "/bye"):
                 break
-            if cmd == "/reset":
+            if cmd in ("/image", "/audio"):
+                _attach(eng, pending, cmd, text[len(cmd):].strip())
+            elif cmd == "/reset":
                 conv.reset()
+                pending.clear()
                 click.echo("[new conversation]", err=True)
             elif cmd == "/help":
                 click.echo(HELP, err=True)
             else:
                 click.echo(f"unknown command {cmd}; {HELP}", err=True)
             continue
+        message = line
+        if pending:
+            from ..runtime.content import Text
+
+            message, pending[:] = [*pending, Text(line)], []
         try:
-            _reply(conv, line, out, quiet)
+            _reply(conv, message, out, quiet)
         except KeyboardInterrupt:  # a Ctrl-C between replies: back to the prompt
             out.write("\n")

@@ -51,16 +51,24 @@ def cli():
 @click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
 @kv_dtype_option
 @deterministic_option
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Gemma 3n: an image (JPEG, PNG, WebP, ...) placed before the prompt; repeat for several.")
+@click.option("--audio", "audios", multiple=True, type=click.Path(dir_okay=False),
+              help="Gemma 3n: an audio file (WAV, FLAC, OGG, MP3) placed before the prompt; repeat for several.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print stats to stderr.")
 def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
         presence_penalty, frequency_penalty, stop, json_schema, json_object, regex, grammar, threads, max_tokens,
-        backend, kv_dtype, deterministic, quiet):
+        backend, kv_dtype, deterministic, images, audios, quiet):
     """Generate a continuation of PROMPT, streamed to stdout. PROMPT '-' reads standard input;
-    --file reads a file."""
+    --file reads a file. --image/--audio put media before the prompt (a bundle with Gemma 3n's
+    towers), each expanded as Gemma 3n's processor does."""
+    from ..runtime.content import Audio, Image, Text
     from ..runtime.engine import Engine
     from ..runtime.session import GenerationStats
 
     prompt = _read_prompt(prompt, prompt_file)
+    if images or audios:
+        prompt = [*(Image(f) for f in images), *(Audio(f) for f in audios), Text(prompt)]
     spec = constraint_spec(json_schema, json_object, regex, grammar)  # file errors before the model loads
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens, kv_dtype=kv_dtype,
                  deterministic=deterministic)
@@ -123,8 +131,13 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
               help="Gemma 3n: extract a MatFormer slice: e2b, or LAYERS:FFN_WIDTHS (see docs/gemma3n.md).")
 @click.option("--imatrix", "imatrix_path", default=None, type=click.Path(dir_okay=False),
               help="Column importance from `edgelm imatrix`: the int4 scale search weighs its error by it.")
+@click.option("--tower-scheme", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Gemma 3n: scheme of the image and audio towers' weight matrices.")
+@click.option("--no-vision", is_flag=True, help="Gemma 3n: drop the image tower (no image input).")
+@click.option("--no-audio", is_flag=True, help="Gemma 3n: drop the audio tower (no audio input).")
 @click.option("--quiet", "-q", is_flag=True)
-def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer, imatrix_path, quiet):
+def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer, imatrix_path, tower_scheme,
+            no_vision, no_audio, quiet):
     """Convert a GGUF file or Hugging Face checkpoint dir SRC into a bundle."""
     from pathlib import Path
 
@@ -137,7 +150,8 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
 
         importance, imeta = imatrix.load(imatrix_path)
         imeta = {"file": Path(imatrix_path).name, **imeta}
-    source = load_source(src)  # convert() refuses an output that is one of source.input_files
+    keep = tuple(k for k, drop in (("vision", no_vision), ("audio", no_audio)) if not drop)
+    source = load_source(src, keep=keep)  # convert() refuses an output that is one of source.input_files
     if imatrix_path is not None:
         source.input_files.append(Path(imatrix_path))
     if matformer is not None:
@@ -145,7 +159,8 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
 
         source = slice_source(source, matformer)
     summary = do_convert(source, output, scheme=scheme, embed_scheme=embed_scheme, requantize=requantize,
-                         progress=not quiet, ple_scheme=ple_scheme, importance=importance, importance_meta=imeta)
+                         progress=not quiet, ple_scheme=ple_scheme, importance=importance, importance_meta=imeta,
+                         tower_scheme=tower_scheme)
     if quiet:
         return
     click.echo(f"{'scheme':<10} {'tensors':>7} {'weights':>14} {'bytes':>12}")
@@ -207,6 +222,23 @@ def imatrix(model, output, text, tokens, seed, threads, backend, quiet):
 
 # ----------------------------------------------------------------------------- inspect
 
+def _inputs_line(b, rows) -> str:
+    """What a bundle takes: text, plus each kept tower with its token count and weight size."""
+    parts = ["text"]
+    for kind, word, prefixes in (("vision", "image", ("v.", "mm.v.")), ("audio", "audio", ("a.", "mm.a."))):
+        m = b.config.get(kind) if isinstance(b.config, dict) else None
+        if not isinstance(m, dict):
+            continue
+        mine = [r for r in rows if r[0].startswith(prefixes)]
+        per = "image" if kind == "vision" else "clip of <= 30 s"
+        pre = m.get("preprocess") or {}
+        size = pre.get("size") if isinstance(pre.get("size"), dict) else None
+        px = f", {size.get('height')}x{size.get('width')} px" if size else ""
+        parts.append(f"{word} ({m.get('soft_tokens')} tokens per {per}{px}; tower {len(mine)} tensors, "
+                     f"{_fmt_bytes(sum(r[4] for r in mine))})")
+    return " + ".join(parts)
+
+
 @cli.command()
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the header and tensor table as JSON.")
@@ -244,7 +276,10 @@ def inspect(file, as_json, tensors):
         meta = b.meta
         click.echo(f"file        {b.path} ({_fmt_bytes(b.file_size)}, format v{b.version})")
         click.echo(f"arch        {b.arch}")
-        click.echo("config      " + ", ".join(f"{k}={v}" for k, v in b.config.items() if k != "layer_types"))
+        towers = ("vision", "audio")
+        click.echo("config      " + ", ".join(f"{k}={v}" for k, v in b.config.items()
+                                              if k != "layer_types" and k not in towers))
+        click.echo("inputs      " + _inputs_line(b, rows))
         lt = b.config.get("layer_types")
         if lt:
             click.echo("layers      " + "".join("G" if x == "global" else "L" for x in lt) + "  (L local, G global)")

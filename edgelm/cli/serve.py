@@ -22,8 +22,11 @@ from .options import deterministic_option, kv_dtype_option
                    "(default: as many full KV caches as fit in a quarter of free memory, at most 8).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait behind the one being generated; more get 429.")
-@click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
-              help="Largest request body in bytes; larger ones get 413.")
+@click.option("--max-body", type=click.IntRange(min=1024), default=None,
+              help="Largest request body in bytes; larger ones get 413. Default: 1 MiB, or 32 MiB for a bundle "
+                   "that takes images or audio (sent as base64).")
+@click.option("--allow-local-files", is_flag=True,
+              help="Let image_url parts name files on this machine (off: images and audio come as data: URLs).")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SECONDS",
               help="Seconds a client has to send a request's line and headers, and again its body; "
@@ -36,8 +39,8 @@ from .options import deterministic_option, kv_dtype_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(model, host, port, api_key, parallel, max_queue, max_body, request_timeout, max_tokens, threads, backend,
-          kv_dtype, deterministic, model_name, log_level):
+def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local_files, request_timeout, max_tokens,
+          threads, backend, kv_dtype, deterministic, model_name, log_level):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
     from ..errors import BadInputError
@@ -60,6 +63,9 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, request_tim
         if is_instruction_tuned(eng.bundle.header) is False:
             click.echo(f"edgelm: note: {BASE_MODEL_NOTICE} /v1/completions suits it.", err=True)
 
+    if max_body is None:
+        multimodal = any(getattr(eng.config, k, None) is not None for k in ("vision", "audio"))
+        max_body = (32 if multimodal else 1) << 20
     if parallel is None:
         from ..server.scheduler import auto_parallel
 
@@ -67,7 +73,7 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, request_tim
     try:
         run_server(eng, host=host, port=port, log_level=log_level, on_ready=ready, api_key=api_key,
                    max_queue=max_queue, max_body_bytes=max_body, model_name=model_name,
-                   request_timeout=request_timeout, parallel=parallel)
+                   request_timeout=request_timeout, parallel=parallel, allow_local_files=allow_local_files)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
     except OSError as e:

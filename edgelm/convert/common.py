@@ -61,9 +61,16 @@ def default_chat_template() -> str:
     return files("edgelm").joinpath("templates/gemma.jinja").read_text(encoding="utf-8")
 
 
-def _pick(st: SourceTensor, scheme: str, embed_scheme: str, ple_scheme: str | None = None) -> Scheme:
+TOWER_SCHEMES = ("fp32", "fp16", "int8")
+DEFAULT_TOWER_SCHEME = "fp16"
+
+
+def _pick(st: SourceTensor, scheme: str, embed_scheme: str, ple_scheme: str | None = None,
+          tower_scheme: str = DEFAULT_TOWER_SCHEME) -> Scheme:
     if st.kind in ("norm", "other") or len(st.shape) == 1:
         return SCHEMES["fp32"]
+    if st.kind == "tower":  # an image/audio tower's products (and its embedder's projection)
+        return get_scheme(tower_scheme)
     if st.kind == "ple":
         s = get_scheme(ple_scheme or embed_scheme)
     else:
@@ -76,12 +83,17 @@ def _pick(st: SourceTensor, scheme: str, embed_scheme: str, ple_scheme: str | No
     return s
 
 
-def plan_tensors(src: Source, scheme: str, embed_scheme: str, ple_scheme: str | None = None) -> list[TensorPlan]:
-    """ple_scheme: the scheme of the per-layer embedding table (kind "ple"; default: embed_scheme)."""
+def plan_tensors(src: Source, scheme: str, embed_scheme: str, ple_scheme: str | None = None,
+                 tower_scheme: str = DEFAULT_TOWER_SCHEME) -> list[TensorPlan]:
+    """ple_scheme: the scheme of the per-layer embedding table (kind "ple"; default: embed_scheme).
+    tower_scheme: the scheme of the image/audio towers' products (kind "tower")."""
     for s in (scheme, embed_scheme, ple_scheme or embed_scheme):
         if s not in LINEAR_SCHEMES:
             raise BadInputError(f"unknown scheme {s!r}; choose one of {', '.join(LINEAR_SCHEMES)}")
-    return [TensorPlan(st.name, _pick(st, scheme, embed_scheme, ple_scheme), tuple(st.shape)) for st in src.tensors]
+    if tower_scheme not in TOWER_SCHEMES:
+        raise BadInputError(f"unknown tower scheme {tower_scheme!r}; choose one of {', '.join(TOWER_SCHEMES)}")
+    return [TensorPlan(st.name, _pick(st, scheme, embed_scheme, ple_scheme, tower_scheme), tuple(st.shape))
+            for st in src.tensors]
 
 
 def make_producer(src: Source, requantize: bool = False,
@@ -192,6 +204,7 @@ def convert(
     ple_scheme: str | None = None,
     importance: dict[str, np.ndarray] | None = None,
     importance_meta: dict | None = None,
+    tower_scheme: str = DEFAULT_TOWER_SCHEME,
 ) -> dict:
     """Quantize `src` and write a bundle at `out`. Returns a summary dict.
     ple_scheme: scheme of a per-layer embedding table (Gemma 3n; default: embed_scheme).
@@ -201,7 +214,8 @@ def convert(
     out = Path(out)
     check_output_path(out, src.input_files)
     t0 = time.perf_counter()
-    plans = plan_tensors(src, scheme, embed_scheme, ple_scheme)
+    plans = plan_tensors(src, scheme, embed_scheme, ple_scheme, tower_scheme)
+    has_towers = any(st.kind == "tower" for st in src.tensors)
     if importance:
         check_importance(src, plans, importance, requantize)
     meta = {
@@ -215,6 +229,7 @@ def convert(
         "sampler": {"temperature": 1.0, "top_k": 64, "top_p": 0.95},
         "quantization": {"scheme": scheme, "embed_scheme": embed_scheme, "requantize": requantize,
                          **({"ple_scheme": ple_scheme or embed_scheme} if any(st.kind == "ple" for st in src.tensors) else {}),
+                         **({"tower_scheme": tower_scheme} if has_towers else {}),
                          **({"importance": importance_meta or {"tensors": len(importance)}} if importance else {})},
         "source": src.description,
         "notes": src.notes,

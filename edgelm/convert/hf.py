@@ -86,21 +86,32 @@ def _chat_template(d: Path, tok_cfg: dict | None) -> str | None:
     return None
 
 
-def _loader(model, kind: str, parts: list[STEntry]) -> Callable[[], np.ndarray]:
-    """Read one tensor (or the parts stacked by rows into it) and apply the model's transform."""
+def _loader(model, cfg, name: str, kind: str, parts: list[STEntry]) -> Callable[[], np.ndarray]:
+    """Read one tensor (or the parts stacked by rows into it) and apply the model's transform
+    (`import_hf(cfg, name, kind, w)` where the model has one, else `from_hf(kind, w)`)."""
+    named = getattr(model, "import_hf", None)
+
+    def transform(w):
+        return named(cfg, name, kind, w) if named is not None else model.from_hf(kind, w)
+
     if len(parts) == 1:
         e = parts[0]
 
         def load() -> np.ndarray:
-            return model.from_hf(kind, e.read())
+            return transform(e.read())
     else:
         def load() -> np.ndarray:
-            return model.from_hf(kind, np.concatenate([p.read() for p in parts], axis=0))
+            return transform(np.concatenate([p.read() for p in parts], axis=0))
     return load
 
 
-def load_hf_source(path: str | os.PathLike) -> Source:
-    """Read a Hugging Face Gemma 3 or Gemma 3n checkpoint directory (never modified)."""
+MODALITIES = ("vision", "audio")
+
+
+def load_hf_source(path: str | os.PathLike, keep: tuple[str, ...] = MODALITIES) -> Source:
+    """Read a Hugging Face Gemma 3 or Gemma 3n checkpoint directory (never modified).
+    keep: the input modalities whose towers a Gemma 3n import keeps where the checkpoint has
+    them (the others are skipped with a note, as a text-only import skips both)."""
     d = Path(path)
     if not d.exists():
         raise FormatError(f"{d}: no such directory")
@@ -111,7 +122,18 @@ def load_hf_source(path: str | os.PathLike) -> Source:
         raise FormatError(f"{d}: no config.json — not a Hugging Face checkpoint directory")
     raw_cfg = read_json(cfg_path, "config")
     model, read_config = config_reader(raw_cfg.get("model_type"))
-    config, _, notes = read_config(raw_cfg, str(cfg_path))
+    bad_keep = [k for k in keep if k not in MODALITIES]
+    if bad_keep:
+        raise FormatError(f"unknown modality {bad_keep[0]!r} (expected {' or '.join(MODALITIES)})")
+    if model is gemma3:
+        config, _, notes = read_config(raw_cfg, str(cfg_path))
+    else:
+        config, _, notes = read_config(raw_cfg, str(cfg_path), keep=tuple(keep))
+        dropped = [k for k in MODALITIES if k not in keep and isinstance(raw_cfg.get(f"{k}_config"), dict)]
+        if dropped:
+            notes.append(f"dropped the {' and '.join(dropped)} tower{'s' if len(dropped) > 1 else ''} on request "
+                         f"(text{''.join(' + ' + k for k in MODALITIES if config.get(k))} bundle)")
+    _add_preprocessing(d, config)
     cfg = model.Config.from_dict(config)
     files, _, entries = read_entries(d)
 
@@ -119,6 +141,7 @@ def load_hf_source(path: str | os.PathLike) -> Source:
     slot = {hf: (canon, j) for canon, t in table.items() for j, hf in enumerate(t.hf)}
     unused = model.hf_unused(cfg) if hasattr(model, "hf_unused") else {}
     found: dict[str, dict[int, STEntry]] = {canon: {} for canon in table}
+    relaid = model.relaid(cfg) if hasattr(model, "relaid") else set()
     lm_head: STEntry | None = None
     skipped = 0
     ignored: dict[str, int] = {}  # note -> how many tensors it counts
@@ -126,10 +149,10 @@ def load_hf_source(path: str | os.PathLike) -> Source:
         if name in _LM_HEAD:
             lm_head = e
             continue
-        if name.startswith(model.HF_SKIP_PREFIXES):
+        rest = _decoder_name(name)
+        if rest not in slot and name.startswith(model.HF_SKIP_PREFIXES):
             skipped += 1
             continue
-        rest = _decoder_name(name)
         if rest in unused:
             ignored[unused[rest]] = ignored.get(unused[rest], 0) + 1
             continue
@@ -143,7 +166,9 @@ def load_hf_source(path: str | os.PathLike) -> Source:
             raise FormatError(f"{e.file}: tensor {name} has dtype {e.dtype}; edgelm imports F32, F16 and BF16 checkpoints")
         t = table[canon]
         shape = (t.shape[0] // len(t.hf),) + t.shape[1:]  # one of the parts stacked by rows
-        if tuple(e.shape) != shape:
+        if canon in relaid and tuple(e.shape) != shape and int(np.prod(e.shape)) == int(np.prod(shape)):
+            pass  # stored in another layout (a convolution as a GEMM matrix): import_hf reshapes it
+        elif tuple(e.shape) != shape:
             raise FormatError(f"{e.file}: tensor {name} has shape {list(e.shape)}, config.json implies {list(shape)}")
         found[canon][j] = e
     missing = [(canon, hf) for canon, t in table.items() for j, hf in enumerate(t.hf) if j not in found[canon]]
@@ -163,7 +188,8 @@ def load_hf_source(path: str | os.PathLike) -> Source:
     tensors = []
     for canon, t in table.items():
         parts = [found[canon][j] for j in range(len(t.hf))]
-        tensors.append(SourceTensor(canon, t.shape, t.kind, _loader(model, t.kind, parts), source_type=parts[0].dtype))
+        tensors.append(SourceTensor(canon, t.shape, t.kind, _loader(model, cfg, canon, t.kind, parts),
+                                    source_type=parts[0].dtype))
 
     from ..tokenizer.build import tokenizer_from_hf_dir  # imported late: optional at import time
 
@@ -187,10 +213,33 @@ def load_hf_source(path: str | os.PathLike) -> Source:
     )
 
 
+def _add_preprocessing(d: Path, config: dict) -> None:
+    """Each kept modality's preprocessor settings from preprocessor_config.json (transformers'
+    defaults where the file is absent), checked by the front end that reads them."""
+    kinds = [k for k in MODALITIES if isinstance(config.get(k), dict)]
+    if not kinds:
+        return
+    from ..errors import BadInputError
+    from ..multimodal import AudioFeatureConfig, ImageConfig
+
+    path = d / "preprocessor_config.json"
+    pre = read_json(path, "preprocessor config") if path.is_file() else {}
+    fields = {"vision": ImageConfig, "audio": AudioFeatureConfig}
+    for k in kinds:
+        cls = fields[k]
+        names = {f for f in cls.__dataclass_fields__} | ({"size", "do_center_crop", "do_pad"} if k == "vision" else set())
+        sub = {key: v for key, v in pre.items() if key in names}
+        try:
+            cls.from_dict(sub)
+        except BadInputError as e:
+            raise FormatError(f"{path}: {e}") from None
+        config[k]["preprocess"] = sub
+
+
 # The files besides the weights that the importer reads (config, tokenizer, chat template).
 _AUX_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-              "chat_template.jinja", "chat_template.json")
+              "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
 def _input_files(d: Path, weight_files: list[Path]) -> list[Path]:

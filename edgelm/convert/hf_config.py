@@ -260,9 +260,12 @@ GEMMA3N_TEXT_DEFAULTS = {
 }
 
 
-def gemma3n_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[dict, dict, list[str]]:
-    """HF Gemma 3n config.json dict -> (edgelm Gemma3nConfig dict, the HF text config, notes)."""
+def gemma3n_config_from_hf(cfg: dict, where: str = "config.json",
+                           keep: tuple[str, ...] = ("vision", "audio")) -> tuple[dict, dict, list[str]]:
+    """HF Gemma 3n config.json dict -> (edgelm Gemma3nConfig dict, the HF text config, notes).
+    keep: the modalities whose towers the import keeps (of a gemma3n checkpoint that has them)."""
     notes: list[str] = []
+    where_top = where
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures")
     if archs is not None:
@@ -351,11 +354,52 @@ def gemma3n_config_from_hf(cfg: dict, where: str = "config.json") -> tuple[dict,
         "laurel_rank": get("laurel_rank"),
         "activation_sparsity": sparsity,
     }
+    if model_type == "gemma3n":
+        for kind in (gemma3n.VISION, gemma3n.AUDIO):
+            if kind in keep:
+                out[kind] = _modality_from_hf(cfg, kind, where_top)
     try:
         out = gemma3n.Gemma3nConfig.from_dict(out).to_dict()
     except FormatError as e:
         raise FormatError(f"{where}: {e}") from None
     return out, tc, notes
+
+
+# Gemma3nConfig's defaults for the multimodal prompt tokens and the towers' embedders.
+GEMMA3N_MM_DEFAULTS = {
+    "vision": {"token_id": ("image_token_id", 262_145), "begin_id": ("boi_token_id", 255_999),
+               "end_id": ("eoi_token_id", 262_144), "soft_tokens": ("vision_soft_tokens_per_image", 256),
+               "vocab_offset": 262_144, "vocab_size": 128, "hidden_size": 2048, "rms_norm_eps": 1e-6},
+    "audio": {"token_id": ("audio_token_id", 262_273), "begin_id": ("boa_token_id", 256_000),
+              "end_id": ("eoa_token_id", 262_272), "soft_tokens": ("audio_soft_tokens_per_image", 188),
+              "vocab_offset": 262_272, "vocab_size": 128, "hidden_size": 1536, "rms_norm_eps": 1e-6},
+}
+
+
+def _modality_from_hf(cfg: dict, kind: str, where: str) -> dict | None:
+    """The Modality dict of a gemma3n config.json: prompt token ids from the top level, the
+    embedder's fields and the tower from `vision_config` / `audio_config` (None if absent)."""
+    sub = cfg.get(f"{kind}_config")
+    if sub is None:
+        return None
+    if not isinstance(sub, dict):
+        raise FormatError(f"{where}: field '{kind}_config' must be an object, got {sub!r:.80}")
+    dflt = GEMMA3N_MM_DEFAULTS[kind]
+    sub_where = f"{where}: {kind}_config"
+    out = {"kind": kind}
+    for f in ("token_id", "begin_id", "end_id", "soft_tokens"):
+        key, default = dflt[f]
+        out[f] = _check_num(cfg.get(key, default), key, where)
+    for f in ("vocab_offset", "vocab_size", "hidden_size"):
+        out[f] = _check_num(sub.get(f, dflt[f]), f, sub_where)
+    out["eps"] = _check_num(sub.get("rms_norm_eps", dflt["rms_norm_eps"]), "rms_norm_eps", sub_where, float)
+    mod = gemma3n._tower_module(kind)
+    try:
+        tower = (mod.VisionConfig if kind == gemma3n.VISION else mod.AudioConfig).from_hf(sub)
+    except FormatError as e:
+        raise FormatError(f"{sub_where}: {e}") from None
+    out["tower"] = tower.to_dict()
+    return out
 
 
 def config_reader(model_type):

@@ -41,7 +41,7 @@ from statistics import NormalDist
 
 from ..errors import FormatError
 from . import gemma3
-from ._config import (GLOBAL, INT_MAX, LOCAL, MAX_LAYERS, TensorRow, bad, build_table, check_bool, check_float,
+from ._config import (GLOBAL, INT_MAX, LOCAL, MAX_LAYERS, Tensor, TensorRow, bad, build_table, check_bool, check_float,
                       check_head_dim, check_heads, check_int, check_layer_types, config_from_dict,
                       is_int, layer_pattern, shapes_of)
 from ._inputs import splice
@@ -49,6 +49,75 @@ from ._inputs import splice
 ARCH = "gemma3n"
 TITLE = "Gemma 3n"
 GLOBAL_EVERY = 5  # every 5th layer is global, the rest sliding-window (4:1)
+
+
+VISION, AUDIO = "vision", "audio"
+_TOWER_PREFIX = {VISION: "v.", AUDIO: "a."}  # canonical name prefixes of each tower's tensors
+_EMBEDDER_PREFIX = {VISION: "mm.v.", AUDIO: "mm.a."}
+_HF_TOWER = {VISION: "vision_tower.", AUDIO: "audio_tower."}  # HF names, after the "model." prefix
+_HF_EMBEDDER = {VISION: "embed_vision.", AUDIO: "embed_audio."}
+
+
+def _tower_module(kind: str):
+    from . import _gemma3n_audio, _mobilenetv5
+
+    return _mobilenetv5 if kind == VISION else _gemma3n_audio
+
+
+@dataclass(frozen=True, kw_only=True)
+class Modality:
+    """How one input modality (vision or audio) joins the text decoder: its tower's config,
+    its embedder (Gemma3nMultimodalEmbedder) and its prompt tokens. In a prompt an item is
+    `begin_id`, `soft_tokens` x `token_id` (rows the tower's features replace), `end_id`.
+    Ids in [vocab_offset, vocab_offset + vocab_size) are the modality's hard tokens: their
+    embedding comes from the embedder's own table, not token_embd."""
+
+    kind: str  # "vision" | "audio"
+    tower: object  # _mobilenetv5.VisionConfig | _gemma3n_audio.AudioConfig (a dict in bundle metadata)
+    token_id: int
+    begin_id: int
+    end_id: int
+    vocab_offset: int
+    vocab_size: int = 128
+    soft_tokens: int  # placeholders per item: 256 per image, 188 per audio clip (30 s)
+    hidden_size: int  # the tower's output width (the embedder's input)
+    eps: float = 1e-6  # the embedder's RMSNorm eps
+    # the checkpoint's preprocessor_config.json fields for this input (image size, mean and
+    # std; mel settings): read by edgelm.multimodal's front ends, which check them
+    preprocess: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in (VISION, AUDIO):
+            raise bad("kind", "must be 'vision' or 'audio'", self.kind)
+        for f in ("token_id", "begin_id", "end_id", "vocab_offset"):
+            check_int(self, f, lo=0)
+        for f in ("vocab_size", "soft_tokens", "hidden_size"):
+            check_int(self, f)
+        check_float(self, "eps")
+        if not isinstance(self.preprocess, dict):
+            raise bad("preprocess", "must be an object", self.preprocess)
+        mod = _tower_module(self.kind)
+        cls = mod.VisionConfig if self.kind == VISION else mod.AudioConfig
+        if isinstance(self.tower, dict):
+            object.__setattr__(self, "tower", cls.from_dict(self.tower))
+        elif not isinstance(self.tower, cls):
+            raise bad("tower", "must be an object", self.tower)
+
+    @classmethod
+    def from_dict(cls, kind: str, d) -> "Modality":
+        if not isinstance(d, dict):
+            raise bad(kind, "must be an object or null", d)
+        if d.get("kind", kind) != kind:
+            raise bad(f"{kind}.kind", f"must be {kind!r}", d.get("kind"))
+        try:
+            return config_from_dict(cls, {**d, "kind": kind}, f"gemma3n {kind}")
+        except FormatError as e:
+            raise FormatError(f"{kind}: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["tower"] = self.tower.to_dict()
+        return d
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +145,8 @@ class Gemma3nConfig:
     num_kv_shared_layers: int = 0
     laurel_rank: int = 64
     activation_sparsity: tuple[float, ...] = ()  # one target per layer; 0 = dense
+    vision: Modality | None = None  # image input (MobileNet-V5 tower), if the bundle keeps it
+    audio: Modality | None = None  # audio input (USM conformer tower), if the bundle keeps it
 
     def __post_init__(self):
         n = check_int(self, "num_layers", hi=MAX_LAYERS)
@@ -117,6 +188,24 @@ class Gemma3nConfig:
             # transformers' kv_sharing_modes raises the same way
             raise FormatError(f"config field 'num_kv_shared_layers' is invalid, got {k}: the layer types producing a "
                               f"KV cache (the first {n - k} layers) do not cover every layer type")
+        for kind in (VISION, AUDIO):
+            m = getattr(self, kind)
+            if m is None:
+                continue
+            if not isinstance(m, Modality):
+                m = Modality.from_dict(kind, m)
+                object.__setattr__(self, kind, m)
+            for f in ("token_id", "begin_id", "end_id"):
+                if getattr(m, f) >= self.vocab_size:
+                    raise bad(f"{kind}.{f}", f"must be a token id below vocab_size {self.vocab_size}", getattr(m, f))
+            if kind == AUDIO and not m.vocab_offset <= self.vocab_size - 1 < m.vocab_offset + m.vocab_size:
+                # transformers pads audio with the embedding of the last id, an audio hard token
+                raise FormatError(f"config field 'audio.vocab_offset' is invalid, got {m.vocab_offset}: the last "
+                                  f"token id {self.vocab_size - 1} (audio padding) must be an audio token")
+            if m.vocab_offset + m.vocab_size > self.vocab_size:
+                raise FormatError(f"config field '{kind}.vocab_offset' is invalid, got {m.vocab_offset}: the {kind} "
+                                  f"token range [{m.vocab_offset}, {m.vocab_offset + m.vocab_size}) passes vocab_size "
+                                  f"{self.vocab_size}")
 
     # ------------------------------------------------------------------ derived
 
@@ -141,7 +230,14 @@ class Gemma3nConfig:
         d = dataclasses.asdict(self)
         for k in ("layer_types", "intermediate_size", "activation_sparsity"):
             d[k] = list(getattr(self, k))
+        for kind in (VISION, AUDIO):
+            m = getattr(self, kind)
+            d[kind] = None if m is None else m.to_dict()
         return d
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        return tuple(m for m in (self.vision, self.audio) if m is not None)
 
 
 Config = Gemma3nConfig
@@ -188,8 +284,7 @@ GGUF_NAMES: dict[str, str] = {}
 # Hugging Face tensors a text import skips: the vision and audio towers and their embedders
 HF_SKIP_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
                     "vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.")
-HF_SKIPPED = ("vision/audio tower and multimodal embedder tensors (text-only import; the towers come with "
-              "their own issue)")
+HF_SKIPPED = "vision/audio tower and multimodal embedder tensors (of towers this bundle does not keep)"
 
 
 def dims(cfg: Gemma3nConfig, layer: int | None) -> dict[str, int]:
@@ -204,10 +299,32 @@ def dims(cfg: Gemma3nConfig, layer: int | None) -> dict[str, int]:
 
 
 def tensor_table(cfg: Gemma3nConfig) -> dict:
-    """Canonical name -> Tensor (shape, kind, HF names, layer, field) for every tensor, in bundle order."""
+    """Canonical name -> Tensor (shape, kind, HF names, layer, field) for every tensor, in bundle
+    order: the text decoder's, then each kept modality's embedder and tower."""
     first_shared = cfg.first_kv_shared_layer
-    return build_table(cfg, dims, GLOBAL_TENSORS, LAYER_TENSORS, FINAL_TENSORS,
-                       present=lambda i, row: i < first_shared or row.field not in _KV_ONLY)
+    table = build_table(cfg, dims, GLOBAL_TENSORS, LAYER_TENSORS, FINAL_TENSORS,
+                        present=lambda i, row: i < first_shared or row.field not in _KV_ONLY)
+    for m in cfg.modalities:
+        table.update(modality_table(cfg, m))
+    return table
+
+
+def modality_table(cfg: Gemma3nConfig, m: Modality) -> dict:
+    """The tensors of one modality: its embedder (the hard-token table and its norm, the soft
+    norm, the projection to the text width; the post-projection norm has no scale), then its
+    tower's (kind "linear" there becomes "tower": products the tower scheme quantizes)."""
+    e, hf = _EMBEDDER_PREFIX[m.kind], _HF_EMBEDDER[m.kind]
+    out = {
+        e + "embd": Tensor((m.vocab_size, m.hidden_size), "other", (hf + "embedding.weight",), None, "embd"),
+        e + "hard_norm": Tensor((m.hidden_size,), "norm", (hf + "hard_embedding_norm.weight",), None, "hard_norm"),
+        e + "soft_norm": Tensor((m.hidden_size,), "norm", (hf + "soft_embedding_norm.weight",), None, "soft_norm"),
+        e + "proj": Tensor((cfg.hidden_size, m.hidden_size), "tower", (hf + "embedding_projection.weight",), None,
+                           "proj"),
+    }
+    for name, t in _tower_module(m.kind).tensor_table(m.tower).items():
+        kind = "tower" if t.kind == "linear" else t.kind
+        out[name] = Tensor(tuple(t.shape), kind, (_HF_TOWER[m.kind] + t.hf,), None, name)
+    return out
 
 
 def tensor_shapes(cfg: Gemma3nConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -220,6 +337,20 @@ def from_hf(kind: str, w):
     """A float32 tensor read from a Hugging Face checkpoint -> as stored: unchanged (Gemma 3n's
     RMSNorm multiplies by w itself)."""
     return w
+
+
+def relaid(cfg: Gemma3nConfig) -> set[str]:
+    """Tensors stored in another layout than the checkpoint's (same size): the towers'."""
+    return {name for m in cfg.modalities for name in modality_table(cfg, m) if name.startswith(_TOWER_PREFIX[m.kind])}
+
+
+def import_hf(cfg: Gemma3nConfig, name: str, kind: str, w):
+    """As from_hf, for any tensor of the table: a tower's tensors take their tower's
+    conversion-time layout (convolutions as GEMM matrices and so on)."""
+    for m in cfg.modalities:
+        if name.startswith(_TOWER_PREFIX[m.kind]):
+            return _tower_module(m.kind).import_tensor(m.tower, name, w)
+    return from_hf(kind, w)
 
 
 def hf_unused(cfg: Gemma3nConfig) -> dict[str, str]:
@@ -246,6 +377,9 @@ class Weights:
     output_norm: object
     layers: tuple
     v_norm: object  # float32 ones [head_dim]: v-norm has no scale
+    # kept modalities: kind -> {canonical name: tensor} for its embedder ("mm.v.*") and tower
+    # ("v.*"); products ("tower" kind) as QTensors, everything else as fp32 array views
+    media: dict = dataclasses.field(default_factory=dict)
 
 
 def _row_view(t, lo: int, hi: int):
@@ -263,8 +397,15 @@ def load_weights(cfg: Gemma3nConfig, bundle) -> Weights:
     glob: dict = {}
     # a field the table has no tensor for (K/V in KV-shared layers) stays None
     layers = [dict.fromkeys(f.name for f in dataclasses.fields(Layer)) for _ in range(cfg.num_layers)]
+    media: dict[str, dict] = {m.kind: {} for m in cfg.modalities}
+    owner = {p: m.kind for m in cfg.modalities for p in (_TOWER_PREFIX[m.kind], _EMBEDDER_PREFIX[m.kind])}
     for name, t in tensor_table(cfg).items():
         qt = bundle.tensor(name)
+        kind = next((k for p, k in owner.items() if name.startswith(p)), None)
+        if kind is not None:  # products and the hard-token table as QTensors, the rest as fp32 arrays
+            keep = t.kind == "tower" or name == _EMBEDDER_PREFIX[kind] + "embd"
+            media[kind][name] = qt if keep else qt.parts["w"].reshape(qt.shape)
+            continue
         (glob if t.layer is None else layers[t.layer])[t.field] = qt.parts["w"] if t.kind == "norm" else qt
     h, A = cfg.hidden_size, cfg.altup_num_inputs
     unembd = glob.pop("altup_unembd")
@@ -273,6 +414,7 @@ def load_weights(cfg: Gemma3nConfig, bundle) -> Weights:
         altup_unembd=tuple(_row_view(unembd, j * h, (j + 1) * h) for j in range(A - 1)),
         layers=tuple(Layer(**kw) for kw in layers),
         v_norm=np.ones(cfg.head_dim, dtype=np.float32),
+        media=media,
     )
 
 
@@ -325,7 +467,12 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     inv_sqrt2 = f32(1.0 / math.sqrt(2.0))
 
     # ---- embeddings and per-layer inputs
-    x0 = splice(ops, ops.embed(tokens, w.embed) * f32(h ** 0.5), embeds)  # [n, h]
+    x0 = ops.embed(tokens, w.embed) * f32(h ** 0.5)
+    for m in cfg.modalities:  # a kept modality's hard tokens (<end_of_image>, ...) use its embedder
+        hard = np.nonzero((tokens >= m.vocab_offset) & (tokens < m.vocab_offset + m.vocab_size))[0]
+        if hard.size:
+            x0 = ops.splice(x0, hard, hard_token_rows(cfg, w, ops, m, tokens[hard]))
+    x0 = splice(ops, x0, embeds)  # [n, h]
     ple_ids = np.where(tokens < cfg.vocab_size_per_layer_input, tokens, 0).astype(np.int32)
     ple = (ops.embed(ple_ids, w.ple) * f32(P ** 0.5)).reshape(n, NL, P)  # only these rows are read
     proj = (ops.matmul(x0, w.ple_proj) * f32(h ** -0.5)).reshape(n, NL, P)
@@ -414,3 +561,64 @@ def forward(cfg: Gemma3nConfig, w: Weights, ops, tokens, pos0: int, caches, logi
     if cfg.final_logit_softcap:
         out = ops.softcap(out, cfg.final_logit_softcap)
     return out[0] if logits == "last" else out
+
+
+# ----------------------------------------------------------------------------- image and audio input
+
+def _embed_into_text(cfg: Gemma3nConfig, w: Weights, ops, m: Modality, x, norm: str):
+    """Gemma3nMultimodalEmbedder: rmsnorm (hard or soft scale) -> projection to the text width
+    -> rmsnorm without a scale. x: host float32 [k, m.hidden_size] -> host float32 [k, hidden]."""
+    import numpy as np
+
+    W, e = w.media[m.kind], _EMBEDDER_PREFIX[m.kind]
+    y = ops.matmul(ops.rmsnorm(x, W[e + norm], m.eps), W[e + "proj"])
+    return ops.to_host(ops.rmsnorm(y, np.ones(cfg.hidden_size, np.float32), m.eps))
+
+
+def hard_token_rows(cfg: Gemma3nConfig, w: Weights, ops, m: Modality, ids):
+    """The input rows of modality `m`'s hard tokens `ids` (host, within its id range)."""
+    import numpy as np
+
+    rows = ops.embed(np.asarray(ids, np.int32) - np.int32(m.vocab_offset), w.media[m.kind][_EMBEDDER_PREFIX[m.kind] + "embd"])
+    return _embed_into_text(cfg, w, ops, m, rows, "hard_norm")
+
+
+def _tower_linear(ops):
+    return lambda x, t: ops.to_host(ops.matmul(x, t))
+
+
+def encode_image(cfg: Gemma3nConfig, w: Weights, ops, pixels):
+    """One preprocessed image (float32 [3, H, W]) -> its soft rows, float32
+    [vision.soft_tokens, hidden]: the tower's features times sqrt(tower width), then the
+    embedder, as transformers' Gemma3nModel.get_image_features."""
+    import numpy as np
+
+    m = cfg.vision
+    feats = _tower_module(VISION).encode(m.tower, w.media[VISION], np.asarray(pixels, np.float32), linear=_tower_linear(ops))
+    if feats.shape != (m.soft_tokens, m.hidden_size):
+        raise FormatError(f"the vision tower made {list(feats.shape)} features, the config expects "
+                          f"{[m.soft_tokens, m.hidden_size]}")
+    return _embed_into_text(cfg, w, ops, m, feats * np.float32(m.hidden_size ** 0.5), "soft_norm")
+
+
+def encode_audio(cfg: Gemma3nConfig, w: Weights, ops, features, padding=None):
+    """One clip's log-mel features (float32 [frames, mel bins]; padding: bool [frames], True
+    where padded) -> its soft rows, float32 [audio.soft_tokens, hidden]: the tower's output
+    through the embedder; positions the tower marks as padding, and the rows up to
+    soft_tokens, take the embedding of the last hard audio token, as transformers does.
+    A clip whose tower output passes soft_tokens rows is an error (the caller splits
+    longer audio)."""
+    import numpy as np
+
+    m = cfg.audio
+    hidden, pad = _tower_module(AUDIO).encode(m.tower, w.media[AUDIO], np.asarray(features, np.float32), padding,
+                                              linear=_tower_linear(ops))
+    if hidden.shape[0] > m.soft_tokens:
+        raise ValueError(f"the audio tower made {hidden.shape[0]} rows, more than the {m.soft_tokens} a clip has")
+    rows = np.array(_embed_into_text(cfg, w, ops, m, hidden, "soft_norm"), dtype=np.float32)
+    fill = hard_token_rows(cfg, w, ops, m, [cfg.vocab_size - 1])[0]  # transformers' audio padding token
+    out = np.empty((m.soft_tokens, cfg.hidden_size), np.float32)
+    out[: rows.shape[0]] = rows
+    out[: rows.shape[0]][np.asarray(pad, bool)] = fill
+    out[rows.shape[0]:] = fill
+    return out

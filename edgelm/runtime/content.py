@@ -42,12 +42,21 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class Image:
-    source: str | os.PathLike | bytes = field(repr=False)
+    source: str | os.PathLike | bytes = field(repr=False)  # a path, the file's bytes or a data: URL
+    # the soft rows, once an engine with an image tower has encoded it (check_part does)
+    encoded: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class Audio:
-    source: str | os.PathLike | bytes = field(repr=False)
+    source: str | os.PathLike | bytes = field(repr=False)  # a path, the file's bytes or a data: URL
+    # the soft rows, one Embeddings per clip of at most 30 s, once encoded (check_part does)
+    encoded: tuple = field(default=(), compare=False, repr=False)
+
+
+def media_kind(p) -> str:
+    """The modality ("vision" / "audio") of an Image / Audio part."""
+    return "vision" if isinstance(p, Image) else "audio"
 
 
 @dataclass(frozen=True)
@@ -117,9 +126,17 @@ def check_part(engine, p, where: str) -> Part:
         except BadInputError as e:
             raise BadInputError(f"{where}: {e}") from None
     if isinstance(p, (Image, Audio)):
-        kind = "image" if isinstance(p, Image) else "audio"
-        raise BadInputError(f"{where}: this bundle ({engine.path.name}) has no {kind} encoder, so it takes "
-                            f"text only")
+        from . import media
+
+        kind = media_kind(p)
+        m = media.require(engine, kind, where)
+        hidden = int(engine.config.hidden_size)
+        if p.encoded and all(isinstance(e, Embeddings) and e.token_id == m.token_id and e.values.shape ==
+                             (m.soft_tokens, hidden) for e in p.encoded):
+            return p  # encoded for this model already
+        if isinstance(p, Image):
+            return Image(p.source, encoded=(media.encode_image(engine, p.source, where),))
+        return Audio(p.source, encoded=media.encode_audio(engine, p.source, where))
     raise BadInputError(f"{where}: expected text, Embeddings, Image, Audio or Tokens, got {type(p).__name__}")
 
 
@@ -143,6 +160,14 @@ def resolve(engine, parts, add_bos: bool) -> tuple[list[int], SoftRows | None]:
             ids += engine.tokenize(p.text, add_bos=False)
         elif isinstance(p, Tokens):
             ids += p.ids
+        elif isinstance(p, (Image, Audio)):
+            from .media import expansion_ids
+
+            for e in p.encoded:  # the processor's expansion around each item's rows
+                item, first = expansion_ids(engine, media_kind(p), e.values.shape[0])
+                rows += range(len(ids) + first, len(ids) + first + e.values.shape[0])
+                ids += item
+                values.append(e.values)
         else:
             m = p.values.shape[0]
             rows += range(len(ids), len(ids) + m)

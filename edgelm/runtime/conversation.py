@@ -176,7 +176,12 @@ def template_messages(messages: list[dict], typed: bool, check=None) -> tuple[li
                     items.append(SOFT_MARK)
                     soft.append(p if check is None else check(p, where))
                 elif isinstance(p, (Image, Audio)) and typed:
+                    # the template writes the modality's placeholder token; Conversation._render
+                    # expands it as the processor does
                     items.append({"type": "image" if isinstance(p, Image) else "audio"})
+                    p = p if check is None else check(p, where)
+                    if p.encoded:
+                        soft.append(p)
                 elif isinstance(p, (Image, Audio)):
                     raise BadInputError(f"{where}: the chat template reads string content only, so it has no "
                                         f"place for an {'image' if isinstance(p, Image) else 'audio'} part")
@@ -235,6 +240,98 @@ def render_chat(engine: "Engine", messages: list[dict], add_generation_prompt: b
         msgs = check_messages(msgs)
     text = template.render(msgs, add_generation_prompt, **extra)
     return text, prompt_ids(engine, text)
+
+
+def render_marked(engine: "Engine", template: "ChatTemplate", messages: list[dict], add_generation_prompt: bool = True,
+                  tools=None, check=None) -> tuple[str, list[Embeddings]]:
+    """Chat messages (parts allowed: Embeddings, Image, Audio) rendered by `template`: the text,
+    with SOFT_MARK where each soft span goes, and the spans' Embeddings in order (an image or
+    audio item expanded as Gemma 3n's processor does, see expand_media). check(part, where)
+    validates (and encodes) each part; default check_part."""
+    msgs, extra = template_input(template, messages, tools)
+    msgs, soft = template_messages(msgs, template.typed_content,
+                                   check or (lambda p, where: check_part(engine, p, where)))
+    text = template.render(msgs, add_generation_prompt, **extra)
+    if any(isinstance(p, (Image, Audio)) for p in soft):
+        text, soft = expand_media(engine, text, soft)
+    if text.count(SOFT_MARK) != len(soft):
+        raise BadInputError(f"the chat template placed {text.count(SOFT_MARK)} of the {len(soft)} embeddings "
+                            f"parts; it must render each text item of a message exactly once")
+    return text, soft
+
+
+def render_chat_spans(engine: "Engine", messages: list[dict], add_generation_prompt: bool = True,
+                      tools=None) -> tuple[list[int], list[tuple[int, Embeddings]]]:
+    """As render_chat, for messages whose content may hold parts (images, audio, embeddings):
+    the prompt ids and each soft span as (start, Embeddings)."""
+    text, soft = render_marked(engine, get_chat_template(engine), messages, add_generation_prompt, tools)
+    return marked_prompt(engine, text, soft)
+
+
+def expand_media(engine: "Engine", text: str, soft: list) -> tuple[str, list[Embeddings]]:
+    """Rendered text whose image/audio placeholder tokens (one per Image/Audio part, in
+    order, among the Embeddings marks) become what Gemma 3n's processor makes of them:
+    "\n\n" + begin + rows + end + "\n\n" per item (per clip, for long audio), the rows
+    as marks. Returns the text and the Embeddings of every mark, in order."""
+    import re
+
+    from . import media
+    from .content import media_kind
+
+    kinds = {media_kind(p) for p in soft if isinstance(p, (Image, Audio))}
+    marks = {kind: media.marker_strings(engine, kind) for kind in kinds}
+    by_token = {m[1]: kind for kind, m in marks.items()}
+    pattern = "|".join(re.escape(t) for t in [SOFT_MARK, *by_token])
+    out, flat, pos, k = [], [], 0, 0
+    for hit in re.finditer(pattern, text):
+        if k == len(soft):
+            raise BadInputError(f"the prompt holds more image/audio placeholder tokens ({hit.group(0)!r}) than "
+                                f"the messages have image/audio parts; remove the literal token from the text")
+        p, k = soft[k], k + 1
+        tok = hit.group(0)
+        want = "embeddings" if tok == SOFT_MARK else by_token[tok]
+        have = "embeddings" if isinstance(p, Embeddings) else media_kind(p)
+        if want != have:
+            raise BadInputError(f"the chat template placed a {want} item where the messages have a {have} part "
+                                f"(is a literal {tok!r} in the text?)")
+        if isinstance(p, Embeddings):
+            rep = SOFT_MARK
+            flat.append(p)
+        else:
+            begin, _, end = marks[have]
+            rep = "".join(f"\n\n{begin}{SOFT_MARK}{end}\n\n" for _ in p.encoded)
+            flat.extend(p.encoded)
+        out += [text[pos:hit.start()], rep]
+        pos = hit.end()
+    if k != len(soft):
+        raise BadInputError(f"the chat template placed {k} of the {len(soft)} embeddings/image/audio parts; it "
+                            f"must render each item of a message exactly once")
+    return "".join(out) + text[pos:], flat
+
+
+def encode_marked(engine: "Engine", text: str, soft: list[Embeddings], at: int = 0) -> tuple[list[int], list[tuple[int, Embeddings]]]:
+    """Token ids of rendered text, each mark replaced by its part's placeholder ids, and the
+    start of each part's rows (positions counted from `at`). The text between marks is
+    tokenized apart, as llama.cpp's mtmd tokenizes around its media markers."""
+    ids: list[int] = []
+    spans = []
+    for k, seg in enumerate(text.split(SOFT_MARK)):
+        if k:
+            p = soft[k - 1]
+            spans.append((at + len(ids), p))
+            ids += [p.token_id] * len(p.values)
+        if seg:
+            ids += engine.tokenizer.encode(seg, add_bos=False)
+    return ids, spans
+
+
+def marked_prompt(engine: "Engine", text: str, soft: list[Embeddings]):
+    """encode_marked's ids and spans with BOS in front where the template wrote none."""
+    ids, spans = encode_marked(engine, text, soft)
+    bos = engine.tokenizer.bos_id
+    if engine.add_bos and bos is not None and (not ids or ids[0] != bos):  # as prompt_ids
+        return [bos, *ids], [(s + 1, p) for s, p in spans]
+    return ids, spans
 
 
 def _check_max_new(n) -> int:
@@ -324,36 +421,26 @@ class Conversation:
     def _render(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[Embeddings]]:
         # The history's parts were checked when sent; this catches parts edited in since (a
         # checked part comes back as itself, which the fast path in stream() relies on).
-        msgs, extra = template_input(self.template, messages, self.tools)
-        msgs, soft = template_messages(msgs, self.template.typed_content,
-                                       lambda p, where: check_part(self.engine, p, where))
-        text = self.template.render(msgs, add_generation_prompt, **extra)
-        if text.count(SOFT_MARK) != len(soft):
-            raise BadInputError(f"the chat template placed {text.count(SOFT_MARK)} of the {len(soft)} embeddings "
-                                f"parts; it must render each text item of a message exactly once")
-        return text, soft
+        return render_marked(self.engine, self.template, messages, add_generation_prompt, self.tools,
+                             self._check_rendered)
 
-    def _encode(self, text: str, soft: list[Embeddings], at: int = 0) -> tuple[list[int], list[tuple[int, Embeddings]]]:
-        """Token ids of rendered text, each mark replaced by its part's placeholder ids, and the
-        start of each part's rows (positions counted from `at`). The text between marks is
-        tokenized apart, as llama.cpp's mtmd tokenizes around its media markers."""
-        ids: list[int] = []
-        spans = []
-        for k, seg in enumerate(text.split(SOFT_MARK)):
-            if k:
-                p = soft[k - 1]
-                spans.append((at + len(ids), p))
-                ids += [p.token_id] * len(p.values)
-            if seg:
-                ids += self.engine.tokenizer.encode(seg, add_bos=False)
-        return ids, spans
+    def _check_rendered(self, p, where: str):
+        """A part of a message being rendered, checked (and an image/audio part encoded). On a
+        bundle without the part's tower the part stays as it is: render() shows the template's
+        placeholder, and sending it is refused by _check_message."""
+        if isinstance(p, (Image, Audio)):
+            from .content import media_kind
+            from .media import modality
+
+            if modality(self.engine, media_kind(p)) is None:
+                return p
+        return check_part(self.engine, p, where)
+
+    def _encode(self, text: str, soft: list[Embeddings], at: int = 0):
+        return encode_marked(self.engine, text, soft, at)
 
     def _prompt(self, text: str, soft: list[Embeddings]):
-        ids, spans = self._encode(text, soft)
-        bos = self.engine.tokenizer.bos_id
-        if self.engine.add_bos and bos is not None and (not ids or ids[0] != bos):  # as prompt_ids
-            return [bos, *ids], [(s + 1, p) for s, p in spans]
-        return ids, spans
+        return marked_prompt(self.engine, text, soft)
 
     def _check_message(self, message):
         """A user message as the history keeps it: the string, or its parts checked, with each
@@ -373,6 +460,8 @@ class Conversation:
                 raise BadInputError(f"{where}: token ids cannot go through the chat template; give text or Embeddings")
             if isinstance(p, Text):
                 _check_unmarked(p.text, where)
+            elif isinstance(p, (Image, Audio)):
+                pass  # encoded by check_part; its rows are read-only arrays
             else:
                 v = np.array(p.values, dtype=np.float32, order="C")
                 v.setflags(write=False)

@@ -22,7 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import BadInputError
-from ..runtime.conversation import render_chat
+from ..runtime.conversation import render_chat, render_chat_spans
 from ..runtime.modelinfo import BASE_MODEL_NOTICE, is_instruction_tuned
 from ..runtime.sampler import SamplerConfig
 from ..runtime.tools import ToolCallError, ToolCallStream, parse_tool_calls
@@ -207,8 +207,12 @@ class SSEResponse(Response):
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY,
                model_name: str | None = None, pool_size: int = 2,
-               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, parallel: int = 1) -> Starlette:
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, parallel: int = 1,
+               allow_local_files: bool = False) -> Starlette:
     """The ASGI app. `engine` is an edgelm Engine; generation runs in one worker thread.
+
+    allow_local_files: whether an image_url part may name a file on the server's disk (off:
+    clients send images and audio as data: URLs / base64).
 
     request_timeout: seconds a client has to send a request's head (enforced by the server,
     see edgelm.server.connection) and then again its body (enforced here); past it, 408."""
@@ -277,7 +281,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         return body
 
     def make_jobs(ids: list[int], p: GenParams, default_max: int | None, param: str, constraint=None,
-                  request_id: str = "") -> list[Job]:
+                  request_id: str = "", spans=()) -> list[Job]:
         """The request's n jobs (one per choice, sharing one event queue), queued together."""
         cap = engine.max_tokens
         if len(ids) >= cap:
@@ -309,7 +313,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
                 raise bad(str(e)) from None
             jobs.append(Job(ids=ids, sampler=sampler, max_new_tokens=max_new, stop=p.stop, loop=loop,
                             events=events, index=i, constraint=constraint, logprobs=p.logprobs,
-                            request_id=request_id))
+                            request_id=request_id, spans=list(spans)))
         try:
             scheduler.submit(jobs)
         except QueueFull as e:
@@ -395,11 +399,16 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
         check_auth(request)
         body = await read_json(request)
         p = parse_common(body)
-        messages = parse_messages(body)
+        messages = parse_messages(body, allow_files=allow_local_files)
         tools, tool_choice = parse_tools(body)
         check_model(body, name)  # (after the request's shape: a malformed request is a 400 whatever its model)
+        spans: list = []
         try:
-            _, ids = render_chat(engine, messages, add_generation_prompt=True, tools=tools)
+            if any(not isinstance(m["content"], str) for m in messages):
+                # images / audio: the towers run off the event loop (under the engine's lock)
+                ids, spans = await asyncio.to_thread(render_chat_spans, engine, messages, True, tools)
+            else:
+                _, ids = render_chat(engine, messages, add_generation_prompt=True, tools=tools)
         except BadInputError as e:
             raise bad(str(e), "messages", "invalid_value") from None
         calling = tools is not None and tool_choice != "none"
@@ -408,7 +417,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
                       "response_format", "unsupported_value")
         constraint = await (tool_constraint(tools, tool_choice) if calling else build_constraint(p.constraint))
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        jobs = make_jobs(ids, p, None, "messages", constraint, cid)
+        jobs = make_jobs(ids, p, None, "messages", constraint, cid, spans)
         now = int(time.time())
         tok = engine.tokenizer
 

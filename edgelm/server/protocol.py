@@ -258,21 +258,69 @@ def parse_common(body: dict, chat: bool = True) -> GenParams:
     )
 
 
-def _text_content(content, p: str) -> str:
-    if isinstance(content, list):  # content parts: text only
-        texts = []
+MEDIA_TYPES = ("image_url", "image", "input_audio", "audio")
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+
+
+def _media_part(part: dict, where: str, allow_files: bool):
+    """An OpenAI image_url / input_audio part (or a Hugging Face image / audio one) as an
+    Image / Audio part holding the decoded bytes or an allowed local path."""
+    from ..errors import BadInputError
+    from ..runtime.content import Audio, Image
+    from ..runtime.media import read_source
+
+    kind = part["type"]
+    if kind == "input_audio":
+        spec = part.get("input_audio")
+        if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
+            raise bad(f"{where}.input_audio must be an object with 'data' (base64 audio) and 'format'", where,
+                      "invalid_value")
+        fmt = spec.get("format")
+        if fmt is not None and fmt not in AUDIO_FORMATS:
+            raise bad(f"{where}.input_audio.format must be one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}", where,
+                      "invalid_value")
+        src = "data:audio/x;base64," + spec["data"]
+    else:
+        src = part.get(kind)
+        if kind == "image_url" and isinstance(src, dict):
+            src = src.get("url")
+        src = src if src is not None else part.get("url", part.get("path"))
+        if not isinstance(src, str):
+            raise bad(f"{where}: an {kind} part needs a URL string (a data: URL, or a local file path where the "
+                      f"server allows them)", where, "invalid_value")
+    try:
+        data, _ = read_source(src, where, allow_files=allow_files)
+    except BadInputError as e:
+        raise bad(str(e), where, "invalid_value") from None
+    return Image(data) if kind.startswith("image") else Audio(data)
+
+
+def _content(content, p: str, allow_files: bool = False):
+    """A message's content: a string, or (where it holds images or audio) a list of str and
+    Image / Audio parts."""
+    if isinstance(content, list):  # content parts
+        items: list = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"{p}.content[{j}]: only text content parts are supported", f"{p}.content",
+            where = f"{p}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                items.append(part["text"])
+            elif kind in MEDIA_TYPES:
+                items.append(_media_part(part, where, allow_files))
+            else:
+                raise bad(f"{where}: content parts must be text, image_url or input_audio", f"{p}.content",
                           "unsupported_value")
-            texts.append(part["text"])
-        content = "".join(texts)
+        if all(isinstance(it, str) for it in items):
+            return "".join(items)
+        return items
     if not isinstance(content, str):
-        raise bad(f"{p}.content must be a string or an array of text parts", f"{p}.content", "invalid_type")
+        raise bad(f"{p}.content must be a string or an array of content parts", f"{p}.content", "invalid_type")
     return content
 
 
-def parse_messages(body: dict) -> list[dict]:
+def parse_messages(body: dict, allow_files: bool = False) -> list[dict]:
+    """The request's messages; a user message's content may hold image and audio parts
+    (decoded from data: URLs; local file paths only with allow_files)."""
     msgs = body.get("messages")
     if msgs is None:
         raise bad("'messages' is required", "messages", "missing_required_parameter")
@@ -294,7 +342,9 @@ def parse_messages(body: dict) -> list[dict]:
         calls = m.get("tool_calls") if role == "assistant" else None
         if content is None and role == "assistant":
             content = ""
-        msg = {"role": role, "content": _text_content(content, p)}
+        msg = {"role": role, "content": _content(content, p, allow_files)}
+        if role != "user" and not isinstance(msg["content"], str):
+            raise bad(f"{p}: only user messages may hold images or audio", f"{p}.content", "unsupported_value")
         if calls:
             if not isinstance(calls, list):
                 raise bad(f"{p}.tool_calls must be an array", f"{p}.tool_calls", "invalid_type")

@@ -31,6 +31,7 @@ class Job:
     request_id: str = ""  # the response id, for the log line
     cancel: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0  # prompt tokens whose KV was reused
+    spans: list = field(default_factory=list)  # (start, Embeddings): soft rows of the prompt (images, audio)
     done: bool = False
     id: int = field(default_factory=itertools.count().__next__)
 
@@ -79,6 +80,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._idle: list[Session] = []  # most recently used last
         self._live: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._soft: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its prompt's soft spans
         self._running: Job | None = None
         self._stopping = False
         self.completed = 0
@@ -148,10 +150,34 @@ class Scheduler:
                     self._running = None
                     self.completed += 1
 
-    def _take_session(self, ids: list[int]) -> Session:
+    def _reusable(self, s: Session, ids: list[int], spans) -> int:
+        """How much of `s`'s context a prompt (ids, soft spans) can reuse: the common prefix
+        of the ids, cut where the soft rows held and wanted differ (equal placeholder ids
+        over different images are not the same context)."""
+        from ..runtime.conversation import _first_soft_difference
+
+        n = s.common_prefix(ids)
+        held = self._soft.get(s, [])
+        return _first_soft_difference(held, spans, n) if (held or spans) else n
+
+    def _sync(self, sess: Session, ids: list[int], spans) -> tuple[list, int]:
+        """Brings `sess` to the longest reusable prefix of the prompt; returns what to feed
+        (ids, or content parts where soft rows remain to be fed) and how many prompt tokens
+        were reused."""
+        from ..runtime.conversation import _feed_parts
+
+        keep = self._reusable(sess, ids, spans)
+        if keep < sess.common_prefix(ids) and not sess.rewind(keep):
+            sess.reset()
+        feed = sess.sync(ids)
+        self._soft[sess] = list(spans)
+        cached = len(ids) - len(feed)
+        return (_feed_parts(feed, cached, spans) if spans else feed), cached
+
+    def _take_session(self, ids: list[int], spans=()) -> Session:
         best, best_n = None, -1
         for s in self._idle:
-            n = s.common_prefix(ids)
+            n = self._reusable(s, ids, spans)
             if n > best_n:
                 best, best_n = s, n
         if best is not None and (best_n > 0 or len(self._idle) >= self.pool_size):
@@ -172,12 +198,11 @@ class Scheduler:
             job.done = True
             job.emit("done", None)
             return
-        sess = self._take_session(job.ids)
+        sess = self._take_session(job.ids, job.spans)
         ok = False
         try:
             sess.set_sampler(job.sampler)
-            feed = sess.sync(job.ids)
-            job.cached_tokens = len(job.ids) - len(feed)
+            feed, job.cached_tokens = self._sync(sess, job.ids, job.spans)
             sent = 0
             for item in sess.generate(feed, max_new_tokens=job.max_new_tokens, stop=job.stop, cancel=job.cancel,
                                       constraint=job.constraint, logprobs=job.logprobs):
@@ -267,13 +292,13 @@ def _batched(cls):
         """Admits the choices of one request: the prompt (all but its last token) is prefilled
         once, and each choice continues a copy of that session."""
         ids = jobs[0].ids
-        if len(jobs) == 1 or len(ids) < 2:
+        if len(jobs) == 1 or len(ids) < 2 or jobs[0].spans:  # (soft rows: each choice prefills its own)
             for job in jobs:
                 self._admit(job)
             return
         base = self._take_session(ids)
         try:
-            feed = base.sync(ids[:-1])
+            feed, _ = self._sync(base, ids[:-1], [])
             cached = len(ids) - 1 - len(feed)
             base.prefill(feed)
         except Exception:
@@ -298,12 +323,11 @@ def _batched(cls):
             with self._cv:
                 self.completed += 1
             return
-        sess = self._take_session(job.ids) if prepared is None else prepared
+        sess = self._take_session(job.ids, job.spans) if prepared is None else prepared
         try:
             sess.set_sampler(job.sampler)
             if prepared is None:
-                feed = sess.sync(job.ids)
-                job.cached_tokens = len(job.ids) - len(feed)
+                feed, job.cached_tokens = self._sync(sess, job.ids, job.spans)
             else:  # holds all of the prompt but its last token
                 feed = job.ids[-1:]
                 self._live.add(sess)
