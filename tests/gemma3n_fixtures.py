@@ -298,3 +298,34 @@ def make_tiny_gemma3n_mm(dir: str | Path, *, seed: int = 0, **kw) -> Path:
     (d / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     (d / "mm_ids.json").write_text(json.dumps(ids))
     return d
+
+
+_mm_lock = __import__("threading").Lock()
+_mm_cache: dict = {}
+
+
+def tiny_mm_bundle(tower_scheme: str = "fp32"):
+    """(bundle path, checkpoint dir) of the tiny Gemma 3n with both towers, converted fp32
+    (towers at `tower_scheme`), built once per process in a temporary directory. Needs
+    timm (tests/timm_support.need_timm())."""
+    import atexit
+    import shutil
+    import tempfile
+
+    with _mm_lock:
+        if tower_scheme in _mm_cache:
+            return _mm_cache[tower_scheme]
+        from edgelm.convert.common import convert
+        from edgelm.convert.hf import load_hf_source
+
+        root = _mm_cache.get("root")
+        if root is None:
+            root = _mm_cache["root"] = Path(tempfile.mkdtemp(prefix="edgelm-mm-"))
+            atexit.register(shutil.rmtree, root, True)
+        d = root / "ckpt"
+        if not (d / "config.json").exists():
+            make_tiny_gemma3n_mm(d, seed=5)
+        out = root / f"mm-{tower_scheme}.edgelm"
+        convert(load_hf_source(d), out, scheme="fp32", tower_scheme=tower_scheme, progress=False)
+        _mm_cache[tower_scheme] = (out, d)
+        return out, d

@@ -416,3 +416,24 @@ def test_convert_flags_and_inspect(mm, tmp_path):
     assert "+ audio (188 tokens per clip of <= 30 s" in proc.stdout
     proc = run_cli("convert", mm.dir, "-o", tmp_path / "x.edgelm", "--tower-scheme", "int4-b32")
     assert proc.returncode != 0 and "int4-b32" in proc.stderr
+
+
+def test_spoken_sentence_end_to_end(mm, reference, processor, engines, tmp_path):
+    """Speech synthesized offline by espeak-ng (22.05 kHz, resampled) through the whole
+    pipeline: the processor's ids and transformers' logits."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed (test.sh installs it): no synthesized speech")
+    wav = tmp_path / "speech.wav"
+    subprocess.run([exe, "-w", str(wav), "Please describe the picture in one sentence."], check=True,
+                   capture_output=True, timeout=60)
+    from edgelm.multimodal import load_audio
+
+    msgs = [{"role": "user", "content": ["Listen:", Audio(wav)]}]
+    ref_ids, ref = _theirs(processor, reference, msgs, audios=[load_audio(wav, sampling_rate=SR)[0]])
+    ids, ours = _ours(engines("numpy"), msgs)
+    assert ids == ref_ids
+    _close(ours, ref, what="speech")

@@ -781,9 +781,11 @@ def _uir(cfg, w, linear, p: str, x: np.ndarray, *, residual: bool, layer_scale: 
     return y
 
 
-def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray) -> np.ndarray:
+def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray, attend=None) -> np.ndarray:
     """Multi-query attention block. Every (position, head) row of q attends to all key
-    positions; rows are processed in slabs, the softmax denominator applied to the output."""
+    positions; rows are processed in slabs, the softmax denominator applied to the output.
+    attend(q [n, heads, d], k [m, 1, d], v [m, 1, d]) -> [n, heads * d], where given, is
+    the backend's kernel for the same product (q comes already scaled)."""
     eps = cfg.norm_eps
     h, wd, _ = x.shape
     xn = _norm(x.copy(), _f32(w, p + "attn_norm.weight"), eps)
@@ -797,6 +799,11 @@ def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray) -> np.ndarray:
             src = _norm(src, _f32(w, p + f"attn_{name}_down_norm.weight"), eps)
         kv.append(_pointwise(src, w[p + f"attn_{name}.weight"], linear).reshape(-1, dim))
     k, v = kv
+    if attend is not None and b.key_dim == b.value_dim:  # the backend's attention kernel, one shared kv head
+        n, hd = h * wd, b.key_dim
+        o = attend(q.reshape(n, b.num_heads, hd), k.reshape(-1, 1, hd), v.reshape(-1, 1, hd))
+        y = linear(np.ascontiguousarray(o, dtype=np.float32).reshape(n, b.num_heads * hd), w[p + "attn_out.weight"])
+        return _mqa_out(cfg, w, p, b, x, y)
     kt = np.ascontiguousarray(k.T)
     o = np.empty((q.shape[0], b.value_dim), dtype=np.float32)
     rows = max(1, _SLAB // k.shape[0])
@@ -809,6 +816,11 @@ def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray) -> np.ndarray:
         np.matmul(sc, v, out=ob)
         ob /= denom
     y = linear(o.reshape(h * wd, b.num_heads * b.value_dim), w[p + "attn_out.weight"])
+    return _mqa_out(cfg, w, p, b, x, y)
+
+
+def _mqa_out(cfg, w, p: str, b: Block, x: np.ndarray, y) -> np.ndarray:
+    h, wd, _ = x.shape
     y = np.ascontiguousarray(y, dtype=np.float32).reshape(h, wd, -1)
     if cfg.layer_scale:
         y *= _f32(w, p + "layer_scale")
@@ -840,11 +852,11 @@ def _msfa(cfg, w, linear, feats: list[np.ndarray]) -> np.ndarray:
     return _norm(y, _f32(w, "v.msfa.norm.weight"), cfg.norm_eps)
 
 
-def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None) -> np.ndarray:
+def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None, attend=None) -> np.ndarray:
     """One image's pixels float32 [3, H, W] (the processor's output) -> float32
     [num_tokens, hidden_size]: token t is grid cell (t // R, t % R) of the R x R MSFA output, i.e.
     transformers' last_hidden_state[0].reshape(hidden, R*R).T, before Gemma 3n's sqrt(hidden)
-    scaling and embed_vision."""
+    scaling and embed_vision. attend: see _mqa (None: numpy)."""
     linear = linear or _default_linear
     px = np.asarray(pixels, dtype=np.float32)
     if px.ndim != 3 or px.shape[0] != cfg.in_channels or px.shape[1] < 1 or px.shape[2] < 1:
@@ -864,7 +876,7 @@ def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None) -> np.ndarray:
             x = _uir(cfg, w, linear, p, x, residual=b.skip, layer_scale=cfg.layer_scale,
                      dw=(b.dw_start, b.dw_mid, b.dw_end), stride=b.stride)
         else:
-            x = _mqa(cfg, w, linear, p, b, x)
+            x = _mqa(cfg, w, linear, p, b, x, attend)
         if n + 1 in taps:
             feats.append(x)
         if n + 1 >= cfg.msfa_taps[-1]:

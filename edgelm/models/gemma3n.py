@@ -587,6 +587,17 @@ def _tower_linear(ops):
     return lambda x, t: ops.to_host(ops.matmul(x, t))
 
 
+def _tower_attend(ops):
+    """Full (non-causal) attention through the backend's kernel: every key at position 0,
+    every query at 0, so each query sees every key; q comes scaled."""
+    import numpy as np
+
+    def attend(q, k, v):
+        zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
+        return ops.to_host(ops.attention(q, k, v, zq, zk, 0, 1.0, None))
+    return attend
+
+
 def encode_image(cfg: Gemma3nConfig, w: Weights, ops, pixels):
     """One preprocessed image (float32 [3, H, W]) -> its soft rows, float32
     [vision.soft_tokens, hidden]: the tower's features times sqrt(tower width), then the
@@ -594,7 +605,8 @@ def encode_image(cfg: Gemma3nConfig, w: Weights, ops, pixels):
     import numpy as np
 
     m = cfg.vision
-    feats = _tower_module(VISION).encode(m.tower, w.media[VISION], np.asarray(pixels, np.float32), linear=_tower_linear(ops))
+    feats = _tower_module(VISION).encode(m.tower, w.media[VISION], np.asarray(pixels, np.float32),
+                                         linear=_tower_linear(ops), attend=_tower_attend(ops))
     if feats.shape != (m.soft_tokens, m.hidden_size):
         raise FormatError(f"the vision tower made {list(feats.shape)} features, the config expects "
                           f"{[m.soft_tokens, m.hidden_size]}")

@@ -1,0 +1,144 @@
+"""Gemma 3n's full-size towers: edgelm against transformers (CPU torch), side by side.
+
+    python benchmarks/towers.py speed vision [--scheme fp16|int8|fp32] [-t 2] [-r 3]
+    python benchmarks/towers.py speed audio  [--scheme ...] [--seconds 30]
+    python benchmarks/towers.py accuracy vision|audio
+
+Both towers are built by transformers with random weights (the real geometry: MobileNet-V5
+300M at 768 px; the 12-layer conformer), imported through edgelm's tensor tables and run by
+edgelm the way an engine runs them: numpy on the host, weight products through the cpu
+backend's matmul at the scheme, the image tower's attention through its attention kernel.
+`speed` alternates transformers and edgelm on the same threads and prints each pair's time
+and ratio (edgelm / transformers): the host's speed drifts, so only ratios taken side by
+side mean anything. `accuracy` compares each scheme's features with edgelm's fp32 path (which
+equals transformers' within 2e-6; tests/test_gemma3n_*_tower.py prove that part).
+
+Needs the test extras (torch, transformers) and timm (test.sh installs it without
+torchvision; tests/timm_support.py stands in for the one torchvision class timm imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+
+def build(which: str, threads: int, redraw: bool):
+    """(transformers module, edgelm tower module, config, raw stored weights, inputs, reference fn)."""
+    import torch
+
+    from timm_support import need_timm
+
+    torch.set_num_threads(threads)
+    need_timm()
+    from edgelm.models import _gemma3n_audio as au
+    from edgelm.models import _mobilenetv5 as mv
+
+    g = torch.Generator().manual_seed(0)
+    if which == "vision":
+        from transformers import AutoModel, Gemma3nVisionConfig
+
+        m = AutoModel.from_config(Gemma3nVisionConfig()).eval()
+        mod, cfg = mv, mv.VisionConfig.from_hf({})
+        x = np.random.default_rng(0).uniform(-1, 1, (3, 768, 768)).astype(np.float32)
+        args = (x,)
+
+        def ref():
+            with torch.no_grad():
+                return m(pixel_values=torch.from_numpy(x)[None], do_pooling=False).last_hidden_state
+    else:
+        from transformers import Gemma3nAudioConfig
+        from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder
+
+        m = Gemma3nAudioEncoder(Gemma3nAudioConfig()).eval()
+        mod, cfg = au, au.AudioConfig.from_hf({})
+        frames = int(args_seconds[0] * 100)
+        x = np.random.default_rng(0).standard_normal((frames, 128)).astype(np.float32)
+        args = (x, None)
+
+        def ref():
+            with torch.no_grad():
+                return m(torch.from_numpy(x)[None], torch.zeros(1, frames, dtype=torch.bool))
+    if redraw:  # transformers' init leaves layer scales at 1e-5: redraw the 1-D scales so every block counts
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.ndim == 1:
+                    lo, span = (0.05, 0.2) if "layer_scale" in name else (0.5, 0.5)
+                    p.copy_(torch.rand(p.shape, generator=g) * span + lo)
+    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+    raw = {name: mod.import_tensor(cfg, name, sd[t.hf]) for name, t in mod.tensor_table(cfg).items()}
+    return mod, cfg, raw, args, ref
+
+
+args_seconds = [30.0]
+
+
+def edgelm_runner(which, mod, cfg, raw, args, scheme: str, threads: int):
+    from edgelm.backends import get_backend
+    from edgelm.models.gemma3n import _tower_attend, _tower_linear
+    from edgelm.quant.schemes import quantize
+
+    ops = get_backend("cpu", threads)
+    table = mod.tensor_table(cfg)
+    w = {n: (quantize(a, scheme) if table[n].kind == "linear" else a) for n, a in raw.items()}
+    kw = {"attend": _tower_attend(ops)} if which == "vision" else {}
+
+    def run():
+        out = mod.encode(cfg, w, *args, linear=_tower_linear(ops), **kw)
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
+def speed(a) -> None:
+    mod, cfg, raw, args, ref = build(a.which, a.threads, redraw=False)
+    ours = edgelm_runner(a.which, mod, cfg, raw, args, a.scheme, a.threads)
+    ours(), ref()  # warm-up
+    ratios = []
+    for r in range(a.repeat):
+        t0 = time.perf_counter()
+        ref()
+        t1 = time.perf_counter()
+        ours()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / (t1 - t0))
+        print(f"{a.which} {a.scheme} threads={a.threads} run {r + 1}: transformers {t1 - t0:.2f} s, "
+              f"edgelm {t2 - t1:.2f} s, edgelm/transformers {ratios[-1]:.2f}", flush=True)
+    what = "768 px image" if a.which == "vision" else f"{args_seconds[0]:g} s of audio"
+    print(f"median edgelm/transformers over {a.repeat} side-by-side runs ({what}): {statistics.median(ratios):.2f}")
+
+
+def accuracy(a) -> None:
+    mod, cfg, raw, args, _ = build(a.which, a.threads, redraw=True)
+    base = edgelm_runner(a.which, mod, cfg, raw, args, "fp32", a.threads)()
+    for scheme in ("fp32", "fp16", "int8"):
+        out = edgelm_runner(a.which, mod, cfg, raw, args, scheme, a.threads)()
+        mx = np.abs(out - base).max() / np.abs(base).max()
+        rms = np.sqrt(((out - base) ** 2).mean() / (base ** 2).mean())
+        cos = ((out * base).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(base, axis=1)).min()
+        print(f"{a.which} {scheme}: max rel {mx:.2e}, rms rel {rms:.2e}, min row cosine {cos:.5f}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["speed", "accuracy"])
+    p.add_argument("which", choices=["vision", "audio"])
+    p.add_argument("--scheme", default="fp16", choices=["fp32", "fp16", "int8"])
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("-r", "--repeat", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=None, help="audio length (speed: 30, accuracy: 10)")
+    a = p.parse_args()
+    args_seconds[0] = a.seconds or (30.0 if a.mode == "speed" else 10.0)
+    (speed if a.mode == "speed" else accuracy)(a)
+
+
+if __name__ == "__main__":
+    main()
