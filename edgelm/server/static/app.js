@@ -1,11 +1,15 @@
 // edgelm web chat: plain JS, no dependencies. Streams /v1/chat/completions (SSE over fetch)
 // and shows tokens per second (live from the stream, final from the server's timings).
+// Images and audio attached to a message go as OpenAI content parts (image_url with a data:
+// URL, input_audio with base64 data), before the message's text; bundles without Gemma 3n's
+// towers answer them with a 400 that the page shows.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop");
-let history = [];      // [{role, content}] of finished turns
+let history = [];      // [{role, content}] of finished turns (content: a string, or content parts)
 let controller = null; // AbortController of the reply in flight
+let pending = [];      // attachments for the next message: {kind, name, size, url, data, format}
 
 $("api-key").value = localStorage.getItem("edgelm-api-key") || "";
 $("api-key").addEventListener("change", () => {
@@ -20,16 +24,23 @@ function headers() {
   return h;
 }
 
-function addMessage(role, text) {
+function addMessage(role, text, attachments) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   const r = document.createElement("span");
   r.className = "role";
   r.textContent = role === "assistant" ? "model" : role;
+  div.appendChild(r);
+  if (attachments && attachments.length) {
+    const strip = document.createElement("div");
+    strip.className = "attachments";
+    for (const a of attachments) strip.appendChild(attachmentView(a));
+    div.appendChild(strip);
+  }
   const body = document.createElement("span");
   body.className = "content";
   body.textContent = text;
-  div.append(r, body);
+  div.appendChild(body);
   log.appendChild(div);
   log.scrollTop = log.scrollHeight;
   return div;
@@ -64,12 +75,145 @@ async function loadModel() {
   } catch (e) { /* shown on first send */ }
 }
 
-async function send(text) {
+// ------------------------------------------------------------------ attachments
+
+// input_audio formats by file extension and by MIME subtype (audio/x-wav, audio/mpeg, ...)
+const AUDIO_EXTS = new Map([["wav", "wav"], ["wave", "wav"], ["mp3", "mp3"], ["flac", "flac"], ["ogg", "ogg"],
+                            ["oga", "ogg"]]);
+const AUDIO_MIMES = new Map([["wav", "wav"], ["wave", "wav"], ["vnd.wave", "wav"], ["mpeg", "mp3"], ["mp3", "mp3"],
+                             ["flac", "flac"], ["ogg", "ogg"]]);
+const IMAGE_EXTS = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+
+function extension(name) {
+  const m = name.match(/\.([^.]+)$/);
+  return m ? m[1].toLowerCase() : "";
+}
+
+// "image" or "audio" (by the file name's extension, else its MIME type), or null
+function attachmentKind(file) {
+  const ext = extension(file.name);
+  if (AUDIO_EXTS.has(ext)) return "audio";
+  if (IMAGE_EXTS.includes(ext)) return "image";
+  if (file.type.startsWith("image/")) return "image";
+  if (file.type.startsWith("audio/")) return "audio";
+  return null;
+}
+
+// the input_audio format (wav, mp3, flac, ogg) from the extension or MIME type; undefined
+// where neither says (the server then tells the format from the bytes)
+function audioFormat(file) {
+  const ext = extension(file.name);
+  if (AUDIO_EXTS.has(ext)) return AUDIO_EXTS.get(ext);
+  const sub = (file.type.split("/")[1] || "").toLowerCase().replace(/^x-/, "");
+  return AUDIO_MIMES.get(sub);
+}
+
+function sizeLabel(n) {
+  return n >= 1 << 20 ? (n / (1 << 20)).toFixed(1) + " MB" : Math.max(1, Math.round(n / 1024)) + " KB";
+}
+
+function attachmentView(a) {  // a thumbnail (image) or a labelled chip (audio)
+  const el = document.createElement("span");
+  el.className = "attachment " + a.kind;
+  el.title = a.name + " (" + sizeLabel(a.size) + ")";
+  if (a.kind === "image") {
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.src = a.url;
+    img.alt = a.name;
+    el.appendChild(img);
+  } else {
+    const label = document.createElement("span");
+    label.className = "audio-label";
+    label.textContent = "audio: " + a.name;
+    el.appendChild(label);
+  }
+  return el;
+}
+
+function attachNote(text) {
+  const n = $("attach-note");
+  n.textContent = text || "";
+  n.hidden = !text;
+}
+
+function renderPending() {
+  const strip = $("pending");
+  strip.textContent = "";
+  pending.forEach((a) => {
+    const el = attachmentView(a);
+    const x = document.createElement("button");
+    x.type = "button";
+    x.className = "remove";
+    x.textContent = "\u00d7";
+    x.title = "Remove " + a.name;
+    x.setAttribute("aria-label", "Remove " + a.name);
+    x.addEventListener("click", () => {
+      pending = pending.filter((p) => p !== a);
+      renderPending();
+    });
+    el.appendChild(x);
+    strip.appendChild(el);
+  });
+  strip.hidden = pending.length === 0;
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const fr = new FileReader();
+    fr.onload = () => resolve(fr.result);
+    fr.onerror = () => reject(fr.error || new Error("cannot read the file"));
+    fr.readAsDataURL(file);
+  });
+}
+
+async function addFiles(files) {
+  const notes = [];
+  for (const file of files) {
+    const kind = attachmentKind(file);
+    if (!kind) {
+      notes.push(file.name + " is not an image or audio file (JPEG, PNG, WebP, GIF; WAV, MP3, FLAC, OGG)");
+      continue;
+    }
+    try {
+      const url = await readFile(file);
+      const a = { kind, name: file.name, size: file.size, url, data: url.slice(url.indexOf(",") + 1) };
+      if (kind === "audio") a.format = audioFormat(file);
+      pending.push(a);
+    } catch (e) {
+      notes.push(file.name + ": " + e.message);
+    }
+  }
+  attachNote(notes.join("; "));
+  renderPending();
+}
+
+// the OpenAI content part of an attachment
+function contentPart(a) {
+  if (a.kind === "image") return { type: "image_url", image_url: { url: a.url } };
+  const audio = { data: a.data };
+  if (a.format) audio.format = a.format;
+  return { type: "input_audio", input_audio: audio };
+}
+
+// a user message's content: the text alone, or (with attachments) the attachments' parts
+// followed by the text's (media first, as `edgelm chat` does with /image and /audio)
+function userContent(text, attachments) {
+  if (!attachments.length) return text;
+  const parts = attachments.map(contentPart);
+  if (text) parts.push({ type: "text", text });
+  return parts;
+}
+
+// ------------------------------------------------------------------ chat
+
+async function send(text, attachments) {
   const messages = [];
   const sys = $("system").value.trim();
   if (sys) messages.push({ role: "system", content: sys });
-  messages.push(...history, { role: "user", content: text });
-  addMessage("user", text);
+  const content = userContent(text, attachments);
+  messages.push(...history, { role: "user", content });
+  addMessage("user", text, attachments);
   const div = addMessage("assistant", "");
   div.id = "reply-" + (history.length / 2);
   const body = div.querySelector(".content");
@@ -92,7 +236,7 @@ async function send(text) {
     if (notice) showNotice(notice);
     if (!resp.ok) {
       let msg = resp.status + " " + resp.statusText;
-      try { msg = (await resp.json()).error.message; } catch (e) { /* keep status */ }
+      try { msg = (await resp.json()).error.message + " (HTTP " + resp.status + ")"; } catch (e) { /* keep status */ }
       throw new Error(msg);
     }
     const reader = resp.body.getReader();
@@ -129,13 +273,24 @@ async function send(text) {
         }
       }
     }
-    finishReply(div, text, reply, timings, finish, t0, tFirst, chunks, false);
+    finishReply(div, content, reply, timings, finish, t0, tFirst, chunks, false);
+    sent(attachments);
   } catch (e) {
     if (e.name === "AbortError") {
-      finishReply(div, text, reply, timings, "cancelled", t0, tFirst, chunks, true);
+      finishReply(div, content, reply, timings, "cancelled", t0, tFirst, chunks, true);
+      sent(attachments);
     } else {
+      // the turn is not kept: the attachments stay pending and the text goes back to the input
+      let msg = e.message;
+      if (e instanceof TypeError && attachments.length) {
+        // (a body over the server's limit can end in a dropped connection rather than a 413)
+        msg += " (the server closed the connection: the attachments may be larger than the "
+             + "server's request size limit, edgelm serve --max-body)";
+      }
       div.className = "msg error";
-      body.textContent = "Error: " + e.message;
+      div.removeAttribute("id");  // (the retry's reply takes this turn's id)
+      body.textContent = "Error: " + msg;
+      if (!input.value && text) input.value = text;
       setBusy(false, "error");
     }
   } finally {
@@ -145,8 +300,15 @@ async function send(text) {
   }
 }
 
-function finishReply(div, userText, reply, timings, finish, t0, tFirst, chunks, cancelled) {
-  history.push({ role: "user", content: userText }, { role: "assistant", content: reply });
+// the attachments of a turn that entered the history are no longer pending
+function sent(attachments) {
+  if (!attachments.length) return;
+  pending = pending.filter((a) => !attachments.includes(a));
+  renderPending();
+}
+
+function finishReply(div, content, reply, timings, finish, t0, tFirst, chunks, cancelled) {
+  history.push({ role: "user", content }, { role: "assistant", content: reply });
   let tps;
   if (timings && timings.decode_tok_s > 0) tps = timings.decode_tok_s;
   else if (tFirst !== null && chunks > 1) tps = (chunks - 1) / ((performance.now() - tFirst) / 1000);
@@ -167,9 +329,15 @@ function finishReply(div, userText, reply, timings, finish, t0, tFirst, chunks, 
 $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const text = input.value.trim();
-  if (!text || controller) return;
+  if ((!text && !pending.length) || controller) return;
   input.value = "";
-  send(text);
+  attachNote("");
+  send(text, pending.slice());
+});
+$("attach").addEventListener("change", async (ev) => {
+  const files = Array.from(ev.target.files || []);
+  ev.target.value = "";  // (so choosing the same file again fires change)
+  await addFiles(files);
 });
 input.addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) {
