@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 import sys
 import wave
 from pathlib import Path
@@ -437,3 +439,61 @@ def test_spoken_sentence_end_to_end(mm, reference, processor, engines, tmp_path)
     ids, ours = _ours(engines("numpy"), msgs)
     assert ids == ref_ids
     _close(ours, ref, what="speech")
+
+
+def test_matformer_slice_keeps_the_towers(mm, engines, tmp_path):
+    """A MatFormer slice of a checkpoint with towers keeps them: the same soft rows."""
+    from edgelm.convert.matformer import slice_source
+    from edgelm.runtime import media
+
+    out = tmp_path / "slice.edgelm"
+    convert(slice_source(load_hf_source(mm.dir), "0-7:64"), out, scheme="fp32", tower_scheme="fp32", progress=False)
+    eng = Engine(out, backend="numpy", max_tokens=1024, kv_dtype="f32")
+    try:
+        assert eng.config.num_layers == 8 and eng.config.vision is not None and eng.config.audio is not None
+        png, wav = mm.media / "a.png", mm.media / "a.wav"
+        full = engines("numpy")
+        np.testing.assert_array_equal(media.encode_image(eng, png).values, media.encode_image(full, png).values)
+        np.testing.assert_array_equal(media.encode_audio(eng, wav)[0].values, media.encode_audio(full, wav)[0].values)
+    finally:
+        eng.close()
+
+
+def _bundle_rss_kib(path) -> int:
+    """KiB of the bundle file's mappings resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_towers_stay_in_the_mapped_file_until_used(mm, tmp_path):
+    """Loading copies no tower weight: right after Engine() almost none of the bundle's tower
+    pages are resident (they are file-backed views), and encoding an image reads them."""
+    import shutil
+
+    path = tmp_path / "cold.edgelm"
+    shutil.copyfile(mm.full, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # drop the copy's page cache, so residency says what this process touched
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    with Bundle(path) as b:
+        tower = sum(sum(p["size"] for p in b.tensor_info(n)["parts"].values())
+                    for n in b.tensor_names() if n.startswith(("v.", "a.", "mm.")))
+    assert tower > 8 << 20  # the tiny towers are ~23 MiB in fp32
+    eng = Engine(path, backend="numpy", max_tokens=1024, kv_dtype="f32")
+    try:
+        loaded = _bundle_rss_kib(path) * 1024
+        assert loaded < tower // 8, f"{loaded} bytes of the bundle resident after load (towers: {tower})"
+        from edgelm.runtime import media
+
+        media.encode_image(eng, mm.media / "a.png")
+        assert _bundle_rss_kib(path) * 1024 > tower // 2  # the image tower's pages were read in use
+    finally:
+        eng.close()

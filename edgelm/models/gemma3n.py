@@ -314,13 +314,12 @@ def modality_table(cfg: Gemma3nConfig, m: Modality) -> dict:
     norm, the projection to the text width; the post-projection norm has no scale), then its
     tower's (kind "linear" there becomes "tower": products the tower scheme quantizes)."""
     e, hf = _EMBEDDER_PREFIX[m.kind], _HF_EMBEDDER[m.kind]
-    out = {
-        e + "embd": Tensor((m.vocab_size, m.hidden_size), "other", (hf + "embedding.weight",), None, "embd"),
-        e + "hard_norm": Tensor((m.hidden_size,), "norm", (hf + "hard_embedding_norm.weight",), None, "hard_norm"),
-        e + "soft_norm": Tensor((m.hidden_size,), "norm", (hf + "soft_embedding_norm.weight",), None, "soft_norm"),
-        e + "proj": Tensor((cfg.hidden_size, m.hidden_size), "tower", (hf + "embedding_projection.weight",), None,
-                           "proj"),
-    }
+    rows = (("embd", (m.vocab_size, m.hidden_size), "other", "embedding.weight"),
+            ("hard_norm", (m.hidden_size,), "norm", "hard_embedding_norm.weight"),
+            ("soft_norm", (m.hidden_size,), "norm", "soft_embedding_norm.weight"),
+            ("proj", (cfg.hidden_size, m.hidden_size), "tower", "embedding_projection.weight"))
+    # (a modality's tensors are found by name: each one's field is its canonical name)
+    out = {e + n: Tensor(shape, kind, (hf + h,), None, e + n) for n, shape, kind, h in rows}
     for name, t in _tower_module(m.kind).tensor_table(m.tower).items():
         kind = "tower" if t.kind == "linear" else t.kind
         out[name] = Tensor(tuple(t.shape), kind, (_HF_TOWER[m.kind] + t.hf,), None, name)
