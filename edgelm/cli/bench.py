@@ -12,9 +12,10 @@ from .options import CONSTRAINT_FLAGS, build_constraint, constraint_options, con
 SYNTHETIC = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
 
 
-def _synthetic_in_child(name, scheme, embed_scheme, quiet):
+def _synthetic_in_child(name, scheme, embed_scheme, quiet, tower_scheme="int8"):
     """Write the synthetic bundle in a child process, so the conversion's memory does not
-    count in this process's peak RSS."""
+    count in this process's peak RSS. tower_scheme: the towers' scheme of a geometry that has
+    them (Gemma 3n), "none" for the text-only bundle."""
     import subprocess
     import sys
     from pathlib import Path
@@ -25,8 +26,9 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
         if s not in LINEAR_SCHEMES:
             raise BadInputError(f"unknown scheme {s!r}; choose one of {', '.join(LINEAR_SCHEMES)}")
     code = ("import sys; from edgelm.runtime.defaults import synthetic_bundle; "
-            "print(synthetic_bundle(sys.argv[1], sys.argv[2], sys.argv[3], quiet=sys.argv[4] == '1'))")
-    p = subprocess.run([sys.executable, "-c", code, name, scheme, embed_scheme, "1" if quiet else "0"],
+            "print(synthetic_bundle(sys.argv[1], sys.argv[2], sys.argv[3], quiet=sys.argv[4] == '1', "
+            "tower_scheme=sys.argv[5]))")
+    p = subprocess.run([sys.executable, "-c", code, name, scheme, embed_scheme, "1" if quiet else "0", tower_scheme],
                        stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
         raise BadInputError(f"could not write the synthetic {name} bundle (exit {p.returncode})")
@@ -40,6 +42,9 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
               help="Benchmark random weights of a real geometry instead (labelled SYNTHETIC).")
 @click.option("--scheme", default="int4-b32", show_default=True, help="With --synthetic: linear scheme.")
 @click.option("--embed-scheme", default="int8", show_default=True, help="With --synthetic: embedding/head scheme.")
+@click.option("--tower-scheme", type=click.Choice(["int8", "fp16", "fp32", "none"]), default="int8", show_default=True,
+              help="With --synthetic gemma3n-*: scheme of the image/audio towers' products (the bundle keeps both "
+                   "towers; the table gains their columns); none: a text-only bundle.")
 @click.option("-p", "prompt_tokens", type=int, default=512, show_default=True, help="Prompt tokens.")
 @click.option("-n", "gen_tokens", type=int, default=128, show_default=True, help="Decoded tokens.")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
@@ -60,9 +65,9 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet):
               help="With a constraint flag: the prompt text (default: a chat turn asking for what the "
                    "grammar allows).")
 @click.pass_context
-def bench(ctx, model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens, threads, repeat, max_tokens,
-          backend, kv_dtype, prefill_chunk, as_json, no_probe, json_schema, json_object, regex, grammar, temperature,
-          prompt_text):
+def bench(ctx, model, synthetic, scheme, embed_scheme, tower_scheme, prompt_tokens, gen_tokens, threads, repeat,
+          max_tokens, backend, kv_dtype, prefill_chunk, as_json, no_probe, json_schema, json_object, regex, grammar,
+          temperature, prompt_text):
     """Benchmark a bundle with the seed's columns (docs/benchmarks.md). With --json-schema,
     --json-object, --regex or --grammar: decode tok/s under that constraint against
     unconstrained decoding of the same prompt, alternating in one process
@@ -80,7 +85,7 @@ def bench(ctx, model, synthetic, scheme, embed_scheme, prompt_tokens, gen_tokens
     elif ctx.get_parameter_source("prompt_tokens") is not click.core.ParameterSource.DEFAULT:
         raise BadInputError("-p does not apply with a constraint flag: its prompt is text (--prompt)")
     if synthetic:
-        model = _synthetic_in_child(synthetic, scheme, embed_scheme, as_json)
+        model = _synthetic_in_child(synthetic, scheme, embed_scheme, as_json, tower_scheme)
     elif model is None:
         from ..runtime.defaults import ensure_default_model
 

@@ -8,12 +8,20 @@ tables have the real 262k rows), plus a tiny synthetic SentencePiece tokenizer (
 
 Nothing is generated until the converter asks for a tensor, and each tensor is made on its
 own, so writing even E4B (2.35 B embedding weights, PLE included) holds one tensor at a
-time. Every 2-D tensor carries an any-scheme passthrough ("*", see SourceTensor): the
+time. Every 2-D (or 3-D) tensor carries an any-scheme passthrough ("*", see SourceTensor): the
 converter hands it the planned scheme and it makes the quantized parts directly (random
 int8/int4 codes with a matching scale, or normal floats for fp16/fp32, in row chunks),
 which is fast and never materializes a float32 copy of a quantized tensor. `load()` (plain
 float32) remains for callers that want arrays.
 The outputs are meaningless: the point is the real geometry, speed and memory.
+
+Gemma 3n's image and audio towers: `synthetic_source("gemma3n-e2b", towers=True)` (and E4B)
+adds both, with the published geometry (the MobileNet-V5 300M encoder and the USM
+conformer of google/gemma-3n-E*B, the real prompt ids, 256 image and 188 audio soft tokens),
+so a bundle of it answers Image / Audio parts. Towers are off by default: the text-only
+source, its config and every bundle cached from it stay what they were (derived test
+geometries shrink the vocabulary below the media token ids). `edgelm bench --synthetic`
+asks for them (`--tower-scheme`).
 """
 
 from __future__ import annotations
@@ -66,12 +74,45 @@ GEOMETRIES: dict[str, tuple[str, dict]] = {
 }
 
 
-def synthetic_config(name: str) -> tuple[str, dict]:
-    """(arch, config dict) of a named geometry."""
+def _modality(kind: str, token_id: int, begin_id: int, end_id: int, vocab_offset: int, soft_tokens: int,
+              hidden_size: int) -> dict:
+    """A gemma3n Modality dict with the real ids and the tower's default (published) config;
+    preprocess {}: the front ends' defaults (768 x 768 SigLIP-normalised images, 16 kHz
+    128-bin log-mel audio)."""
+    from ..models import _gemma3n_audio, _mobilenetv5
+
+    tower = (_mobilenetv5.VisionConfig if kind == "vision" else _gemma3n_audio.AudioConfig).from_hf({})
+    return {"kind": kind, "tower": tower.to_dict(), "token_id": token_id, "begin_id": begin_id, "end_id": end_id,
+            "vocab_offset": vocab_offset, "vocab_size": 128, "soft_tokens": soft_tokens, "hidden_size": hidden_size,
+            "eps": 1e-6, "preprocess": {}}
+
+
+def _gemma3n_towers() -> dict:
+    """Gemma 3n's vision and audio inputs as google/gemma-3n-E2B and E4B have them (the same
+    in both; edgelm.convert.hf_config.GEMMA3N_MM_DEFAULTS)."""
+    return {"vision": _modality("vision", 262_145, 255_999, 262_144, 262_144, 256, 2048),
+            "audio": _modality("audio", 262_273, 256_000, 262_272, 262_272, 188, 1536)}
+
+
+# Geometries whose real checkpoints have towers: name -> the config fields that add them.
+TOWERS = {"gemma3n-e2b": _gemma3n_towers, "gemma3n-e4b": _gemma3n_towers}
+
+
+def has_towers(name: str) -> bool:
+    """Whether `towers=True` adds image/audio towers to this geometry."""
+    return name in TOWERS
+
+
+def synthetic_config(name: str, towers: bool = False) -> tuple[str, dict]:
+    """(arch, config dict) of a named geometry; towers=True adds its image and audio towers
+    (Gemma 3n; other geometries have none and stay text-only)."""
     if name not in GEOMETRIES:
         raise BadInputError(f"unknown synthetic model {name!r}; choose one of {', '.join(NAMES)}")
     arch, cfg = GEOMETRIES[name]
-    return arch, {k: (list(v) if isinstance(v, list) else v) for k, v in cfg.items()}
+    cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in cfg.items()}
+    if towers and name in TOWERS:
+        cfg.update(TOWERS[name]())
+    return arch, cfg
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -121,14 +162,28 @@ def _std(name: str, kind: str, shape) -> float:
         return 0.03
     if "altup_predict" in name or "altup_correct_coef" in name or "altup_router" in name:
         return 0.05
-    return float(len(shape) > 1 and shape[1]) ** -0.5 if len(shape) > 1 else 0.02
+    # 1 / sqrt(fan-in): the columns of a matrix, the k x k taps of a depthwise kernel [C, k, k]
+    return float(np.prod(shape[1:])) ** -0.5 if len(shape) > 1 else 0.02
+
+
+def _vector_center(name: str, shape) -> float:
+    """The value a 1-D tensor scatters around. Norm weights and scales hold their final
+    multiplier: 1. Towers: a bias is 0; the audio query scale is stored as the whole
+    multiplier head_dim^-0.5 * softplus(p) / softplus(0), which is head_dim^-0.5 at p = 0
+    (a scale of 1 would make every attention logit hit the soft-cap)."""
+    if name.endswith(".bias"):
+        return 0.0
+    if name.endswith(".attn.q_scale"):
+        return float(shape[0]) ** -0.5
+    return 1.0
 
 
 def _float_loader(name: str, shape, kind: str, seed: int):
     def load() -> np.ndarray:
         rng = _rng(seed, name)
-        if len(shape) == 1:  # norms and scales hold their final multiplier: around 1
-            return (1.0 + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        if len(shape) == 1:
+            c = _vector_center(name, shape)
+            return (c + 0.02 * (abs(c) or 1.0) * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(_std(name, kind, shape))
     return load
 
@@ -165,12 +220,14 @@ def _parts_loader(name: str, shape, kind: str, seed: int):
     return load
 
 
-def synthetic_source(name: str, seed: int = 0, **_ignored):
+def synthetic_source(name: str, seed: int = 0, towers: bool = False, **_ignored):
     """A conversion Source of random weights with the real geometry of `name` (convert it
-    with any schemes: 2-D tensors are generated directly in the planned scheme)."""
+    with any schemes: 2-D and 3-D tensors are generated directly in the planned scheme).
+    towers=True: Gemma 3n's image and audio towers and their embedders too (kind "tower"
+    for their products: convert(..., tower_scheme=) picks their scheme)."""
     from .common import Source, SourceTensor
 
-    arch, cfg = synthetic_config(name)
+    arch, cfg = synthetic_config(name, towers=towers)
     tensors = []
     for tname, (shape, kind) in _tensor_shapes(arch, cfg).items():
         st = SourceTensor(tname, tuple(shape), kind, _float_loader(tname, tuple(shape), kind, seed))
@@ -187,7 +244,10 @@ def synthetic_source(name: str, seed: int = 0, **_ignored):
         special_tokens=special,
         chat_template=None,
         description={"format": "synthetic", "name": name, "seed": seed,
-                     "note": "random weights of the real geometry; outputs are meaningless"},
+                     "note": "random weights of the real geometry; outputs are meaningless",
+                     **({"towers": ["vision", "audio"]} if towers and name in TOWERS else {})},
         add_bos=True,
-        notes=[f"synthetic {name}: random weights (seed {seed}) of the real geometry, tiny synthetic tokenizer"],
+        notes=[f"synthetic {name}: random weights (seed {seed}) of the real geometry"
+               + (" with its image and audio towers" if towers and name in TOWERS else "")
+               + ", tiny synthetic tokenizer"],
     )

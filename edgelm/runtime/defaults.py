@@ -52,9 +52,27 @@ def ensure_default_model(scheme: str = DEFAULT_SCHEME, embed_scheme: str = DEFAU
     return out
 
 
-def synthetic_bundle(name: str, scheme: str, embed_scheme: str, quiet: bool = False) -> Path:
-    """Random weights of a real geometry (edgelm.convert.synthetic), written once and cached."""
-    out = cache_dir() / "synthetic" / f"{name}.{scheme}.embed-{embed_scheme}.edgelm"
+def synthetic_bundle(name: str, scheme: str, embed_scheme: str, quiet: bool = False,
+                     tower_scheme: str | None = "int8") -> Path:
+    """Random weights of a real geometry (edgelm.convert.synthetic), written once and cached.
+    tower_scheme: the scheme of the image/audio towers' products ("fp32", "fp16" or "int8") of
+    a geometry that has towers (Gemma 3n); None (or "none") writes the text-only bundle, as
+    do geometries without towers. A bundle with towers is cached under its own name
+    (".towers-SCHEME"), so text-only bundles cached before stay valid."""
+    from ..convert.synthetic import has_towers
+
+    if tower_scheme == "none":
+        tower_scheme = None
+    if tower_scheme is not None:
+        from ..convert.common import TOWER_SCHEMES
+        from ..errors import BadInputError
+
+        if tower_scheme not in TOWER_SCHEMES:
+            raise BadInputError(f"unknown tower scheme {tower_scheme!r}; choose one of "
+                                f"{', '.join(TOWER_SCHEMES)} or none")
+    towers = tower_scheme is not None and has_towers(name)
+    tail = f".towers-{tower_scheme}" if towers else ""
+    out = cache_dir() / "synthetic" / f"{name}.{scheme}.embed-{embed_scheme}{tail}.edgelm"
     if out.exists():
         return out
     from ..convert import convert
@@ -62,6 +80,8 @@ def synthetic_bundle(name: str, scheme: str, embed_scheme: str, quiet: bool = Fa
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"edgelm: writing SYNTHETIC {name} ({scheme}, head {embed_scheme}) -> {out}", file=sys.stderr)
-    convert(synthetic_source(name), out, scheme=scheme, embed_scheme=embed_scheme, progress=not quiet)
+        what = f", towers {tower_scheme}" if towers else ""
+        print(f"edgelm: writing SYNTHETIC {name} ({scheme}, head {embed_scheme}{what}) -> {out}", file=sys.stderr)
+    convert(synthetic_source(name, towers=towers), out, scheme=scheme, embed_scheme=embed_scheme,
+            progress=not quiet, **({"tower_scheme": tower_scheme} if towers else {}))
     return out
