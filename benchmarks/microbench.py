@@ -208,6 +208,34 @@ def cmd_matmul(_a) -> None:
         m.set_packed_gemm(1)
 
 
+def cmd_float_gemm(a) -> None:
+    """fp32/fp16 weights times float32 activations at the towers' and a prefill chunk's
+    shapes: the one-row tiles against the packed outer-product GEMM (set_float_gemm 0/1),
+    alternating, best of 4 each."""
+    from edgelm.quant.schemes import quantize
+
+    r = np.random.default_rng(0)
+    ops = _ops(a.threads)
+    m = ops._k.module
+    # audio tower FFW (30 s), image tower stage-3 pointwise (768 px), MSFA, a 270M prefill chunk
+    shapes = ((750, 6144, 1536), (2304, 1024, 256), (9216, 512, 128), (128, 2048, 640))
+    try:
+        for n, rows, cols in shapes:
+            x = r.standard_normal((n, cols)).astype(np.float32)
+            for sch in ("fp32", "fp16"):
+                w = quantize((r.standard_normal((rows, cols)) * 0.03).astype(np.float32), sch)
+                best = {0: float("inf"), 1: float("inf")}
+                for _ in range(2):
+                    for mode in (0, 1):
+                        m.set_float_gemm(mode)
+                        best[mode] = min(best[mode], _best(lambda: ops.matmul(x, w), 4))
+                g = {k: n * rows * cols / v / 1e9 for k, v in best.items()}
+                print(f"{n}x{rows}x{cols} {sch}  threads {a.threads}: tiles {g[0]:6.1f} GMAC/s  "
+                      f"gemm {g[1]:6.1f} GMAC/s  ({best[0] / best[1]:.2f}x)", flush=True)
+    finally:
+        m.set_float_gemm(1)
+
+
 def cmd_prefill(a) -> None:
     """Prefill of 512 tokens (chunks of 128) in one process, three routes alternating:
     'loop' = the per-op Python loop with the one-row tiles, 'fused' = all blocks
@@ -761,6 +789,8 @@ def main() -> int:
     sub.add_parser("attention")
     sub.add_parser("matmul")
     sub.add_parser("attention-decode")
+    p = sub.add_parser("float-gemm")
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("gemv1b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
@@ -806,7 +836,7 @@ def main() -> int:
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
      "prefill-phases": cmd_prefill_phases,
      "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "ab-module": cmd_ab_module,
-     "attention-ab": cmd_attention_ab}[a.cmd](a)
+     "attention-ab": cmd_attention_ab, "float-gemm": cmd_float_gemm}[a.cmd](a)
     return 0
 
 

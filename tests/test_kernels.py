@@ -57,7 +57,7 @@ def qtensor(scheme: str, rows: int, cols: int, seed: int = 0) -> QTensor:
     return _cache[key]
 
 
-def check_matmul(k, t: QTensor, x: np.ndarray, y: np.ndarray) -> None:
+def check_matmul(k, t: QTensor, x: np.ndarray, y: np.ndarray, chain: int | None = None) -> None:
     """Elementwise error bound for an fp32 dot product of length K, whatever the summation order
     (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1): |fl(x.w) - x.w| <=
     gamma_m * sum_i |x_i||w_i|, gamma_m = m*u / (1 - m*u), u = 2**-24, where m bounds the number
@@ -74,7 +74,9 @@ def check_matmul(k, t: QTensor, x: np.ndarray, y: np.ndarray) -> None:
     ref = x64 @ W.T
     mag = np.abs(x64) @ np.abs(W).T
     cols = t.cols
-    m = cols // 8 + 48
+    # chain: the roundings a term can go through where a kernel sums otherwise (the float
+    # GEMM sums each output over k in sequence: cols additions, one multiply, block adds)
+    m = cols // 8 + 48 if chain is None else chain
     u = 2.0**-24
     gamma = m * u / (1 - m * u)
     err = np.abs(y.astype(np.float64) - ref)
@@ -246,6 +248,44 @@ def test_qd8_mode_switch(kern):
     tf = qtensor("fp32", 5, 64)
     xf = np.ones((2, 64), np.float32)
     np.testing.assert_array_equal(kern.matmul(xf, tf, qd8=True), kern.matmul(xf, tf, qd8=False))
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "fp16"])
+def test_float_gemm_against_tiles(kern, scheme):
+    """fp32/fp16 products with >= 16 activation rows take the packed outer-product GEMM (every
+    build, NEON and scalar included): within the fp32 dot-product bound of the exact product,
+    equal to the one-row tiles (the switch at 0) below 16 rows; output columns that are not a
+    multiple of 16 (partial panels), K past one 256-wide block and not a multiple of 32, zero
+    rows; and the same bits whatever the thread count (the band split)."""
+    m = kern.module
+    rng = np.random.default_rng(5)
+    assert m.get_float_gemm() == 1
+    try:
+        for cols in (7, 64, 300, 520):
+            for rows in (3, 16, 17, 45):
+                t = qtensor(scheme, rows, cols)
+                for n in (15, 16, 17, 41):
+                    x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+                    x[1] = 0
+                    m.set_float_gemm(1)
+                    y = kern.matmul(x, t)
+                    check_matmul(kern, t, x, y, chain=cols + cols // 256 + 2)
+                    assert np.all(y[1] == 0)
+                    m.set_float_gemm(0)
+                    y0 = kern.matmul(x, t)
+                    if n < 16:
+                        np.testing.assert_array_equal(y, y0)  # the same tiles ran
+        m.set_float_gemm(1)
+        t = qtensor(scheme, 200, 600)
+        x = rng.standard_normal((50, 600)).astype(np.float32)
+        kern.set_threads(1)
+        y1 = kern.matmul(x, t)
+        kern.set_threads(2)
+        np.testing.assert_array_equal(kern.matmul(x, t), y1)
+    finally:
+        m.set_float_gemm(1)
+    with pytest.raises(ValueError, match="mode must be 0 or 1"):
+        m.set_float_gemm(2)
 
 
 @pytest.mark.parametrize("scheme", INT_SCHEMES)

@@ -60,6 +60,8 @@ inline void band(const WView& W, bool q, const QAct& A, const float* x, int64_t 
                  float* out, int64_t ldo) {
     if (q) {
         q_band(W, A, n, r0, r1, out, ldo);
+    } else if (float_gemm_applies(W.scheme, n)) {  // as matmul()
+        fgemm_band(W, x, n, r0, r1, out, ldo);
     } else {
         const SchemeKernels& K = scheme_kernels(W.scheme);
         const int64_t maxnx = deterministic() ? 2 : kMaxNX;  // as matmul()

@@ -806,6 +806,16 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         "0: always the one-row tiles (for comparisons)");
     m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
     m.def(
+        "set_float_gemm",
+        [](int mode) {
+            if (mode != 0 && mode != 1) throw py::value_error("set_float_gemm: mode must be 0 or 1");
+            edgelm::float_gemm_mode().store(mode);
+        },
+        "mode"_a,
+        "1 (default): fp32/fp16 products with >= 16 activation rows use the packed outer-product GEMM; "
+        "0: always the one-row tiles (for comparisons)");
+    m.def("get_float_gemm", [] { return edgelm::float_gemm_mode().load(); });
+    m.def(
         "set_deterministic",
         [](int on) {
             if (on != 0 && on != 1) throw py::value_error("set_deterministic: on must be 0 or 1");

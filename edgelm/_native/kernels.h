@@ -289,6 +289,131 @@ private:
 // out[n, rows] = x[n, cols] @ W^T. Work is split over output rows. For n > 1, each task
 // owns a band of weight rows small enough to stay in L2 and sweeps all activation tiles
 // over it, so weights come from memory once per call.
+// ----------------------------------------------------------------------------- float GEMM
+//
+// fp32 / fp16 weights times float32 activations with many rows (prefill chunks, the image and
+// audio towers' convolutions): an outer-product GEMM. The weight rows of a band are packed,
+// one K block at a time, into panels of 16 output columns laid out k-major (panel[k*16 + j],
+// fp16 widened once here), and a micro-kernel keeps a 6 x 16 block of outputs in registers:
+// per k, two weight vectors and six broadcast activations feed twelve FMAs, where the one-row
+// tiles above spend a load per FMA and a horizontal sum per output. Each output's sum runs
+// over k in order within a K block, blocks added in order, so it does not depend on the band
+// split or the thread count. Off in batch-invariant mode (the tiles' sums are the GEMV's) and
+// below kFGemmMinN rows; set_float_gemm(0) switches it off for comparisons.
+
+constexpr int64_t kFGemmMinN = 16;
+constexpr int kFGemmNR = 6;        // activation rows per micro-tile
+constexpr int64_t kFGemmKC = 256;  // K block: a panel is 16 KB
+constexpr int kFGemmCols = 16;     // output columns per panel (two 8-lane vectors)
+
+inline std::atomic<int>& float_gemm_mode() {
+    static std::atomic<int> mode{1};
+    return mode;
+}
+
+inline bool float_gemm_applies(int scheme, int64_t n) {
+    return (scheme == kFP32 || scheme == kFP16) && n >= kFGemmMinN && !deterministic() &&
+           float_gemm_mode().load(std::memory_order_relaxed) != 0;
+}
+
+// panel[k*16 + j] = W[c0 + j][k0 + k] for k < kc, j < nc; zeros for j >= nc.
+template <class S>
+void fgemm_pack(const WView& v, int64_t c0, int nc, int64_t k0, int64_t kc, float* panel) {
+    const S s(v);
+    const int64_t full = v.cols / 32;  // whole 32-weight blocks of a row
+    alignas(32) float tmp[32];
+    for (int j = 0; j < kFGemmCols; ++j) {
+        if (j >= nc) {
+            for (int64_t k = 0; k < kc; ++k) panel[k * kFGemmCols + j] = 0.f;
+            continue;
+        }
+        const auto R = s.row(c0 + j);
+        int64_t k = 0;
+        for (; k + 32 <= kc && (k0 + k) / 32 < full; k += 32) {  // k0 is a multiple of 32
+            VF w[4];
+            S::load(R, (k0 + k) / 32, w);
+            for (int q = 0; q < 4; ++q) vstoreu(tmp + 8 * q, w[q]);
+            for (int t = 0; t < 32; ++t) panel[(k + t) * kFGemmCols + j] = tmp[t];
+        }
+        for (; k < kc; ++k) panel[k * kFGemmCols + j] = S::at(R, k0 + k);
+    }
+}
+
+// out[r*ldo + j] (+)= sum_k x[r*ldx + k] * panel[k*16 + j], r < NR, j < nc.
+template <int NR>
+EDGELM_INLINE void fgemm_micro(const float* x, int64_t ldx, const float* panel, int64_t kc, float* out, int64_t ldo,
+                               int nc, bool add) {
+    VF c0[NR], c1[NR];
+    for (int r = 0; r < NR; ++r) c0[r] = c1[r] = vzero();
+    for (int64_t k = 0; k < kc; ++k) {
+        const VF w0 = vloadu(panel + k * kFGemmCols), w1 = vloadu(panel + k * kFGemmCols + 8);
+        for (int r = 0; r < NR; ++r) {
+            const VF a = vset1(x[r * ldx + k]);
+            c0[r] = vfma(a, w0, c0[r]);
+            c1[r] = vfma(a, w1, c1[r]);
+        }
+    }
+    for (int r = 0; r < NR; ++r) {
+        float* o = out + r * ldo;
+        if (nc == kFGemmCols) {
+            if (add) {
+                c0[r] = vadd(vloadu(o), c0[r]);
+                c1[r] = vadd(vloadu(o + 8), c1[r]);
+            }
+            vstoreu(o, c0[r]);
+            vstoreu(o + 8, c1[r]);
+        } else {
+            float t[kFGemmCols];
+            vstoreu(t, c0[r]);
+            vstoreu(t + 8, c1[r]);
+            for (int j = 0; j < nc; ++j) o[j] = add ? o[j] + t[j] : t[j];
+        }
+    }
+}
+
+using FMicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool);
+
+inline FMicroFn fgemm_micro_for(int nr) {
+    static const FMicroFn table[kFGemmNR + 1] = {nullptr, &fgemm_micro<1>, &fgemm_micro<2>, &fgemm_micro<3>,
+                                                 &fgemm_micro<4>, &fgemm_micro<5>, &fgemm_micro<6>};
+    return table[nr];
+}
+
+// out[i*ldo + r] = dot(x[i], W[r]) for r in [r0, r1), all n rows of x (ldx = cols).
+template <class S>
+void fgemm_band_impl(const WView& v, const float* x, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    const int64_t cols = v.cols;
+    const int64_t np = ceil_div(r1 - r0, kFGemmCols);
+    const int64_t kc_max = std::min<int64_t>(kFGemmKC, cols);
+    std::unique_ptr<float[]> buf(new float[static_cast<size_t>(np * kc_max * kFGemmCols)]);
+    float* packed = buf.get();
+    for (int64_t k0 = 0; k0 < cols; k0 += kFGemmKC) {
+        const int64_t kc = std::min<int64_t>(kFGemmKC, cols - k0);
+        for (int64_t p = 0; p < np; ++p) {
+            const int64_t c0 = r0 + p * kFGemmCols;
+            const int nc = static_cast<int>(std::min<int64_t>(kFGemmCols, r1 - c0));
+            fgemm_pack<S>(v, c0, nc, k0, kc, packed + p * kc * kFGemmCols);
+        }
+        const bool add = k0 > 0;
+        for (int64_t i0 = 0; i0 < n; i0 += kFGemmNR) {
+            const int nr = static_cast<int>(std::min<int64_t>(kFGemmNR, n - i0));
+            const FMicroFn micro = fgemm_micro_for(nr);
+            for (int64_t p = 0; p < np; ++p) {
+                const int64_t c0 = r0 + p * kFGemmCols;
+                const int nc = static_cast<int>(std::min<int64_t>(kFGemmCols, r1 - c0));
+                micro(x + i0 * cols + k0, cols, packed + p * kc * kFGemmCols, kc, out + i0 * ldo + c0, ldo, nc, add);
+            }
+        }
+    }
+}
+
+inline void fgemm_band(const WView& v, const float* x, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    if (v.scheme == kFP16)
+        fgemm_band_impl<SchFP16>(v, x, n, r0, r1, out, ldo);
+    else
+        fgemm_band_impl<SchFP32>(v, x, n, r0, r1, out, ldo);
+}
+
 inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
     if (n <= 0) return;
     const SchemeKernels& K = scheme_kernels(W.scheme);
@@ -306,6 +431,14 @@ inline void matmul(const WView& W, const float* x, int64_t n, float* out) {
     }
     const int64_t chunk = band_rows(W, n, T);
     const int64_t ntasks = ceil_div(rows, chunk);
+    if (float_gemm_applies(W.scheme, n)) {
+        auto gtask = [&](int64_t t) {
+            const int64_t r0 = t * chunk;
+            fgemm_band(W, x, n, r0, std::min(rows, r0 + chunk), out, rows);
+        };
+        pool.run(ntasks, gtask, parallel);
+        return;
+    }
     // Batch-invariant mode: tiles of at most 2 rows, whose per-row sums (4 accumulators) are
     // the one-row GEMV's, operation for operation.
     const int64_t maxnx = deterministic() ? 2 : kMaxNX;
