@@ -115,6 +115,16 @@ def _best(f, reps: int) -> float:
     return min(ts)
 
 
+def _alternate(set_mode, f, reps: int) -> dict[int, float]:
+    """Best time of f() with a kernel switch at 0 and at 1, alternating twice."""
+    best = {0: float("inf"), 1: float("inf")}
+    for _ in range(2):
+        for mode in (0, 1):
+            set_mode(mode)
+            best[mode] = min(best[mode], _best(f, reps))
+    return best
+
+
 def cmd_attention(_a) -> None:
     r = np.random.default_rng(0)
     H, KV, hd = 4, 1, 256
@@ -196,11 +206,7 @@ def cmd_matmul(_a) -> None:
                 w = quantize(r.standard_normal((rows, cols)).astype(np.float32), sch)
                 for threads in (1, 2):
                     ops.set_threads(threads)
-                    best = {0: float("inf"), 1: float("inf")}
-                    for _ in range(2):
-                        for mode in (0, 1):
-                            m.set_packed_gemm(mode)
-                            best[mode] = min(best[mode], _best(lambda: ops.matmul(x, w), 7))
+                    best = _alternate(m.set_packed_gemm, lambda: ops.matmul(x, w), 7)
                     g = {k: n * rows * cols / v / 1e9 for k, v in best.items()}
                     print(f"{n}x{rows}x{cols} {sch:10s} threads {threads}: tiles {g[0]:6.1f} GMAC/s  "
                           f"packed {g[1]:6.1f} GMAC/s  ({best[0] / best[1]:.2f}x)")
@@ -224,11 +230,7 @@ def cmd_float_gemm(a) -> None:
             x = r.standard_normal((n, cols)).astype(np.float32)
             for sch in ("fp32", "fp16"):
                 w = quantize((r.standard_normal((rows, cols)) * 0.03).astype(np.float32), sch)
-                best = {0: float("inf"), 1: float("inf")}
-                for _ in range(2):
-                    for mode in (0, 1):
-                        m.set_float_gemm(mode)
-                        best[mode] = min(best[mode], _best(lambda: ops.matmul(x, w), 4))
+                best = _alternate(m.set_float_gemm, lambda: ops.matmul(x, w), 4)
                 g = {k: n * rows * cols / v / 1e9 for k, v in best.items()}
                 print(f"{n}x{rows}x{cols} {sch}  threads {a.threads}: tiles {g[0]:6.1f} GMAC/s  "
                       f"gemm {g[1]:6.1f} GMAC/s  ({best[0] / best[1]:.2f}x)", flush=True)

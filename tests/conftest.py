@@ -66,3 +66,17 @@ def assert_clean_error(proc, *needles):
     assert len(lines) == 1, proc.stderr
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def espeak_wav(path, text: str):
+    """Speech synthesized offline by espeak-ng into `path` (a WAV file); skips the test where
+    espeak-ng is not installed (test.sh installs it)."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed (test.sh installs it): no synthesized speech to test on")
+    subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return path

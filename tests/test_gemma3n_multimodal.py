@@ -42,7 +42,7 @@ from edgelm.runtime.conversation import _feed_parts, render_chat_spans  # noqa: 
 from edgelm.runtime.engine import Engine  # noqa: E402
 from edgelm.runtime.session import GenerationStats  # noqa: E402
 
-from .conftest import assert_clean_error, run_cli  # noqa: E402
+from .conftest import assert_clean_error, espeak_wav, run_cli  # noqa: E402
 
 SR = 16_000
 
@@ -423,15 +423,7 @@ def test_convert_flags_and_inspect(mm, tmp_path):
 def test_spoken_sentence_end_to_end(mm, reference, processor, engines, tmp_path):
     """Speech synthesized offline by espeak-ng (22.05 kHz, resampled) through the whole
     pipeline: the processor's ids and transformers' logits."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.skip("espeak-ng is not installed (test.sh installs it): no synthesized speech")
-    wav = tmp_path / "speech.wav"
-    subprocess.run([exe, "-w", str(wav), "Please describe the picture in one sentence."], check=True,
-                   capture_output=True, timeout=60)
+    wav = espeak_wav(tmp_path / "speech.wav", "Please describe the picture in one sentence.")
     from edgelm.multimodal import load_audio
 
     msgs = [{"role": "user", "content": ["Listen:", Audio(wav)]}]

@@ -6,8 +6,6 @@ are a `BadInputError` naming the file."""
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 import sys
 import wave
 
@@ -17,6 +15,8 @@ import pytest
 from edgelm.errors import BadInputError
 from edgelm.multimodal import (AudioFeatureConfig, Gemma3nAudioFeatures, ImageConfig, load_audio, load_image,
                                log_mel_features, preprocess_image, resample)
+
+from .conftest import espeak_wav
 
 try:
     import torch
@@ -135,12 +135,7 @@ def test_float64_and_list_input(hf_extractor):
 
 
 def test_spoken_sentence_from_espeak(hf_extractor, tmp_path):
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.skip("espeak-ng is not installed: no synthesized speech to test on")
-    wav = tmp_path / "speech.wav"
-    subprocess.run([exe, "-w", str(wav), "The quick brown fox jumps over the lazy dog."], check=True,
-                   capture_output=True, timeout=60)
+    wav = espeak_wav(tmp_path / "speech.wav", "The quick brown fox jumps over the lazy dog.")
     x, rate = load_audio(wav, sampling_rate=SR)
     assert rate == SR and len(x) > SR // 2
     ref_f, ref_m = _reference(hf_extractor, {}, x)

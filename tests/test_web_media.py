@@ -15,7 +15,6 @@ Errors are shown in the page and keep the attachments pending: a corrupt image (
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import wave
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from browser import browser  # noqa: E402,F401  (a fixture)
 from tiny_bundle import tiny_bundle  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -39,32 +39,6 @@ from edgelm.server import BackgroundServer, create_app  # noqa: E402
 
 N = 12  # max_tokens of every turn
 TEXT_MAX_BODY = 64 << 10  # the text-only server's --max-body: a 100 KB attachment is a 413
-
-
-def _browser_paths():
-    chrome = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    driver = shutil.which("chromedriver") or (
-        "/usr/lib/chromium/chromedriver" if Path("/usr/lib/chromium/chromedriver").exists() else None)
-    return chrome, driver
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    chrome, driver = _browser_paths()
-    if not chrome or not driver:
-        pytest.skip("headless Chromium is not installed here (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    d = webdriver.Chrome(service=Service(driver), options=opts)
-    d.set_page_load_timeout(30)
-    yield d
-    d.quit()
 
 
 @pytest.fixture(scope="module")
