@@ -7,7 +7,8 @@
 Both towers are built by transformers with random weights (the real geometry: MobileNet-V5
 300M at 768 px; the 12-layer conformer), imported through edgelm's tensor tables and run by
 edgelm the way an engine runs them: numpy on the host, weight products through the cpu
-backend's matmul at the scheme, the image tower's attention through its attention kernel.
+backend's matmul at the scheme, the image tower's attention and depthwise convolutions
+through its kernels.
 `speed` alternates transformers and edgelm on the same threads and prints each pair's time
 and ratio (edgelm / transformers): the host's speed drifts, so only ratios taken side by
 side mean anything. `accuracy` compares each scheme's features with edgelm's fp32 path (which
@@ -84,16 +85,16 @@ args_seconds = [30.0]
 
 def edgelm_runner(which, mod, cfg, raw, args, scheme: str, threads: int):
     from edgelm.backends import get_backend
-    from edgelm.models.gemma3n import _tower_attend, _tower_linear
+    from edgelm.models.gemma3n import tower_kernels
     from edgelm.quant.schemes import quantize
 
     ops = get_backend("cpu", threads)
     table = mod.tensor_table(cfg)
     w = {n: (quantize(a, scheme) if table[n].kind == "linear" else a) for n, a in raw.items()}
-    kw = {"attend": _tower_attend(ops)} if which == "vision" else {}
+    kw = tower_kernels(ops, which)
 
     def run():
-        out = mod.encode(cfg, w, *args, linear=_tower_linear(ops), **kw)
+        out = mod.encode(cfg, w, *args, **kw)
         return out[0] if isinstance(out, tuple) else out
     return run
 

@@ -235,6 +235,8 @@ def _cases(rng):
         "match_rms": ((f(3, n, d), f(n, d)), {}),
         "gaussian_topk": ((f(n, d), 1.6448536), {}),
         "splice": ((f(n, d), np.array([1, 3], np.int64), f(2, d)), {}),
+        # stride 2 and padding on both sides: taps past the bottom and right edges read zero
+        "depthwise_conv2d": ((f(7, 9, 20), f(3, 3, 20), 2, 1, 1, (4, 5)), {}),
     }
 
 

@@ -814,3 +814,32 @@ def test_cpu_ops_fused_products_match_numpy_reference():
     # fp32 sums in another order (~1e-5 relative in g and u), carried through gelu(g) * u
     g, u = np.abs(ref.matmul(x, ts[0])), np.abs(ref.matmul(x, ts[1]))
     assert np.all(np.abs(got - want) <= 1e-4 * (g + u + np.abs(want)) + 1e-4)
+
+
+def test_depthwise_conv2d_against_numpy(kern):
+    """The image tower's depthwise convolution: every stride and padding MobileNet-V5 uses, odd
+    sizes, channel counts off the 8-lane width, against the numpy reference (tap by tap in the
+    same order); the thread count changes no bit; bad shapes are errors, never a crash."""
+    from edgelm.backends.numpy_ops import NumpyOps
+
+    ref = NumpyOps()
+    rng = np.random.default_rng(9)
+    for (H, W, C, k, s, top, left) in ((7, 9, 20, 3, 2, 0, 0), (7, 9, 20, 3, 2, 1, 1), (16, 16, 64, 5, 1, 2, 2),
+                                       (15, 11, 3, 5, 2, 1, 2), (1, 1, 8, 3, 1, 1, 1), (33, 17, 13, 3, 2, 0, 1)):
+        x = rng.standard_normal((H, W, C)).astype(np.float32)
+        t = rng.standard_normal((k, k, C)).astype(np.float32)
+        oh, ow = -(-(H + top) // s), -(-(W + left) // s)
+        oh, ow = min(oh, (H - 1 + top) // s + 1), min(ow, (W - 1 + left) // s + 1)
+        want = ref.depthwise_conv2d(x, t, s, top, left, (oh, ow))
+        kern.set_threads(1)
+        got = kern.depthwise_conv2d(x, t, s, top, left, (oh, ow))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * k * k)
+        kern.set_threads(2)
+        np.testing.assert_array_equal(kern.depthwise_conv2d(x, t, s, top, left, (oh, ow)), got)
+    x = np.ones((4, 4, 8), np.float32)
+    for args, msg in (((np.ones((3, 3, 7), np.float32), 1, 1, 1, (4, 4)), "taps must be"),
+                      ((np.ones((3, 3, 8), np.float32), 0, 1, 1, (4, 4)), "stride"),
+                      ((np.ones((3, 3, 8), np.float32), 1, 3, 1, (4, 4)), "top, left"),
+                      ((np.ones((3, 3, 8), np.float32), 1, 1, 1, (9, 4)), "larger than the input")):
+        with pytest.raises(ValueError, match=msg):
+            kern.depthwise_conv2d(x, *args)

@@ -470,6 +470,36 @@ void py_softcap(py::handle x_h, double cap, py::handle out_h) {
     edgelm::softcap(xp, size, static_cast<float>(cap), op);
 }
 
+void py_depthwise_conv2d(py::handle x_h, py::handle taps_h, int64_t stride, int64_t top, int64_t left,
+                         py::handle out_h) {
+    const char* fn = "depthwise_conv2d";
+    py::array x = check_f32(fn, "x", x_h);
+    if (x.ndim() != 3 || x.shape(0) < 1 || x.shape(1) < 1 || x.shape(2) < 1)
+        throw py::value_error("depthwise_conv2d: x must be [H, W, C] with every dimension >= 1, got " + shape_str(x));
+    const int64_t H = x.shape(0), W = x.shape(1), C = x.shape(2);
+    py::array t = check_f32(fn, "taps", taps_h);
+    if (t.ndim() != 3 || t.shape(0) < 1 || t.shape(0) != t.shape(1) || t.shape(2) != C)
+        throw py::value_error("depthwise_conv2d: taps must be [k, k, C] with C = " + std::to_string(C) + ", got " +
+                              shape_str(t));
+    const int64_t k = t.shape(0);
+    if (k > 64 || stride < 1 || stride > 64 || top < 0 || top >= k || left < 0 || left >= k)
+        throw py::value_error("depthwise_conv2d: need 1 <= k <= 64, 1 <= stride <= 64 and 0 <= top, left < k");
+    py::array out = as_array(fn, "out", out_h);
+    if (out.ndim() != 3 || out.shape(0) < 1 || out.shape(1) < 1 || out.shape(2) != C)
+        throw py::value_error("depthwise_conv2d: out must be [oh, ow, C] with oh, ow >= 1, got " + shape_str(out));
+    const int64_t oh = out.shape(0), ow = out.shape(1);
+    if (stride * (oh - 1) - top >= H || stride * (ow - 1) - left >= W)
+        throw py::value_error("depthwise_conv2d: the output is larger than the input and stride allow");
+    check_array(fn, "out", out_h, kF32, {oh, ow, C}, true);
+    check_no_overlap(fn, "out", out, "x", x);
+    check_no_overlap(fn, "out", out, "taps", t);
+    const float* xp = static_cast<const float*>(x.data());
+    const float* tp = static_cast<const float*>(t.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    edgelm::depthwise_conv2d(xp, H, W, C, tp, k, stride, top, left, op, oh, ow);
+}
+
 void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpos_h, py::handle kpos_h,
                   int64_t window, double scale, double cap, py::handle out_h) {
     const char* fn = "attention";
@@ -877,6 +907,9 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
           "Per-head rmsnorm (w [hd]) then rotate-half RoPE: x [n, heads, hd]; out may be x.");
     m.def("gelu_mul", &py_gelu_mul, "g"_a, "u"_a, "out"_a, "out = gelu_tanh(g) * u (same shapes, float32).");
     m.def("softcap", &py_softcap, "x"_a, "cap"_a, "out"_a, "out = tanh(x / cap) * cap.");
+    m.def("depthwise_conv2d", &py_depthwise_conv2d, "x"_a, "taps"_a, "stride"_a, "top"_a, "left"_a, "out"_a,
+          "Channels-last depthwise convolution: x [H,W,C], taps [k,k,C] float32, out [oh,ow,C];\n"
+          "out[o,p,c] = sum of x[s*o+i-top, s*p+j-left, c] * taps[i,j,c] over the taps inside x.");
     m.def("attention", &py_attention, "q"_a, "k"_a, "v"_a, "q_pos"_a, "k_pos"_a, "window"_a, "scale"_a,
           "softcap"_a, "out"_a,
           "Softmax attention over a KV cache. q [n,H,hd], k/v [T,KV,hd] float32 or float16 (both the same); q_pos [n], k_pos [T]\n"

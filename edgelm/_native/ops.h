@@ -194,6 +194,53 @@ inline void softcap(const float* x, int64_t size, float cap, float* out) {
     parallel_range(size, 32768, fn);
 }
 
+// ----------------------------------------------------------------------------- depthwise convolution
+
+// Channels-last depthwise convolution (Gemma 3n's image tower): x [H, W, C], taps [k, k, C],
+// out [oh, ow, C] with out[o, p, c] = sum over taps (i, j) whose input row s*o + i - top and
+// column s*p + j - left lie inside x of x[.., .., c] * taps[i, j, c] (padding reads as zero).
+// Output rows are spread over the threads; each pixel sums its taps in order, 8 channels at a
+// time, so results do not depend on the thread count.
+inline void depthwise_conv2d(const float* x, int64_t H, int64_t W, int64_t C, const float* taps, int64_t k,
+                             int64_t s, int64_t top, int64_t left, float* out, int64_t oh, int64_t ow) {
+    auto rows = [&](int64_t o0, int64_t o1) {
+        for (int64_t o = o0; o < o1; ++o) {
+            for (int64_t p = 0; p < ow; ++p) {
+                float* dst = out + (o * ow + p) * C;
+                int64_t c = 0;
+                for (; c + 8 <= C; c += 8) {
+                    VF acc = vzero();
+                    for (int64_t i = 0; i < k; ++i) {
+                        const int64_t r = s * o + i - top;
+                        if (r < 0 || r >= H) continue;
+                        for (int64_t j = 0; j < k; ++j) {
+                            const int64_t q = s * p + j - left;
+                            if (q < 0 || q >= W) continue;
+                            acc = vfma(vloadu(x + (r * W + q) * C + c), vloadu(taps + (i * k + j) * C + c), acc);
+                        }
+                    }
+                    vstoreu(dst + c, acc);
+                }
+                for (; c < C; ++c) {
+                    float acc = 0.f;
+                    for (int64_t i = 0; i < k; ++i) {
+                        const int64_t r = s * o + i - top;
+                        if (r < 0 || r >= H) continue;
+                        for (int64_t j = 0; j < k; ++j) {
+                            const int64_t q = s * p + j - left;
+                            if (q < 0 || q >= W) continue;
+                            acc = std::fma(x[(r * W + q) * C + c], taps[(i * k + j) * C + c], acc);
+                        }
+                    }
+                    dst[c] = acc;
+                }
+            }
+        }
+    };
+    const int64_t per_row = std::max<int64_t>(1, ow * C * k * k);
+    parallel_range(oh, std::max<int64_t>(1, 65536 / per_row), rows);
+}
+
 // ----------------------------------------------------------------------------- attention
 
 struct AttnParams {

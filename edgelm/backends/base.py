@@ -48,6 +48,7 @@ OPS = (
     "match_rms",  # x rescaled to ref's per-row RMS (Gemma 3n's AltUp streams)
     "gaussian_topk",  # relu(g - (mean + std * k)) per row (Gemma 3n's activation sparsity)
     "splice",  # x with rows replaced by host values (soft embeddings)
+    "depthwise_conv2d",  # channels-last depthwise convolution (Gemma 3n's image tower)
     # placement and caches
     "place_weights",
     "alloc_cache",
@@ -141,6 +142,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def gaussian_topk(self, g, k: float):
         """max(g - (mean(g) + std(g) * k), 0) per row (population std)."""
+
+    @abc.abstractmethod
+    def depthwise_conv2d(self, x, taps, stride: int, top: int, left: int, out_hw):
+        """x [H, W, C], taps [k, k, C] -> [oh, ow, C] = out_hw + (C,): out[o, p, c] is the sum over
+        taps (i, j) of x[stride*o + i - top, stride*p + j - left, c] * taps[i, j, c], taps that
+        fall outside x reading zero (the padding)."""
 
     @abc.abstractmethod
     def splice(self, x, rows, values):

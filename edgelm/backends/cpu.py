@@ -171,6 +171,9 @@ class CpuOps(HostBackend):
         self._m.gelu_mul(g, u, out)
         return out
 
+    def depthwise_conv2d(self, x, taps, stride: int, top: int, left: int, out_hw):
+        return self._k.depthwise_conv2d(x, taps, stride, top, left, out_hw)
+
     def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
         x = _f32(x)
         out = np.empty_like(x)

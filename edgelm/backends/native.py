@@ -290,6 +290,16 @@ class Kernels:
         self.module.softcap(x, float(cap), out)
         return out
 
+    def depthwise_conv2d(self, x, taps, stride: int, top: int, left: int, out_hw: tuple[int, int],
+                         out: np.ndarray | None = None) -> np.ndarray:
+        """x [H, W, C], taps [k, k, C] -> [oh, ow, C]: a channels-last depthwise convolution
+        with the padding given by (top, left) (padded positions read as zero)."""
+        x, taps = _f32(x), _f32(taps)
+        if out is None:
+            out = np.empty((int(out_hw[0]), int(out_hw[1]), x.shape[-1]), np.float32)
+        self.module.depthwise_conv2d(x, taps, int(stride), int(top), int(left), out)
+        return out
+
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None,
                   out: np.ndarray | None = None) -> np.ndarray:
         """q [n, H, hd], k/v [T, KV, hd] (float32, or both float16: an fp16 KV cache), q_pos [n],

@@ -115,3 +115,19 @@ class NumpyOps(HostBackend):
 
     def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
+
+    def depthwise_conv2d(self, x, taps, stride: int, top: int, left: int, out_hw):
+        x, taps = np.asarray(x, np.float32), np.asarray(taps, np.float32)
+        (H, W, C), k, s = x.shape, taps.shape[0], int(stride)
+        oh, ow = int(out_hw[0]), int(out_hw[1])
+        out = np.zeros((oh, ow, C), np.float32)
+        rows, cols = np.arange(oh) * s - top, np.arange(ow) * s - left
+        for i in range(k):  # each tap adds its in-range inputs times its per-channel weight
+            r = rows + i
+            ro = np.nonzero((r >= 0) & (r < H))[0]
+            for j in range(k):
+                c = cols + j
+                co = np.nonzero((c >= 0) & (c < W))[0]
+                if ro.size and co.size:
+                    out[ro[:, None], co[None, :]] += x[r[ro][:, None], c[co][None, :]] * taps[i, j]
+        return out

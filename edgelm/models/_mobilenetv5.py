@@ -689,14 +689,17 @@ def _conv_full(x: np.ndarray, wt, k: int, s: int, padding: str, linear) -> np.nd
     return out
 
 
-def _conv_dw(x: np.ndarray, kern: np.ndarray, s: int, padding: str) -> np.ndarray:
+def _conv_dw(x: np.ndarray, kern: np.ndarray, s: int, padding: str, dw=None) -> np.ndarray:
     """Depthwise convolution, kern [C, k, k]: a sum over taps of strided slices times a
     per-channel weight, each tap clipped to the outputs it reaches inside the image (so no padded
-    copy), in bands of output rows that stay in cache."""
+    copy), in bands of output rows that stay in cache. dw(x, taps [k, k, C], stride, top, left,
+    (oh, ow)), where given, is the backend's kernel for the same sum."""
     h, w, c = x.shape
     k = kern.shape[1]
     (top, oh), (left, ow) = _geom2(x, k, s, padding)
     taps = np.ascontiguousarray(kern.transpose(1, 2, 0))  # [k, k, C]
+    if dw is not None:
+        return np.asarray(dw(np.ascontiguousarray(x, dtype=np.float32), taps, s, top, left, (oh, ow)), np.float32)
     out = np.empty((oh, ow, c), dtype=np.float32)
     rows = max(1, 2 * _CHUNK // (ow * c))
     tmp = np.empty((min(rows, oh), ow, c), dtype=np.float32)
@@ -764,15 +767,15 @@ def _uir(cfg, w, linear, p: str, x: np.ndarray, *, residual: bool, layer_scale: 
     start, mid, end = dw
     y = x
     if start:
-        y = _conv_dw(y, _f32(w, p + "dw_start.weight"), 1 if mid else stride, pad)
+        y = _conv_dw(y, _f32(w, p + "dw_start.weight"), 1 if mid else stride, pad, _dw(linear))
         y = _norm(y, _f32(w, p + "dw_start_norm.weight"), eps)
     y = _norm(_pointwise(y, w[p + "pw_exp.weight"], linear), _f32(w, p + "pw_exp_norm.weight"), eps, act=True)
     if mid:
-        y = _conv_dw(y, _f32(w, p + "dw_mid.weight"), stride, pad)
+        y = _conv_dw(y, _f32(w, p + "dw_mid.weight"), stride, pad, _dw(linear))
         y = _norm(y, _f32(w, p + "dw_mid_norm.weight"), eps, act=True)
     y = _norm(_pointwise(y, w[p + "pw_proj.weight"], linear), _f32(w, p + "pw_proj_norm.weight"), eps)
     if end:
-        y = _conv_dw(y, _f32(w, p + "dw_end.weight"), 1 if (start or mid) else stride, pad)
+        y = _conv_dw(y, _f32(w, p + "dw_end.weight"), 1 if (start or mid) else stride, pad, _dw(linear))
         y = _norm(y, _f32(w, p + "dw_end_norm.weight"), eps)
     if layer_scale:
         y *= _f32(w, p + "layer_scale")
@@ -795,7 +798,7 @@ def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray, attend=None) -> np.nda
     for name, dim in (("k", b.key_dim), ("v", b.value_dim)):
         src = xn
         if b.kv_stride > 1:
-            src = _conv_dw(xn, _f32(w, p + f"attn_{name}_down.weight"), b.kv_stride, cfg.padding)
+            src = _conv_dw(xn, _f32(w, p + f"attn_{name}_down.weight"), b.kv_stride, cfg.padding, _dw(linear))
             src = _norm(src, _f32(w, p + f"attn_{name}_down_norm.weight"), eps)
         kv.append(_pointwise(src, w[p + f"attn_{name}.weight"], linear).reshape(-1, dim))
     k, v = kv
@@ -829,6 +832,20 @@ def _mqa_out(cfg, w, p: str, b: Block, x: np.ndarray, y) -> np.ndarray:
     return y
 
 
+class _Linear:
+    """The weight-product callable, carrying the backend's depthwise convolution (or None)."""
+
+    def __init__(self, fn, dwconv=None):
+        self.fn, self.dwconv = fn, dwconv
+
+    def __call__(self, x, t):
+        return self.fn(x, t)
+
+
+def _dw(linear):
+    return getattr(linear, "dwconv", None)
+
+
 def _f32(w, name: str) -> np.ndarray:
     return np.asarray(w[name], dtype=np.float32)
 
@@ -852,12 +869,12 @@ def _msfa(cfg, w, linear, feats: list[np.ndarray]) -> np.ndarray:
     return _norm(y, _f32(w, "v.msfa.norm.weight"), cfg.norm_eps)
 
 
-def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None, attend=None) -> np.ndarray:
+def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None, attend=None, dwconv=None) -> np.ndarray:
     """One image's pixels float32 [3, H, W] (the processor's output) -> float32
     [num_tokens, hidden_size]: token t is grid cell (t // R, t % R) of the R x R MSFA output, i.e.
     transformers' last_hidden_state[0].reshape(hidden, R*R).T, before Gemma 3n's sqrt(hidden)
-    scaling and embed_vision. attend: see _mqa (None: numpy)."""
-    linear = linear or _default_linear
+    scaling and embed_vision. attend: see _mqa, dwconv: see _conv_dw (None: numpy)."""
+    linear = _Linear(linear or _default_linear, dwconv)
     px = np.asarray(pixels, dtype=np.float32)
     if px.ndim != 3 or px.shape[0] != cfg.in_channels or px.shape[1] < 1 or px.shape[2] < 1:
         raise BadInputError(f"image pixels must be [{cfg.in_channels}, height, width], got shape {list(px.shape)}")

@@ -586,6 +586,16 @@ def _tower_linear(ops):
     return lambda x, t: ops.to_host(ops.matmul(x, t))
 
 
+def tower_kernels(ops, kind: str) -> dict:
+    """The backend kernels a tower's encode() takes: weight products (both towers), and for
+    the image tower its attention and depthwise convolutions."""
+    kw = {"linear": _tower_linear(ops)}
+    if kind == VISION:
+        kw["attend"] = _tower_attend(ops)
+        kw["dwconv"] = lambda x, t, s, top, left, hw: ops.to_host(ops.depthwise_conv2d(x, t, s, top, left, hw))
+    return kw
+
+
 def _tower_attend(ops):
     """Full (non-causal) attention through the backend's kernel: every key at position 0,
     every query at 0, so each query sees every key; q comes scaled."""
@@ -605,7 +615,7 @@ def encode_image(cfg: Gemma3nConfig, w: Weights, ops, pixels):
 
     m = cfg.vision
     feats = _tower_module(VISION).encode(m.tower, w.media[VISION], np.asarray(pixels, np.float32),
-                                         linear=_tower_linear(ops), attend=_tower_attend(ops))
+                                         **tower_kernels(ops, VISION))
     if feats.shape != (m.soft_tokens, m.hidden_size):
         raise FormatError(f"the vision tower made {list(feats.shape)} features, the config expects "
                           f"{[m.soft_tokens, m.hidden_size]}")
@@ -623,7 +633,7 @@ def encode_audio(cfg: Gemma3nConfig, w: Weights, ops, features, padding=None):
 
     m = cfg.audio
     hidden, pad = _tower_module(AUDIO).encode(m.tower, w.media[AUDIO], np.asarray(features, np.float32), padding,
-                                              linear=_tower_linear(ops))
+                                              **tower_kernels(ops, AUDIO))
     if hidden.shape[0] > m.soft_tokens:
         raise ValueError(f"the audio tower made {hidden.shape[0]} rows, more than the {m.soft_tokens} a clip has")
     rows = np.array(_embed_into_text(cfg, w, ops, m, hidden, "soft_norm"), dtype=np.float32)
