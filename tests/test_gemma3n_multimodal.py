@@ -394,10 +394,21 @@ def test_server_takes_image_and_audio_parts(mm, engines):
                 assert r.status_code == 200, r.text
             else:
                 assert r.status_code == 400 and "local file paths are not accepted" in r.json()["error"]["message"]
-            bad = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]
-            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
-                           json={"model": "mm", "messages": [{"role": "user", "content": bad}], "max_tokens": 2})
-            assert r.status_code == 400 and "not an image" in r.json()["error"]["message"]
+            for bad, needle in (
+                ({"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}, "not an image"),
+                ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "remote URL"),
+                ({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}, "not valid base64"),
+                ({"type": "input_audio", "input_audio": {"data": wav, "format": "aiff"}}, "format must be one of"),
+                ({"type": "input_audio", "input_audio": "x"}, "input_audio must be an object"),
+            ):
+                r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                               json={"model": "mm", "messages": [{"role": "user", "content": [bad]}], "max_tokens": 2})
+                assert r.status_code == 400 and needle in r.json()["error"]["message"], (needle, r.text)
+            # an assistant message cannot hold media
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content[1:2]},
+                    {"role": "user", "content": "and?"}]
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={"model": "mm", "messages": msgs})
+            assert r.status_code == 400 and "only user messages may hold images or audio" in r.json()["error"]["message"]
 
 
 def test_convert_flags_and_inspect(mm, tmp_path):
@@ -489,3 +500,27 @@ def test_towers_stay_in_the_mapped_file_until_used(mm, tmp_path):
         assert _bundle_rss_kib(path) * 1024 > tower // 2  # the image tower's pages were read in use
     finally:
         eng.close()
+
+
+def test_an_item_larger_than_the_cache_is_refused_before_the_towers_run(mm):
+    """A 10-minute recording (20 clips, ~3,840 tokens) on a 1,024-token cache, or an image on
+    a 200-token cache: a capacity error naming the input and the sizes, before any encoding."""
+    from edgelm.runtime import media
+
+    eng = Engine(mm.full, backend="numpy", max_tokens=1024, kv_dtype="f32")
+    small = Engine(mm.full, backend="numpy", max_tokens=200, kv_dtype="f32")
+    try:
+        long = np.zeros(600 * SR, np.float32)
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(SR)
+            w.writeframes(long.astype("<i2").tobytes())
+        with pytest.raises(CapacityError, match=r"600.0 s of audio \(20 clips of at most 30 s\) needs about 3840"):
+            media.encode_audio(eng, buf.getvalue(), "talk.wav")
+        with pytest.raises(CapacityError, match=r"an image needs about 260 prompt tokens.*capacity of 200"):
+            small.create_conversation().send(["Look", Image(mm.media / "a.png")])
+    finally:
+        eng.close()
+        small.close()

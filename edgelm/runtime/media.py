@@ -91,6 +91,7 @@ def encode_image(engine, src, where: str = "image"):
 
     m = require(engine, "vision", where)
     data, label = read_source(src, where)
+    _check_room(engine, m.soft_tokens + ITEM_OVERHEAD, f"{label}: an image")
     from ..multimodal import load_image
 
     img = load_image(data, name=label) if isinstance(data, bytes) else load_image(data)
@@ -127,6 +128,9 @@ def encode_audio(engine, src, where: str = "audio") -> tuple:
     starts = list(range(0, len(x), clip))
     if len(starts) > 1 and -(-(len(x) - starts[-1]) // 128) * 128 < fe.frame_length + 1:
         starts.pop()  # a tail shorter than one 32 ms frame (padded to 128 samples) carries nothing
+    _check_room(engine, len(starts) * (m.soft_tokens + ITEM_OVERHEAD),
+                f"{label}: {len(x) / fe.config.sampling_rate:.1f} s of audio ({len(starts)} clip"
+                f"{'s' if len(starts) > 1 else ''} of at most {MAX_CLIP_SECONDS} s)")
     parts = []
     for start in starts:
         try:
@@ -137,6 +141,18 @@ def encode_audio(engine, src, where: str = "audio") -> tuple:
             rows = engine.model.encode_audio(engine.config, engine.weights, engine.ops, feats, ~mask)
         parts.append(Embeddings(_frozen(rows), m.token_id))
     return tuple(parts)
+
+
+ITEM_OVERHEAD = 4  # an item's begin and end markers and the newlines around them (at most)
+
+
+def _check_room(engine, tokens: int, what: str) -> None:
+    """Refuse, before any tower runs, an item that could not fit the KV cache even alone."""
+    from ..errors import CapacityError
+
+    if tokens > engine.max_tokens:
+        raise CapacityError(f"{what} needs about {tokens} prompt tokens, more than the KV-cache capacity of "
+                            f"{engine.max_tokens} (raise max_tokens / --max-tokens)")
 
 
 def _frozen(a) -> np.ndarray:
