@@ -1,4 +1,4 @@
-"""Import a Hugging Face text checkpoint directory (Gemma 3 or Gemma 3n) as a conversion `Source`.
+"""Import a Hugging Face checkpoint directory (Gemma 3 or Gemma 3n) as a conversion `Source`.
 
 A checkpoint directory holds config.json, one or more *.safetensors files (optionally with
 model.safetensors.index.json) and the tokenizer files. The config is mapped by
@@ -7,8 +7,10 @@ table (edgelm/models/<arch>.py: every tensor's Hugging Face name, shape and kind
 multimodal prefixes a text import skips, and `from_hf`, the conversion-time transform such as
 Gemma 3's 1 + w norm folding). The text decoder's names sit under one of `model.`,
 `language_model.model.` (what transformers writes to disk for the multimodal models),
-`model.language_model.` (its in-memory naming since 4.52) or `language_model.`; the
-vision/audio towers are skipped with a note. The source directory is only ever read.
+`model.language_model.` (its in-memory naming since 4.52) or `language_model.`. Gemma 3's
+vision tower is skipped with a note; Gemma 3n's image and audio towers (and their embedders)
+are table rows too, kept unless `keep` leaves them out, with the preprocessor settings of
+preprocessor_config.json. The source directory is only ever read.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ A prompt is a string, a list of token ids, or a list of parts:
   ([m, hidden] float32) that enter the model in place of m placeholder tokens `token_id`,
   as a multimodal tower's output does (transformers merges image and audio features the
   same way);
-- `Image(source)` and `Audio(source)`: typed slots for the towers' inputs. A bundle without
-  the tower answers them with a BadInputError naming the part;
+- `Image(source)` and `Audio(source)`: an image or a recording (a path, the file's bytes or a
+  data: URL). A Gemma 3n bundle that keeps the tower encodes it (runtime/media.py) and the
+  prompt gets the processor's expansion around its soft rows; a bundle without the tower
+  answers with a BadInputError naming the part;
 - `Tokens(ids)`: token ids taken as they are (no BOS is added before a leading one, as
   `Session.generate` adds none to a list of ids), for callers that render and tokenize
   themselves, as Conversation does.
