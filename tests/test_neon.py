@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "native" / "harness.cpp"
 HEADERS = sorted((ROOT / "edgelm" / "_native").glob("*.h"))
 REF = NumpyOps()
-OP = {"matmul": 1, "matmul_qd8": 2, "attention": 3, "rmsnorm": 4, "gelu_mul": 5, "softcap": 6, "embed": 7, "rope": 8}
+OP = {"matmul": 1, "matmul_qd8": 2, "attention": 3, "rmsnorm": 4, "gelu_mul": 5, "softcap": 6, "embed": 7, "rope": 8,
+      "depthwise_conv2d": 9}
 
 
 def _tools() -> tuple[str, str] | None:
@@ -231,3 +232,22 @@ def test_neon_harness_rejects_a_bad_batch(neon):
     neon.add("softcap", (11,), x, np.array([3.0], np.float32))  # 11 values promised, 10 given
     with pytest.raises(AssertionError, match="wrong byte count for x"):
         neon.run()
+
+
+def test_neon_depthwise_conv2d(neon):
+    """The image tower's depthwise convolution (8-lane channel groups plus a scalar tail)
+    against the numpy reference, strides 1 and 2, padding on either side."""
+    from edgelm.backends.numpy_ops import NumpyOps
+
+    ref = NumpyOps()
+    rng = np.random.default_rng(3)
+    jobs = []
+    for (H, W, C, k, s, top, left, oh, ow) in ((7, 9, 20, 3, 2, 1, 1, 4, 5), (16, 16, 64, 5, 1, 2, 2, 16, 16),
+                                                (15, 11, 3, 5, 2, 1, 2, 8, 6), (1, 1, 8, 3, 1, 1, 1, 1, 1)):
+        x = rng.standard_normal((H, W, C)).astype(np.float32)
+        t = rng.standard_normal((k, k, C)).astype(np.float32)
+        i = neon.add("depthwise_conv2d", (H, W, C, k, s, top, left, oh), x, t, np.array([ow], np.int64))
+        jobs.append((i, ref.depthwise_conv2d(x, t, s, top, left, (oh, ow))))
+    outs = neon.run()
+    for i, want in jobs:
+        np.testing.assert_allclose(outs[i].reshape(want.shape), want, rtol=1e-5, atol=1e-5 * 25)

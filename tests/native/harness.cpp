@@ -167,6 +167,17 @@ std::vector<float> run_case(int64_t op, const int64_t* h, const std::vector<Byte
             edgelm::rope(as<float>(a[0]), as<float>(a[1]), as<float>(a[2]), n, heads, hd, out.data());
             break;
         }
+        case 9: {  // depthwise_conv2d: H W C k stride top left oh | x [H,W,C] taps [k,k,C] ow (one int64)
+            const int64_t H = h[0], W = h[1], C = h[2], k = h[3], s = h[4], top = h[5], left = h[6], oh = h[7];
+            need(a.at(0), 4 * H * W * C, "x");
+            need(a.at(1), 4 * k * k * C, "taps");
+            need(a.at(2), 8, "ow");
+            const int64_t ow = as<int64_t>(a[2])[0];
+            if (oh < 1 || ow < 1 || ow > 4096 || oh > 4096) throw std::runtime_error("bad depthwise output size");
+            out.resize(static_cast<size_t>(oh * ow * C));
+            edgelm::depthwise_conv2d(as<float>(a[0]), H, W, C, as<float>(a[1]), k, s, top, left, out.data(), oh, ow);
+            break;
+        }
         default:
             throw std::runtime_error("unknown op " + std::to_string(op));
     }
