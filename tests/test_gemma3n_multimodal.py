@@ -377,7 +377,9 @@ def test_server_takes_image_and_audio_parts(mm, engines):
     want = conv.send(["Look:", Image(mm.media / "a.png"), Audio(mm.media / "a.wav"), "What do you see and hear?"])
     local = [{"type": "image_url", "image_url": {"url": str(mm.media / "a.png")}}, {"type": "text", "text": "Hi"}]
     for allow in (False, True):
-        app = create_app(eng, max_body_bytes=8 << 20, model_name="mm", allow_local_files=allow)
+        # the serial worker, then the batched one (continuous batching admits prompts with soft rows too)
+        app = create_app(eng, max_body_bytes=8 << 20, model_name="mm", allow_local_files=allow,
+                         parallel=2 if allow else 1)
         with BackgroundServer(app) as srv:
             body = {"model": "mm", "messages": [{"role": "user", "content": content}], "max_tokens": 4,
                     "temperature": 0}
@@ -388,6 +390,10 @@ def test_server_takes_image_and_audio_parts(mm, engines):
             # the same request again reuses the cached prompt, soft rows included
             r2 = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
             assert r2.json()["choices"][0]["message"]["content"] == want
+            # n choices of a prompt with soft rows (each prefills its own session)
+            r3 = httpx.post(srv.url + "/v1/chat/completions", json={**body, "n": 2}, timeout=120)
+            assert r3.status_code == 200, r3.text
+            assert [c["message"]["content"] for c in r3.json()["choices"]] == [want, want]
             r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
                            json={"model": "mm", "messages": [{"role": "user", "content": local}], "max_tokens": 2})
             if allow:
