@@ -205,33 +205,26 @@ inline void depthwise_conv2d(const float* x, int64_t H, int64_t W, int64_t C, co
                              int64_t s, int64_t top, int64_t left, float* out, int64_t oh, int64_t ow) {
     auto rows = [&](int64_t o0, int64_t o1) {
         for (int64_t o = o0; o < o1; ++o) {
+            // the taps whose input row / column lies inside x: i in [ia, ib), j in [ja, jb)
+            const int64_t ia = std::max<int64_t>(0, top - s * o), ib = std::min<int64_t>(k, H + top - s * o);
             for (int64_t p = 0; p < ow; ++p) {
+                const int64_t ja = std::max<int64_t>(0, left - s * p), jb = std::min<int64_t>(k, W + left - s * p);
+                // offset of tap (0, 0)'s input, which may lie outside x: only in-range taps are read
+                const int64_t base = ((s * o - top) * W + (s * p - left)) * C;
                 float* dst = out + (o * ow + p) * C;
                 int64_t c = 0;
                 for (; c + 8 <= C; c += 8) {
                     VF acc = vzero();
-                    for (int64_t i = 0; i < k; ++i) {
-                        const int64_t r = s * o + i - top;
-                        if (r < 0 || r >= H) continue;
-                        for (int64_t j = 0; j < k; ++j) {
-                            const int64_t q = s * p + j - left;
-                            if (q < 0 || q >= W) continue;
-                            acc = vfma(vloadu(x + (r * W + q) * C + c), vloadu(taps + (i * k + j) * C + c), acc);
-                        }
-                    }
+                    for (int64_t i = ia; i < ib; ++i)
+                        for (int64_t j = ja; j < jb; ++j)
+                            acc = vfma(vloadu(x + base + (i * W + j) * C + c), vloadu(taps + (i * k + j) * C + c), acc);
                     vstoreu(dst + c, acc);
                 }
                 for (; c < C; ++c) {
                     float acc = 0.f;
-                    for (int64_t i = 0; i < k; ++i) {
-                        const int64_t r = s * o + i - top;
-                        if (r < 0 || r >= H) continue;
-                        for (int64_t j = 0; j < k; ++j) {
-                            const int64_t q = s * p + j - left;
-                            if (q < 0 || q >= W) continue;
-                            acc = std::fma(x[(r * W + q) * C + c], taps[(i * k + j) * C + c], acc);
-                        }
-                    }
+                    for (int64_t i = ia; i < ib; ++i)
+                        for (int64_t j = ja; j < jb; ++j)
+                            acc = std::fma(x[base + (i * W + j) * C + c], taps[(i * k + j) * C + c], acc);
                     dst[c] = acc;
                 }
             }
