@@ -55,6 +55,7 @@ bundle stores, so nothing later needs timm.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -618,11 +619,27 @@ def _tap_range(n_in: int, n_out: int, s: int, pad: int, tap: int, lo: int = 0, h
     return first, max(first, end)
 
 
+# The backend's RMSNorm (rows [n, c], weight [c], eps) -> [n, c], set by encode() where given.
+_RMSNORM: contextvars.ContextVar = contextvars.ContextVar("edgelm_tower_rmsnorm", default=None)
+
+
 def _norm(x: np.ndarray, weight: np.ndarray, eps: float, act: bool = False) -> np.ndarray:
     """RMSNorm over the last axis, then GELU when `act`: in place (x must be a scratch array),
-    in row chunks small enough to stay in cache."""
+    in row chunks small enough to stay in cache (the norm by the backend's kernel where
+    encode() was given one)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     c = x.shape[-1]
+    native = _RMSNORM.get()
+    if native is not None:
+        x = np.asarray(native(x.reshape(-1, c), weight, eps), dtype=np.float32).reshape(x.shape)
+        if act:
+            x2 = x.reshape(-1, c)
+            rows = max(1, _CHUNK // c)
+            tmp = np.empty((min(rows, x2.shape[0]), c), dtype=np.float32)
+            for r0 in range(0, x2.shape[0], rows):
+                blk = x2[r0:r0 + rows]
+                _gelu(blk, tmp[:blk.shape[0]])
+        return x
     x2 = x.reshape(-1, c)
     rows = max(1, _CHUNK // c)
     inv_c, e = np.float32(1.0 / c), np.float32(eps)
@@ -869,12 +886,20 @@ def _msfa(cfg, w, linear, feats: list[np.ndarray]) -> np.ndarray:
     return _norm(y, _f32(w, "v.msfa.norm.weight"), cfg.norm_eps)
 
 
-def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None, attend=None, dwconv=None) -> np.ndarray:
+def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None, attend=None, dwconv=None, rmsnorm=None) -> np.ndarray:
     """One image's pixels float32 [3, H, W] (the processor's output) -> float32
     [num_tokens, hidden_size]: token t is grid cell (t // R, t % R) of the R x R MSFA output, i.e.
     transformers' last_hidden_state[0].reshape(hidden, R*R).T, before Gemma 3n's sqrt(hidden)
-    scaling and embed_vision. attend: see _mqa, dwconv: see _conv_dw (None: numpy)."""
-    linear = _Linear(linear or _default_linear, dwconv)
+    scaling and embed_vision. attend: see _mqa, dwconv: see _conv_dw, rmsnorm: see _norm
+    (None: numpy)."""
+    token = _RMSNORM.set(rmsnorm)
+    try:
+        return _encode(cfg, w, pixels, _Linear(linear or _default_linear, dwconv), attend)
+    finally:
+        _RMSNORM.reset(token)
+
+
+def _encode(cfg: VisionConfig, w, pixels: np.ndarray, linear, attend) -> np.ndarray:
     px = np.asarray(pixels, dtype=np.float32)
     if px.ndim != 3 or px.shape[0] != cfg.in_channels or px.shape[1] < 1 or px.shape[2] < 1:
         raise BadInputError(f"image pixels must be [{cfg.in_channels}, height, width], got shape {list(px.shape)}")

@@ -588,11 +588,12 @@ def _tower_linear(ops):
 
 def tower_kernels(ops, kind: str) -> dict:
     """The backend kernels a tower's encode() takes: weight products (both towers), and for
-    the image tower its attention and depthwise convolutions."""
+    the image tower its attention, depthwise convolutions and RMSNorms."""
     kw = {"linear": _tower_linear(ops)}
     if kind == VISION:
         kw["attend"] = _tower_attend(ops)
         kw["dwconv"] = lambda x, t, s, top, left, hw: ops.to_host(ops.depthwise_conv2d(x, t, s, top, left, hw))
+        kw["rmsnorm"] = lambda x, wt, eps: ops.to_host(ops.rmsnorm(x, wt, eps))
     return kw
 
 
