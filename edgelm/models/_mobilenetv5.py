@@ -619,8 +619,16 @@ def _tap_range(n_in: int, n_out: int, s: int, pad: int, tap: int, lo: int = 0, h
     return first, max(first, end)
 
 
-# The backend's RMSNorm (rows [n, c], weight [c], eps) -> [n, c], set by encode() where given.
-_RMSNORM: contextvars.ContextVar = contextvars.ContextVar("edgelm_tower_rmsnorm", default=None)
+class _Kernels(NamedTuple):
+    """The backend kernels encode() was given (None: numpy does that part)."""
+
+    attend: object = None  # (q [n, heads, d], k [m, 1, d], v [m, 1, d]) -> [n, heads * d], q pre-scaled
+    dwconv: object = None  # (x [H, W, C], taps [k, k, C], stride, top, left, (oh, ow)) -> [oh, ow, C]
+    rmsnorm: object = None  # (rows [n, c], weight [c], eps) -> [n, c]
+
+
+# set by encode() for the duration of one call (per thread, so concurrent encodes keep theirs)
+_KERNELS: contextvars.ContextVar = contextvars.ContextVar("edgelm_tower_kernels", default=_Kernels())
 
 
 def _norm(x: np.ndarray, weight: np.ndarray, eps: float, act: bool = False) -> np.ndarray:
@@ -629,7 +637,7 @@ def _norm(x: np.ndarray, weight: np.ndarray, eps: float, act: bool = False) -> n
     encode() was given one)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     c = x.shape[-1]
-    native = _RMSNORM.get()
+    native = _KERNELS.get().rmsnorm
     if native is not None:
         x = np.asarray(native(x.reshape(-1, c), weight, eps), dtype=np.float32).reshape(x.shape)
         if act:
@@ -706,15 +714,16 @@ def _conv_full(x: np.ndarray, wt, k: int, s: int, padding: str, linear) -> np.nd
     return out
 
 
-def _conv_dw(x: np.ndarray, kern: np.ndarray, s: int, padding: str, dw=None) -> np.ndarray:
+def _conv_dw(x: np.ndarray, kern: np.ndarray, s: int, padding: str) -> np.ndarray:
     """Depthwise convolution, kern [C, k, k]: a sum over taps of strided slices times a
     per-channel weight, each tap clipped to the outputs it reaches inside the image (so no padded
-    copy), in bands of output rows that stay in cache. dw(x, taps [k, k, C], stride, top, left,
-    (oh, ow)), where given, is the backend's kernel for the same sum."""
+    copy), in bands of output rows that stay in cache; or the backend's kernel for the same sum
+    where encode() was given one."""
     h, w, c = x.shape
     k = kern.shape[1]
     (top, oh), (left, ow) = _geom2(x, k, s, padding)
     taps = np.ascontiguousarray(kern.transpose(1, 2, 0))  # [k, k, C]
+    dw = _KERNELS.get().dwconv
     if dw is not None:
         return np.asarray(dw(np.ascontiguousarray(x, dtype=np.float32), taps, s, top, left, (oh, ow)), np.float32)
     out = np.empty((oh, ow, c), dtype=np.float32)
@@ -784,15 +793,15 @@ def _uir(cfg, w, linear, p: str, x: np.ndarray, *, residual: bool, layer_scale: 
     start, mid, end = dw
     y = x
     if start:
-        y = _conv_dw(y, _f32(w, p + "dw_start.weight"), 1 if mid else stride, pad, _dw(linear))
+        y = _conv_dw(y, _f32(w, p + "dw_start.weight"), 1 if mid else stride, pad)
         y = _norm(y, _f32(w, p + "dw_start_norm.weight"), eps)
     y = _norm(_pointwise(y, w[p + "pw_exp.weight"], linear), _f32(w, p + "pw_exp_norm.weight"), eps, act=True)
     if mid:
-        y = _conv_dw(y, _f32(w, p + "dw_mid.weight"), stride, pad, _dw(linear))
+        y = _conv_dw(y, _f32(w, p + "dw_mid.weight"), stride, pad)
         y = _norm(y, _f32(w, p + "dw_mid_norm.weight"), eps, act=True)
     y = _norm(_pointwise(y, w[p + "pw_proj.weight"], linear), _f32(w, p + "pw_proj_norm.weight"), eps)
     if end:
-        y = _conv_dw(y, _f32(w, p + "dw_end.weight"), 1 if (start or mid) else stride, pad, _dw(linear))
+        y = _conv_dw(y, _f32(w, p + "dw_end.weight"), 1 if (start or mid) else stride, pad)
         y = _norm(y, _f32(w, p + "dw_end_norm.weight"), eps)
     if layer_scale:
         y *= _f32(w, p + "layer_scale")
@@ -801,11 +810,10 @@ def _uir(cfg, w, linear, p: str, x: np.ndarray, *, residual: bool, layer_scale: 
     return y
 
 
-def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray, attend=None) -> np.ndarray:
+def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray) -> np.ndarray:
     """Multi-query attention block. Every (position, head) row of q attends to all key
-    positions; rows are processed in slabs, the softmax denominator applied to the output.
-    attend(q [n, heads, d], k [m, 1, d], v [m, 1, d]) -> [n, heads * d], where given, is
-    the backend's kernel for the same product (q comes already scaled)."""
+    positions; rows are processed in slabs, the softmax denominator applied to the output
+    (or the backend's attention kernel, where encode() was given one)."""
     eps = cfg.norm_eps
     h, wd, _ = x.shape
     xn = _norm(x.copy(), _f32(w, p + "attn_norm.weight"), eps)
@@ -815,10 +823,11 @@ def _mqa(cfg, w, linear, p: str, b: Block, x: np.ndarray, attend=None) -> np.nda
     for name, dim in (("k", b.key_dim), ("v", b.value_dim)):
         src = xn
         if b.kv_stride > 1:
-            src = _conv_dw(xn, _f32(w, p + f"attn_{name}_down.weight"), b.kv_stride, cfg.padding, _dw(linear))
+            src = _conv_dw(xn, _f32(w, p + f"attn_{name}_down.weight"), b.kv_stride, cfg.padding)
             src = _norm(src, _f32(w, p + f"attn_{name}_down_norm.weight"), eps)
         kv.append(_pointwise(src, w[p + f"attn_{name}.weight"], linear).reshape(-1, dim))
     k, v = kv
+    attend = _KERNELS.get().attend
     if attend is not None and b.key_dim == b.value_dim:  # the backend's attention kernel, one shared kv head
         n, hd = h * wd, b.key_dim
         o = attend(q.reshape(n, b.num_heads, hd), k.reshape(-1, 1, hd), v.reshape(-1, 1, hd))
@@ -849,20 +858,6 @@ def _mqa_out(cfg, w, p: str, b: Block, x: np.ndarray, y) -> np.ndarray:
     return y
 
 
-class _Linear:
-    """The weight-product callable, carrying the backend's depthwise convolution (or None)."""
-
-    def __init__(self, fn, dwconv=None):
-        self.fn, self.dwconv = fn, dwconv
-
-    def __call__(self, x, t):
-        return self.fn(x, t)
-
-
-def _dw(linear):
-    return getattr(linear, "dwconv", None)
-
-
 def _f32(w, name: str) -> np.ndarray:
     return np.asarray(w[name], dtype=np.float32)
 
@@ -890,16 +885,16 @@ def encode(cfg: VisionConfig, w, pixels: np.ndarray, linear=None, attend=None, d
     """One image's pixels float32 [3, H, W] (the processor's output) -> float32
     [num_tokens, hidden_size]: token t is grid cell (t // R, t % R) of the R x R MSFA output, i.e.
     transformers' last_hidden_state[0].reshape(hidden, R*R).T, before Gemma 3n's sqrt(hidden)
-    scaling and embed_vision. attend: see _mqa, dwconv: see _conv_dw, rmsnorm: see _norm
-    (None: numpy)."""
-    token = _RMSNORM.set(rmsnorm)
+    scaling and embed_vision. attend, dwconv, rmsnorm: the backend's kernels for the
+    attention, depthwise convolutions and RMSNorms (see _Kernels; None: numpy)."""
+    token = _KERNELS.set(_Kernels(attend, dwconv, rmsnorm))
     try:
-        return _encode(cfg, w, pixels, _Linear(linear or _default_linear, dwconv), attend)
+        return _encode(cfg, w, pixels, linear or _default_linear)
     finally:
-        _RMSNORM.reset(token)
+        _KERNELS.reset(token)
 
 
-def _encode(cfg: VisionConfig, w, pixels: np.ndarray, linear, attend) -> np.ndarray:
+def _encode(cfg: VisionConfig, w, pixels: np.ndarray, linear) -> np.ndarray:
     px = np.asarray(pixels, dtype=np.float32)
     if px.ndim != 3 or px.shape[0] != cfg.in_channels or px.shape[1] < 1 or px.shape[2] < 1:
         raise BadInputError(f"image pixels must be [{cfg.in_channels}, height, width], got shape {list(px.shape)}")
@@ -918,7 +913,7 @@ def _encode(cfg: VisionConfig, w, pixels: np.ndarray, linear, attend) -> np.ndar
             x = _uir(cfg, w, linear, p, x, residual=b.skip, layer_scale=cfg.layer_scale,
                      dw=(b.dw_start, b.dw_mid, b.dw_end), stride=b.stride)
         else:
-            x = _mqa(cfg, w, linear, p, b, x, attend)
+            x = _mqa(cfg, w, linear, p, b, x)
         if n + 1 in taps:
             feats.append(x)
         if n + 1 >= cfg.msfa_taps[-1]:

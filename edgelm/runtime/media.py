@@ -86,14 +86,12 @@ def read_source(src, where: str, allow_files: bool = True) -> tuple[bytes | str,
 
 def encode_image(engine, src, where: str = "image"):
     """Soft rows for one image: an Embeddings part of vision.soft_tokens rows."""
-    from ..multimodal import preprocess_image
+    from ..multimodal import load_image, preprocess_image
     from .content import Embeddings
 
     m = require(engine, "vision", where)
     data, label = read_source(src, where)
     _check_room(engine, m.soft_tokens + ITEM_OVERHEAD, f"{label}: an image")
-    from ..multimodal import load_image
-
     img = load_image(data, name=label) if isinstance(data, bytes) else load_image(data)
     try:
         pixels = preprocess_image(img, config=m.preprocess)

@@ -164,11 +164,14 @@ class Scheduler:
         """Brings `sess` to the longest reusable prefix of the prompt; returns what to feed
         (ids, or content parts where soft rows remain to be fed) and how many prompt tokens
         were reused."""
-        from ..runtime.conversation import _feed_parts
+        from ..runtime.conversation import _feed_parts, _first_soft_difference
 
-        keep = self._reusable(sess, ids, spans)
-        if keep < sess.common_prefix(ids) and not sess.rewind(keep):
-            sess.reset()
+        held = self._soft.get(sess, [])
+        if held or spans:  # (text-only on both sides: sync's own prefix match is the whole story)
+            n = sess.common_prefix(ids)
+            keep = _first_soft_difference(held, spans, n)
+            if keep < n and not sess.rewind(keep):
+                sess.reset()
         feed = sess.sync(ids)
         self._soft[sess] = list(spans)
         cached = len(ids) - len(feed)
