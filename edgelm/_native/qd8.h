@@ -59,6 +59,7 @@ struct QAct {
     int64_t nbt = 0;   // blocks including a partial tail
     bool pairs = false;
     bool gemm = false;   // natural layout with c = 8 dx sx (float) in place of s: the packed GEMM (int4 reads c)
+    bool u8 = false;     // gemm layout, int8 weights, VNNI builds: the bytes hold qx + 128 (see q8_gemm_tile)
     uint8_t* base = nullptr;
     int64_t stride = 0;  // bytes per activation row
     // natural layout: [q int8 nbt*32][d float nbt][s int32 nbt]
@@ -165,13 +166,18 @@ inline void quant_row(const float* x, const QAct& A, int64_t i) {
     int32_t* s = reinterpret_cast<int32_t*>(row + A.nbt * 32 + A.nbt * 4);
     for (int64_t b = 0; b < A.nb; ++b) {
 #if defined(EDGELM_PATH_AVX2)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), quant_block_avx2(x + 32 * b, d + b, s + b));
+        __m256i qb = quant_block_avx2(x + 32 * b, d + b, s + b);
+        if (A.u8) qb = _mm256_xor_si256(qb, _mm256_set1_epi8(static_cast<char>(0x80)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), qb);
 #else
         quant_block_scalar(x + 32 * b, 32, q + 32 * b, d + b, s + b);
 #endif
     }
-    if (A.nbt > A.nb)
+    if (A.nbt > A.nb) {
         quant_block_scalar(x + 32 * A.nb, static_cast<int>(A.cols - 32 * A.nb), q + 32 * A.nb, d + A.nb, s + A.nb);
+        if (A.u8)
+            for (int k = 0; k < 32; ++k) q[32 * A.nb + k] = static_cast<int8_t>(static_cast<uint8_t>(q[32 * A.nb + k]) ^ 0x80u);
+    }
     if (A.gemm)
         for (int64_t b = 0; b < A.nbt; ++b) {
             const float c = 8.f * d[b] * static_cast<float>(s[b]);
@@ -726,9 +732,11 @@ inline void q4_gemm_tile(const uint8_t* pw, const float* dw, int64_t gs, int64_t
 // int8 weights (per-row or b32), packed the same way: vector 8b+k holds the signed bytes of
 // elements 4k..4k+3 of block b for the 8 rows; dw holds the 8 rows' block scales (b32) or,
 // in its first 8 floats, the row scales (per-row). A partial last block (per-row int8,
-// cols % 32 != 0) is zero-padded, as its activations are.
+// cols % 32 != 0) is zero-padded, as its activations are. VNNI builds also write pc: per
+// block, the 8 rows' -128 * (sum of the block's weights), the start of each tile's integer
+// sums (q8_gemm_tile).
 template <bool ROWSCALE>
-inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw) {
+inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw, [[maybe_unused]] uint8_t* pc) {
     const auto* Q = static_cast<const int8_t*>(v.w);
     const int64_t cols = v.cols, nb = cols / 32, nbt = (cols + 31) / 32;
     for (int64_t b = 0; b < nbt; ++b) {
@@ -749,6 +757,13 @@ inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw)
         }
         transpose8_epi32(r);
         for (int k = 0; k < 8; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(pw + 256 * b + 32 * k), r[k]);
+#if defined(EDGELM_VNNI)
+        // lane j: sum over k of row j's four bytes in r[k] (pairs of bytes fit int16: |2 * 128|)
+        const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
+        __m256i t = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(one8, r[k]), one16));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 32 * b), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(t, 7)));
+#endif
     }
     if (ROWSCALE)
         for (int j = 0; j < 8; ++j) dw[j] = j < nr ? static_cast<const float*>(v.scale)[r0 + j] : 0.f;
@@ -756,91 +771,123 @@ inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw)
         pack_scales<32>(static_cast<const uint16_t*>(v.scale), r0, nr, cols, dw);
 }
 
-// Signed x signed bytes through vpmaddubsw: |w| times x with w's sign. A lane of one product
-// can reach 2 * 127 * 127, so each is widened to int32 (vpmaddwd) before it is summed.
-template <bool ROWSCALE, int NX>
-inline void q8_gemm_tile(const uint8_t* pw, const float* dw, int64_t nbt, const QAct& A, int64_t i0, float* out,
-                         int64_t ldo) {
+// AVX2: signed x signed bytes through vpmaddubsw: |w| times x with w's sign. A lane of one
+// product can reach 2 * 127 * 127, so each is widened to int32 (vpmaddwd) before it is summed.
+// VNNI: the activations are stored unsigned (qx + 128, A.u8) and vpdpbusd multiplies them with
+// the signed weights directly; each block's sums start from -128 * (the block's weight sum,
+// pc), so they end as the exact sum qw * qx, the same integers as the AVX2 route's. (vpsignb
+// shares the vector multiply pipes with vpdpbusd on AMD Zen 4; dropping the two per product
+// is what this form buys.) G groups of 8 rows (group g at pw + g * gs, its pc after its nbt
+// weight blocks, its scales at dw + g * ds) share each activation broadcast.
+template <bool ROWSCALE, int G, int NX>
+inline void q8_gemm_tile(const uint8_t* pw, const float* dw, int64_t gs, int64_t ds, int64_t nbt, const QAct& A,
+                         int64_t i0, float* out, int64_t ldo) {
     [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     const int8_t* xq[NX];
     const float* xd[NX];
-    __m256 acc[NX];
+    __m256 acc[NX][G];
     for (int i = 0; i < NX; ++i) {
         xq[i] = A.q(i0 + i);
         xd[i] = A.d(i0 + i);
-        acc[i] = _mm256_setzero_ps();
+        for (int g = 0; g < G; ++g) acc[i][g] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nbt; ++b) {
         const uint8_t* wb = pw + 256 * b;
-        __m256i s[NX];
+        __m256i s[NX][G];
 #if defined(EDGELM_VNNI)
-        for (int i = 0; i < NX; ++i) s[i] = _mm256_setzero_si256();
+        for (int g = 0; g < G; ++g) {
+            const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pw + g * gs + 256 * nbt + 32 * b));
+            for (int i = 0; i < NX; ++i) s[i][g] = c0;
+        }
         for (int k = 0; k < 8; ++k) {
-            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * k));
-            const __m256i aw = _mm256_sign_epi8(w, w);
+            __m256i w[G];
+            for (int g = 0; g < G; ++g) w[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + g * gs + 32 * k));
             for (int i = 0; i < NX; ++i) {
-                s[i] = dpbusd(s[i], aw, _mm256_sign_epi8(bcast4(xq[i] + 32 * b + 4 * k), w));
-                EDGELM_PIN(s[i]);
+                const __m256i x = bcast4(xq[i] + 32 * b + 4 * k);
+                for (int g = 0; g < G; ++g) {
+                    s[i][g] = dpbusd(s[i][g], x, w[g]);
+                    EDGELM_PIN(s[i][g]);
+                }
             }
         }
 #else
+        static_assert(G == 1, "the AVX2 int8 tile takes one group");
         {
             const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb));
             const __m256i aw = _mm256_sign_epi8(w, w);
             for (int i = 0; i < NX; ++i)
-                s[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xq[i] + 32 * b), w)), ones);
+                s[i][0] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xq[i] + 32 * b), w)), ones);
         }
         for (int k = 1; k < 8; ++k) {
             const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + 32 * k));
             const __m256i aw = _mm256_sign_epi8(w, w);
             for (int i = 0; i < NX; ++i) {
                 const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xq[i] + 32 * b + 4 * k), w));
-                s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(p, ones));
-                EDGELM_PIN(s[i]);
+                s[i][0] = _mm256_add_epi32(s[i][0], _mm256_madd_epi16(p, ones));
+                EDGELM_PIN(s[i][0]);
             }
         }
 #endif
         if (ROWSCALE) {
-            for (int i = 0; i < NX; ++i)
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), _mm256_broadcast_ss(xd[i] + b), acc[i]);
+            for (int i = 0; i < NX; ++i) {
+                const __m256 xdv = _mm256_broadcast_ss(xd[i] + b);
+                for (int g = 0; g < G; ++g) acc[i][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][g]), xdv, acc[i][g]);
+            }
         } else {
-            const __m256 d = _mm256_load_ps(dw + 8 * b);
-            for (int i = 0; i < NX; ++i)
-                acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[i]), _mm256_broadcast_ss(xd[i] + b)), d,
-                                         acc[i]);
+            __m256 d[G];
+            for (int g = 0; g < G; ++g) d[g] = _mm256_load_ps(dw + g * ds + 8 * b);
+            for (int i = 0; i < NX; ++i) {
+                const __m256 xdv = _mm256_broadcast_ss(xd[i] + b);
+                for (int g = 0; g < G; ++g)
+                    acc[i][g] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[i][g]), xdv), d[g], acc[i][g]);
+            }
         }
     }
-    if (ROWSCALE) {
-        const __m256 rs = _mm256_load_ps(dw);
-        for (int i = 0; i < NX; ++i) acc[i] = _mm256_mul_ps(acc[i], rs);
-    }
-    for (int i = 0; i < NX; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);
+    if (ROWSCALE)
+        for (int g = 0; g < G; ++g) {
+            const __m256 rs = _mm256_load_ps(dw + g * ds);
+            for (int i = 0; i < NX; ++i) acc[i][g] = _mm256_mul_ps(acc[i][g], rs);
+        }
+    for (int i = 0; i < NX; ++i)
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + i * ldo + 8 * g, acc[i][g]);
 }
 
 // Every packed tile takes (pw, dw, gs, ds, nb, A, i0, out, ldo); gs / ds are the strides of a
-// second packed group (bytes / floats), read only by the two-group int4 tile.
+// second packed group (bytes / floats), read by the two-group tiles.
 using GemmTileFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, int64_t, const QAct&, int64_t, float*,
                             int64_t);
-template <bool ROWSCALE, int NX>
-inline void q8_gemm_tile_g(const uint8_t* pw, const float* dw, int64_t, int64_t, int64_t nbt, const QAct& A,
-                           int64_t i0, float* out, int64_t ldo) {
-    q8_gemm_tile<ROWSCALE, NX>(pw, dw, nbt, A, i0, out, ldo);
-}
-template <int K, int... I>  // K: 0 = int4 one group, 1 = int8 per-row, 2 = int8-b32, 3 = int4 two groups
-constexpr std::array<GemmTileFn, kGemmNX + 1> gemm_tiles(std::integer_sequence<int, I...>) {
-    if constexpr (K == 0)
-        return {nullptr, &q4_gemm_tile<1, I + 1>...};
-    else if constexpr (K == 3)
-        return {nullptr, &q4_gemm_tile<2, I + 1>..., nullptr, nullptr, nullptr};
-    else
-        return {nullptr, &q8_gemm_tile_g<K == 1, I + 1>...};
-}
+// Builds with 32 vector registers (AVX-512VL, which the avx512 build has) take two groups of
+// 8 weight rows and up to 6 activation rows per tile for every integer scheme (2 x 6 int32
+// sums + 2 x 6 float accumulators + 2 weights + 1 broadcast = 27 registers): one broadcast
+// feeds two vpdpbusd and each weight vector six. AVX2 (16 registers): int4 two groups of 3
+// rows, int8 one group of 6.
+#if defined(EDGELM_VNNI) && defined(__AVX512VL__)
+constexpr int kGemmNX2 = 6;
+constexpr int kQ8Groups = 2;
+#else
 constexpr int kGemmNX2 = 3;  // rows per two-group int4 tile (2 x 3 x 2 accumulators + 2 weights + 1 broadcast)
-static_assert(kGemmNX == kGemmNX2 + 3, "the two-group table pads kGemmNX - kGemmNX2 entries");
-inline constexpr auto kQ4GemmTiles = gemm_tiles<0>(std::make_integer_sequence<int, kGemmNX>{});
-inline constexpr auto kQ4Gemm2Tiles = gemm_tiles<3>(std::make_integer_sequence<int, kGemmNX2>{});
-inline constexpr auto kQ8RowGemmTiles = gemm_tiles<1>(std::make_integer_sequence<int, kGemmNX>{});
-inline constexpr auto kQ8B32GemmTiles = gemm_tiles<2>(std::make_integer_sequence<int, kGemmNX>{});
+constexpr int kQ8Groups = 1;
+#endif
+static_assert(kGemmNX2 <= kGemmNX, "tile tables hold kGemmNX + 1 entries");
+// K: 0 = int4, 1 = int8 per-row, 2 = int8-b32; G groups; tiles for 1..M activation rows
+template <int K, int G, int M, int NX>
+constexpr GemmTileFn gemm_tile_at() {
+    if constexpr (NX > M) return nullptr;
+    else if constexpr (K == 0) return &q4_gemm_tile<G, NX>;
+    else return &q8_gemm_tile<K == 1, G, NX>;
+}
+template <int K, int G, int M, int... I>
+constexpr std::array<GemmTileFn, kGemmNX + 1> gemm_tiles(std::integer_sequence<int, I...>) {
+    return {nullptr, gemm_tile_at<K, G, M, I + 1>()...};
+}
+template <int K, int G, int M>
+inline constexpr auto kGemmTiles = gemm_tiles<K, G, M>(std::make_integer_sequence<int, kGemmNX>{});
+inline constexpr auto kQ4GemmTiles = kGemmTiles<0, 1, kGemmNX>;
+inline constexpr auto kQ4Gemm2Tiles = kGemmTiles<0, 2, kGemmNX2>;
+inline constexpr auto kQ8RowGemmTiles = kGemmTiles<1, 1, kGemmNX>;
+inline constexpr auto kQ8B32GemmTiles = kGemmTiles<2, 1, kGemmNX>;
+inline constexpr auto kQ8RowGemm2Tiles = kGemmTiles<1, kQ8Groups, kGemmNX2>;
+inline constexpr auto kQ8B32Gemm2Tiles = kGemmTiles<2, kQ8Groups, kGemmNX2>;
 
 inline uint8_t* pack_buffer(size_t bytes) {
     thread_local std::vector<uint8_t> buf;
@@ -1043,26 +1090,27 @@ void det_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i, 
 // one-group tiles; int8 packs 8.
 inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nbt = (W.cols + 31) / 32;
-    const int64_t gs = nbt * 256, ds = nbt * 8;
-    uint8_t* pw = pack_buffer(static_cast<size_t>(nbt) * 2 * (256 + 32));
+    const int64_t gs = nbt * (256 + 32), ds = nbt * 8;  // a group: its weights, then int8's pc
+    uint8_t* pw = pack_buffer(static_cast<size_t>(nbt) * 2 * (256 + 32 + 32));
     float* dw = reinterpret_cast<float*>(pw + 2 * gs);
     const bool int4 = W.scheme == kINT4B32 || W.scheme == kINT4B128;
-    const int64_t step = int4 ? 16 : 8;
+    const int64_t step = int4 || kQ8Groups == 2 ? 16 : 8;
     for (int64_t g = r0; g < r1; g += step) {
         const int nr = static_cast<int>(std::min<int64_t>(step, r1 - g));
         const int G = nr > 8 ? 2 : 1;
         for (int h = 0; h < G; ++h) {
             const int64_t gr = g + 8 * h;
             const int hr = std::min(8, nr - 8 * h);
+            uint8_t* ph = pw + h * gs;
             switch (W.scheme) {
-                case kINT8: q8_pack8<true>(W, gr, hr, pw, dw); break;
-                case kINT8B32: q8_pack8<false>(W, gr, hr, pw, dw); break;
-                case kINT4B32: q4_pack8<32>(W, gr, hr, pw + h * gs, dw + h * ds); break;
-                default: q4_pack8<128>(W, gr, hr, pw + h * gs, dw + h * ds); break;
+                case kINT8: q8_pack8<true>(W, gr, hr, ph, dw + h * ds, ph + 256 * nbt); break;
+                case kINT8B32: q8_pack8<false>(W, gr, hr, ph, dw + h * ds, ph + 256 * nbt); break;
+                case kINT4B32: q4_pack8<32>(W, gr, hr, ph, dw + h * ds); break;
+                default: q4_pack8<128>(W, gr, hr, ph, dw + h * ds); break;
             }
         }
-        const auto& tiles = W.scheme == kINT8 ? kQ8RowGemmTiles
-                            : W.scheme == kINT8B32 ? kQ8B32GemmTiles
+        const auto& tiles = W.scheme == kINT8 ? (G == 2 ? kQ8RowGemm2Tiles : kQ8RowGemmTiles)
+                            : W.scheme == kINT8B32 ? (G == 2 ? kQ8B32Gemm2Tiles : kQ8B32GemmTiles)
                             : G == 2 ? kQ4Gemm2Tiles : kQ4GemmTiles;
         const int64_t maxnx = G == 2 ? kGemmNX2 : kGemmNX;
         const bool full = nr == 8 * G;
@@ -1072,7 +1120,7 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
             int64_t left = n - i0;
             int nx = static_cast<int>(left > 2 * maxnx || left == maxnx ? maxnx
                                       : left > maxnx ? (left + 1) / 2 : left);
-            float tmp[kGemmNX * 8];  // kGemmNX * 8 >= kGemmNX2 * 16
+            float tmp[kGemmNX * 16];
             float* o = full ? out + i0 * ldo + g : tmp;
             const int64_t lo = full ? ldo : 8 * G;
             tiles[nx](pw, dw, gs, ds, nbt, A, i0, o, lo);
@@ -1123,6 +1171,13 @@ inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
     A.nb = cols / 32;
     A.nbt = (cols + 31) / 32;
     A.gemm = packed_gemm_applies(scheme, n);
+    // the packed int8 tiles of VNNI builds take unsigned activations; the one-row product of
+    // batch-invariant mode (det_gemv) reads them signed
+#if defined(EDGELM_VNNI)
+    A.u8 = A.gemm && n > 1 && (scheme == kINT8 || scheme == kINT8B32);
+#else
+    A.u8 = false;
+#endif
     A.pairs = !A.gemm && q_kernels(scheme).pairs;
     A.ngroups = 0;
     if (A.pairs) {
