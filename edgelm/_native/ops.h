@@ -277,7 +277,9 @@ EDGELM_INLINE float ld1(const uint16_t* p) { return half_to_float(*p); }
 // FMAs that use it (seen in the fp16-K instantiation inside attn_unit_t: 15 loads per 12
 // FMAs instead of 7, load-bound; prefill attention on fp16 K/V measured 1.25-1.29x faster
 // with the pin, `microbench.py attention-ab`).
-#if defined(EDGELM_PATH_AVX2) && (defined(__GNUC__) || defined(__clang__))
+#if defined(EDGELM_PATH_AVX2) && (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512VL__)
+EDGELM_INLINE void vpin(VF& x) { __asm__("" : "+v"(x.v)); }  // any of the 32 registers
+#elif defined(EDGELM_PATH_AVX2) && (defined(__GNUC__) || defined(__clang__))
 EDGELM_INLINE void vpin(VF& x) { __asm__("" : "+x"(x.v)); }
 #else
 EDGELM_INLINE void vpin(VF&) {}
@@ -285,7 +287,15 @@ EDGELM_INLINE void vpin(VF&) {}
 
 // Scores of NR query rows against NK keys: s[i*ld + c] = q_i . k_c. Lanes run along
 // head_dim; each key load feeds NR FMAs and each query load NK. The register tile is at most
-// 4 x 3 (12 accumulators + 3 keys + 1 query = 16 AVX2 registers).
+// 4 x 3 (12 accumulators + 3 keys + 1 query = 16 AVX2 registers); builds with 32 vector
+// registers (AVX-512VL) take 8 x 3 (kAttnRows), which halves the loads and the fp16
+// widenings of K and V per FMA. Every score and output element is the same sequence of
+// operations for any NR, so the tile height does not change results.
+#if defined(EDGELM_PATH_AVX2) && defined(__AVX512VL__)
+constexpr int kAttnRows = 8;
+#else
+constexpr int kAttnRows = 4;
+#endif
 template <int NR, int NK, class T>
 EDGELM_INLINE void qk_tile(const float* const* qr, const T* const* kt, int64_t hd, float* s, int64_t ld) {
     VF a[NR][NK];
@@ -310,7 +320,7 @@ EDGELM_INLINE void qk_tile(const float* const* qr, const T* const* kt, int64_t h
 }
 
 // o_i[c : c + 8W] += sum_a p_i[a] * v_a[c : c + 8W] for NR rows (p_i = p0 + i * KB, o_i = o0 +
-// i * hd). Each V load feeds NR FMAs; 4 rows x 3 vectors is the largest tile that fits.
+// i * hd). Each V load feeds NR FMAs; 4 rows x 3 vectors is the largest AVX2 tile (8 x 3 with 32 registers).
 template <int NR, int W, class T>
 EDGELM_INLINE void pv_tile(const float* p0, const T* const* vp, int64_t na, int64_t c, float* o0, int64_t hd) {
     VF acc[NR][W];
@@ -501,6 +511,8 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
         {
             const NextBlock* pnb = &nb;  // the first row group prefetches
             int64_t r = 0;
+            if constexpr (kAttnRows == 8)
+                for (; r + 8 <= R; r += 8, pnb = nullptr) qk_rows<8>(qr + r, kp, na, hd, S + r * KB, pnb);
             for (; r + 4 <= R; r += 4, pnb = nullptr) qk_rows<4>(qr + r, kp, na, hd, S + r * KB, pnb);
             for (; r + 2 <= R; r += 2, pnb = nullptr) qk_rows<2>(qr + r, kp, na, hd, S + r * KB, pnb);
             for (; r < R; ++r, pnb = nullptr) qk_rows<1>(qr + r, kp, na, hd, S + r * KB, pnb);
@@ -551,6 +563,8 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
         // o += P V
         {
             int64_t r = 0;
+            if constexpr (kAttnRows == 8)
+                for (; r + 8 <= R; r += 8) pv_rows<8>(S + r * KB, vp, na, o + r * hd, hd);
             for (; r + 4 <= R; r += 4) pv_rows<4>(S + r * KB, vp, na, o + r * hd, hd);
             for (; r + 2 <= R; r += 2) pv_rows<2>(S + r * KB, vp, na, o + r * hd, hd);
             for (; r < R; ++r) pv_rows<1>(S + r * KB, vp, na, o + r * hd, hd);
