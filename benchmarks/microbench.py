@@ -421,10 +421,12 @@ def cmd_decode_phases(a) -> None:
 
 
 _NATIVE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
+# the avx512 build's flags (setup.py), for gemm-native --isa avx512: the VNNI tiles
+_NATIVE_ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]}
 _SCHEME_IDS = {2: "int8", 3: "int8-b32", 4: "int4-b32", 5: "int4-b128"}  # the native scheme ids
 
 
-def _native_base_exe(root: Path, src: Path, base: str, d: str, what: str) -> Path:
+def _native_base_exe(root: Path, src: Path, base: str, d: str, what: str, extra=()) -> Path:
     """Compiles `src` against edgelm/_native at git revision `base` (its headers only)."""
     old = Path(d) / "base"
     old.mkdir()
@@ -433,7 +435,7 @@ def _native_base_exe(root: Path, src: Path, base: str, d: str, what: str) -> Pat
         raise SystemExit(f"{what}: --base {base}: {got.stderr.decode(errors='replace').strip()}")
     subprocess.run(["tar", "-x", "-C", str(old)], input=got.stdout, check=True)
     exe = Path(d) / "bench_base"
-    subprocess.run(["g++", *_NATIVE_FLAGS, "-I", str(old / "edgelm" / "_native"), "-o", str(exe), str(src)],
+    subprocess.run(["g++", *_NATIVE_FLAGS, *extra, "-I", str(old / "edgelm" / "_native"), "-o", str(exe), str(src)],
                    check=True)
     return exe
 
@@ -505,17 +507,19 @@ def cmd_gemv_native(a) -> None:
 def cmd_gemm_native(a) -> None:
     """Prefill-chunk products (n = 128, the 270M's q/k/v, o, gate/up and down shapes) through
     the packed GEMM, straight on the kernel headers (benchmarks/native/gemmbench.cpp, g++
-    with the avx2 build's flags). With --base REV the same program is also compiled against
+    with the flags of the build --isa names: avx2, or avx512 for the VNNI tiles, which needs
+    a CPU with AVX-512 VNNI). With --base REV the same program is also compiled against
     edgelm/_native at that revision; the builds alternate, --rounds times, and the medians
     of GMAC/s are printed with now / base per round."""
     root = Path(__file__).resolve().parent.parent
     src = root / "benchmarks" / "native" / "gemmbench.cpp"
+    extra = _NATIVE_ISA_FLAGS[a.isa]
     with tempfile.TemporaryDirectory() as d:
         exes: list[tuple[str, Path]] = []
         if a.base:
-            exes.append(("base", _native_base_exe(root, src, a.base, d, "gemm-native")))
+            exes.append(("base", _native_base_exe(root, src, a.base, d, "gemm-native", extra)))
         exe = Path(d) / "gemm_now"
-        subprocess.run(["g++", *_NATIVE_FLAGS, "-I", str(root / "edgelm" / "_native"), "-o", str(exe), str(src)],
+        subprocess.run(["g++", *_NATIVE_FLAGS, *extra, "-I", str(root / "edgelm" / "_native"), "-o", str(exe), str(src)],
                        check=True)
         exes.append(("now", exe))
         for scheme in a.schemes:
@@ -528,7 +532,7 @@ def cmd_gemm_native(a) -> None:
                                              text=True).stdout.splitlines()
                         shapes = [line.split()[0] for line in out]
                         res[name].append([float(line.split()[-2]) for line in out])  # "... N GMAC/s"
-                print(f"{_SCHEME_IDS[scheme]}, {threads} thread(s), n 128: GMAC/s, median (min-max) of {a.rounds}"
+                print(f"{_SCHEME_IDS[scheme]}, {a.isa} flags, {threads} thread(s), n 128: GMAC/s, median (min-max) of {a.rounds}"
                       + (f"; base = {a.base}" if a.base else ""))
                 now = np.array(res["now"])
                 for j, shape in enumerate(shapes):
@@ -817,6 +821,8 @@ def main() -> int:
                    help="scheme ids: 2 int8, 3 int8-b32, 4 int4-b32, 5 int4-b128 (default 4,5,2)")
     p.add_argument("--threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--isa", choices=sorted(_NATIVE_ISA_FLAGS), default="avx2",
+                   help="whose compiler flags: avx2 (default) or avx512 (the VNNI tiles)")
     p = sub.add_parser("attention-ab")
     p.add_argument("old_so")
     p.add_argument("--threads", type=int, default=2)
