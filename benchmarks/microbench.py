@@ -17,6 +17,7 @@
     python benchmarks/microbench.py decode-phases BUNDLE  # a decode token's time by block phase vs the probe
     python benchmarks/microbench.py gemv-native [--base REV]  # one-row GEMV kernels in C++, vs a git revision
     python benchmarks/microbench.py gemm-native [--base REV]  # prefill-chunk GEMMs in C++, vs a git revision
+    python benchmarks/microbench.py isa-peak  # this core's vpdpbusd / FMA peaks and the 270M prefill floor
     python benchmarks/microbench.py prefill-phases BUNDLE     # a p512 prefill's time by block phase
     python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
     python benchmarks/microbench.py attention-ab OLD_SO       # prefill-chunk attention: this build vs an older .so
@@ -545,6 +546,34 @@ def cmd_gemm_native(a) -> None:
                     print(line)
 
 
+def cmd_isa_peak(a) -> None:
+    """This core's peak vpdpbusd and FMA rates (benchmarks/native/isapeak.cpp, avx512 flags)
+    and the floor they put under a 512-token prefill of the 270M on --threads cores: its
+    linear layers' MACs at the vpdpbusd peak plus its causal attention's MACs at the FMA peak,
+    with nothing else (no scales, no conversions, no softmax, no loads) costing anything."""
+    root = Path(__file__).resolve().parent.parent
+    src = root / "benchmarks" / "native" / "isapeak.cpp"
+    with tempfile.TemporaryDirectory() as d:
+        exe = Path(d) / "isapeak"
+        subprocess.run(["g++", "-O2", "-mavx2", "-mfma", *_NATIVE_ISA_FLAGS["avx512"], "-o", str(exe), str(src)],
+                       check=True)
+        rates = {}
+        for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
+            k, v = line.split()
+            rates[k] = float(v)
+    dp = rates["vpdpbusd_ymm_per_s"] * 32  # int8 MACs per second, one core
+    fma = rates["vfmadd_ymm_per_s"] * 8  # fp32 MACs per second, one core
+    # gemma-3-270m: 18 layers, hidden 640, 4 query heads and 1 KV head of 256, MLP 2048
+    L, D, H, KV, hd, F, n = 18, 640, 4, 1, 256, 2048, a.prompt
+    linear = n * L * (D * (H + 2 * KV) * hd + H * hd * D + 3 * D * F)
+    attn = L * H * hd * 2 * n * (n + 1) // 2
+    t = linear / (dp * a.threads) + attn / (fma * a.threads)
+    print(f"one core: vpdpbusd {rates['vpdpbusd_ymm_per_s'] / 1e9:.2f} G/s = {dp / 1e9:.0f} GMAC/s int8; "
+          f"vfmadd {rates['vfmadd_ymm_per_s'] / 1e9:.2f} G/s = {fma / 1e9:.0f} GMAC/s fp32")
+    print(f"270M prefill of {n} tokens: linear {linear / 1e9:.1f} GMAC, causal attention {attn / 1e9:.2f} GMAC; "
+          f"floor on {a.threads} core(s) at those peaks: {t * 1e3:.0f} ms ({n / t:.0f} tok/s)")
+
+
 def _gemv_native_runs(a, exes) -> None:
     for scheme in a.schemes:
         for cols in a.cols:
@@ -823,6 +852,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--isa", choices=sorted(_NATIVE_ISA_FLAGS), default="avx2",
                    help="whose compiler flags: avx2 (default) or avx512 (the VNNI tiles)")
+    p = sub.add_parser("isa-peak")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=512)
     p = sub.add_parser("attention-ab")
     p.add_argument("old_so")
     p.add_argument("--threads", type=int, default=2)
@@ -843,7 +875,7 @@ def main() -> int:
      "capacity": cmd_capacity, "prefault": cmd_prefault, "perf-target": cmd_perf_target,
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
      "prefill-phases": cmd_prefill_phases,
-     "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "ab-module": cmd_ab_module,
+     "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "isa-peak": cmd_isa_peak, "ab-module": cmd_ab_module,
      "attention-ab": cmd_attention_ab, "float-gemm": cmd_float_gemm}[a.cmd](a)
     return 0
 
