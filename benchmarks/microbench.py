@@ -547,15 +547,15 @@ def cmd_gemm_native(a) -> None:
 
 
 def cmd_isa_peak(a) -> None:
-    """This core's peak vpdpbusd and FMA rates (benchmarks/native/isapeak.cpp, avx512 flags)
-    and the floor they put under a 512-token prefill of the 270M on --threads cores: its
+    """This core's peak vpdpbusd and FMA rates (benchmarks/native/isapeak.cpp, avx512 flags),
+    how other operations mixed into a vpdpbusd stream slow it, and the floor they put under a 512-token prefill of the 270M on --threads cores: its
     linear layers' MACs at the vpdpbusd peak plus its causal attention's MACs at the FMA peak,
     with nothing else (no scales, no conversions, no softmax, no loads) costing anything."""
     root = Path(__file__).resolve().parent.parent
     src = root / "benchmarks" / "native" / "isapeak.cpp"
     with tempfile.TemporaryDirectory() as d:
         exe = Path(d) / "isapeak"
-        subprocess.run(["g++", "-O2", "-mavx2", "-mfma", *_NATIVE_ISA_FLAGS["avx512"], "-o", str(exe), str(src)],
+        subprocess.run(["g++", "-O2", "-mavx2", "-mfma", "-mf16c", *_NATIVE_ISA_FLAGS["avx512"], "-o", str(exe), str(src)],
                        check=True)
         rates = {}
         for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
@@ -570,6 +570,9 @@ def cmd_isa_peak(a) -> None:
     t = linear / (dp * a.threads) + attn / (fma * a.threads)
     print(f"one core: vpdpbusd {rates['vpdpbusd_ymm_per_s'] / 1e9:.2f} G/s = {dp / 1e9:.0f} GMAC/s int8; "
           f"vfmadd {rates['vfmadd_ymm_per_s'] / 1e9:.2f} G/s = {fma / 1e9:.0f} GMAC/s fp32")
+    mixes = {k[len("slowdown_"):]: v for k, v in rates.items() if k.startswith("slowdown_")}
+    print("a vpdpbusd stream's time with other operations mixed in, over its time alone (1.00 = they"
+          " issue on other pipes): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in mixes.items()))
     print(f"270M prefill of {n} tokens: linear {linear / 1e9:.1f} GMAC, causal attention {attn / 1e9:.2f} GMAC; "
           f"floor on {a.threads} core(s) at those peaks: {t * 1e3:.0f} ms ({n / t:.0f} tok/s)")
 
