@@ -648,6 +648,35 @@ def _load_old_kernels(old_so: str, what: str):
     return old, name.removeprefix("_kern_")
 
 
+def cmd_few_rows_ab(a) -> None:
+    """Integer products of a few activation rows (batched decode: B sequences' rows against the
+    output head, here a 65536 x 640 slice of it) through this checkout's kernels and an older
+    build of the same ISA (OLD_SO), in one process, alternating, best of 5 calls per turn;
+    checks that both give bitwise the same output."""
+    old, isa = _load_old_kernels(a.old_so, "few-rows-ab")
+    from edgelm.backends import native
+    from edgelm.quant.schemes import quantize
+
+    new_k, old_k = native.kernels(isa), native.Kernels(isa, old)
+    for k in (new_k, old_k):
+        k.set_threads(a.threads)
+    r = np.random.default_rng(0)
+    for scheme in a.schemes.split(","):
+        t = quantize(r.standard_normal((65536, 640)).astype(np.float32), scheme)
+        for n in (2, 4, 8, 12):
+            x = r.standard_normal((n, 640)).astype(np.float32)
+            if not np.array_equal(old_k.matmul(x, t, qd8=True), new_k.matmul(x, t, qd8=True)):
+                raise SystemExit(f"few-rows-ab: {scheme} n={n}: the two builds give different outputs")
+            ts: dict[str, list[float]] = {"old": [], "new": []}
+            for _ in range(a.rounds):
+                for name, k in (("old", old_k), ("new", new_k)):
+                    ts[name].append(_best(lambda k=k: k.matmul(x, t, qd8=True), 5))
+            ratio = np.array(ts["old"]) / np.array(ts["new"])
+            print(f"{scheme} {n} rows x 65536 x 640, {a.threads} thread(s): old {np.median(ts['old']) * 1e3:.2f} ms, "
+                  f"new {np.median(ts['new']) * 1e3:.2f} ms; new / old speed {np.median(ratio):.3f} "
+                  f"({ratio.min():.3f}-{ratio.max():.3f}), {a.rounds} rounds; outputs bitwise equal")
+
+
 def cmd_attention_ab(a) -> None:
     """Prefill-chunk attention (128 queries, 4 heads on 1 KV head, head_dim 256) through this
     checkout's kernels and an older build of the same ISA (OLD_SO), in one process,
@@ -858,6 +887,11 @@ def main() -> int:
     p = sub.add_parser("isa-peak")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=512)
+    p = sub.add_parser("few-rows-ab")
+    p.add_argument("old_so")
+    p.add_argument("--schemes", default="int8,int8-b32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
     p = sub.add_parser("attention-ab")
     p.add_argument("old_so")
     p.add_argument("--threads", type=int, default=2)
@@ -879,7 +913,7 @@ def main() -> int:
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
      "prefill-phases": cmd_prefill_phases,
      "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "isa-peak": cmd_isa_peak, "ab-module": cmd_ab_module,
-     "attention-ab": cmd_attention_ab, "float-gemm": cmd_float_gemm}[a.cmd](a)
+     "attention-ab": cmd_attention_ab, "few-rows-ab": cmd_few_rows_ab, "float-gemm": cmd_float_gemm}[a.cmd](a)
     return 0
 
 

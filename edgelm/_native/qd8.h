@@ -59,7 +59,7 @@ struct QAct {
     int64_t nbt = 0;   // blocks including a partial tail
     bool pairs = false;
     bool gemm = false;   // natural layout with c = 8 dx sx (float) in place of s: the packed GEMM (int4 reads c)
-    bool u8 = false;     // gemm layout, int8 weights, VNNI builds: the bytes hold qx + 128 (see q8_gemm_tile)
+    bool u8 = false;     // natural layout, int8 weights, n > 1, VNNI builds: the bytes hold qx + 128 (q8_tile, q8_gemm_tile)
     uint8_t* base = nullptr;
     int64_t stride = 0;  // bytes per activation row
     // natural layout: [q int8 nbt*32][d float nbt][s int32 nbt]
@@ -382,9 +382,14 @@ void q4_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
     }
 }
 
-// int8 per-row (ROWSCALE) or int8-b32, natural layout.
-template <bool ROWSCALE, int NX>
-void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
+// int8 per-row (ROWSCALE) or int8-b32, natural layout. U8 (VNNI builds, A.u8: products of
+// more than one activation row): the activations are stored as qx + 128 and vpdpbusd takes
+// them with the signed weights as they are; each weight block's 128 * (lane sums of its
+// weights), one more vpdpbusd shared by the NX rows, is subtracted, so the int32 sums are the
+// signed route's exactly (and so are the results), for one vpdpbusd per row and block
+// instead of two vpsignb and a vpdpbusd.
+template <bool ROWSCALE, int NX, bool U8>
+void q8_tile_impl(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
     constexpr int NACC = NX <= 2 ? 2 : 1;
     const auto* Q = static_cast<const int8_t*>(v.w);
     const int64_t cols = v.cols, nb = cols / 32;
@@ -402,13 +407,20 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
             for (int a = 0; a < NACC; ++a) acc[i][a] = _mm256_setzero_ps();
         auto blk = [&](int64_t b, int a) EDGELM_INLINE_LAMBDA {
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * b));
-            const __m256i aw = _mm256_sign_epi8(w, w);
+            [[maybe_unused]] __m256i aw = w, c0 = w;
+#if defined(EDGELM_VNNI)
+            if constexpr (U8)  // -128 * the lane sums of w
+                c0 = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                      dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), w));
+            else
+#endif
+                aw = _mm256_sign_epi8(w, w);
             __m256 dw = _mm256_setzero_ps();
             if (!ROWSCALE) dw = _mm256_set1_ps(_cvtsh_ss(static_cast<const uint16_t*>(v.scale)[r * nb + b]));
             for (int i = 0; i < NX; ++i) {
                 const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + 32 * b));
 #if defined(EDGELM_VNNI)
-                const __m256i s32 = dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, w));
+                const __m256i s32 = U8 ? dpbusd(c0, x, w) : dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, w));
 #else
                 const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
 #endif
@@ -435,7 +447,11 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
             if (ROWSCALE) {
                 if (tail) {
                     int32_t it = 0;
-                    for (int64_t k = 0; k < tail; ++k) it += static_cast<int32_t>(wq[32 * nb + k]) * xq[i][32 * nb + k];
+                    for (int64_t k = 0; k < tail; ++k) {
+                        int32_t xk = xq[i][32 * nb + k];
+                        if constexpr (U8) xk = static_cast<int32_t>(static_cast<uint8_t>(xk)) - 128;
+                        it += static_cast<int32_t>(wq[32 * nb + k]) * xk;
+                    }
                     sum += static_cast<float>(it) * xd[i][nb];
                 }
                 sum *= static_cast<const float*>(v.scale)[r];
@@ -443,6 +459,17 @@ void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, 
             out[i * ldo + r] = sum;
         }
     }
+}
+
+template <bool ROWSCALE, int NX>
+void q8_tile(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i0, float* out, int64_t ldo) {
+#if defined(EDGELM_VNNI)
+    if (A.u8) {
+        q8_tile_impl<ROWSCALE, NX, true>(v, r0, r1, A, i0, out, ldo);
+        return;
+    }
+#endif
+    q8_tile_impl<ROWSCALE, NX, false>(v, r0, r1, A, i0, out, ldo);
 }
 
 #else  // portable qd8 (same math, natural layout)
@@ -1171,10 +1198,10 @@ inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
     A.nb = cols / 32;
     A.nbt = (cols + 31) / 32;
     A.gemm = packed_gemm_applies(scheme, n);
-    // the packed int8 tiles of VNNI builds take unsigned activations; the one-row product of
-    // batch-invariant mode (det_gemv) reads them signed
+    // the int8 tiles of VNNI builds take unsigned activations for products of several rows;
+    // one-row products (decode's GEMV, batch-invariant mode's det_gemv) read them signed
 #if defined(EDGELM_VNNI)
-    A.u8 = A.gemm && n > 1 && (scheme == kINT8 || scheme == kINT8B32);
+    A.u8 = n > 1 && (scheme == kINT8 || scheme == kINT8B32);
 #else
     A.u8 = false;
 #endif
