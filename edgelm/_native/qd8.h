@@ -214,6 +214,13 @@ EDGELM_INLINE __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, _mm256_add_epi32(pe, po));
 }
 #endif
+#if defined(EDGELM_VNNI)
+// acc - 128 * (the lane sums of the signed bytes w, four per lane): added to the sums of
+// unsigned activations (qx + 128) times w, it leaves the exact sums of qx times w.
+EDGELM_INLINE __m256i sub_128_wsum(__m256i acc, __m256i w) {
+    return _mm256_sub_epi32(acc, dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), w));
+}
+#endif
 // The block scales of pair p (blocks 2p, 2p + 1) in the pair lanes: [d0 x4 | d1 x4] for
 // BS 32 (pidx = 0,0,0,0,1,1,1,1); BS 128: the one scale both blocks share, broadcast.
 template <int BS>
@@ -409,9 +416,8 @@ void q8_tile_impl(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 32 * b));
             [[maybe_unused]] __m256i aw = w, c0 = w;
 #if defined(EDGELM_VNNI)
-            if constexpr (U8)  // -128 * the lane sums of w
-                c0 = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                      dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), w));
+            if constexpr (U8)
+                c0 = sub_128_wsum(_mm256_setzero_si256(), w);
             else
 #endif
                 aw = _mm256_sign_epi8(w, w);
@@ -785,11 +791,9 @@ inline void q8_pack8(const WView& v, int64_t r0, int nr, uint8_t* pw, float* dw,
         transpose8_epi32(r);
         for (int k = 0; k < 8; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(pw + 256 * b + 32 * k), r[k]);
 #if defined(EDGELM_VNNI)
-        // lane j: sum over k of row j's four bytes in r[k] (pairs of bytes fit int16: |2 * 128|)
-        const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1);
-        __m256i t = _mm256_setzero_si256();
-        for (int k = 0; k < 8; ++k) t = _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_maddubs_epi16(one8, r[k]), one16));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 32 * b), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(t, 7)));
+        __m256i c = _mm256_setzero_si256();  // lane j: row j's block
+        for (int k = 0; k < 8; ++k) c = sub_128_wsum(c, r[k]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 32 * b), c);
 #endif
     }
     if (ROWSCALE)
@@ -1112,9 +1116,9 @@ void det_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i, 
     }
 }
 
-// Rows [r0, r1) of W for all n activation rows of A (gemm layout). int4 packs 16 rows (two
-// groups) at a time for the two-group tiles; a last group of 8 or fewer rows alone takes the
-// one-group tiles; int8 packs 8.
+// Rows [r0, r1) of W for all n activation rows of A (gemm layout). int4 (and int8 in builds
+// with 32 registers) packs 16 rows (two groups) at a time for the two-group tiles; a last
+// group of 8 or fewer rows alone takes the one-group tiles; int8 on AVX2 packs 8.
 inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nbt = (W.cols + 31) / 32;
     const int64_t gs = nbt * (256 + 32), ds = nbt * 8;  // a group: its weights, then int8's pc
