@@ -109,6 +109,34 @@ def _stream_read_gbs_in_child(threads: int) -> float | None:
         return None
 
 
+def _gpu_torch(eng):
+    """torch, where the engine runs on a CUDA device (None elsewhere, the interpreter included)."""
+    dev = getattr(eng.ops, "device", None)
+    if eng.backend != "cuda" or getattr(dev, "type", None) != "cuda":
+        return None
+    return eng.ops.torch
+
+
+def gpu_copy_gbs(nbytes: int = 1 << 30, passes: int = 5) -> float:
+    """The device's memory bandwidth, GB/s: best-of-`passes` device-to-device copy of `nbytes`,
+    counting the bytes read and written (the bound a decode step's reads are compared with)."""
+    import torch
+
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(passes + 1):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        best = max(best, 2 * nbytes / (e0.elapsed_time(e1) / 1e3) / 1e9)
+    del a, b
+    torch.cuda.empty_cache()
+    return best
+
+
 def _threads_used(eng, requested):
     if eng.backend == "cpu":
         from .backends import native
@@ -133,6 +161,9 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
     lo, hi = min(1000, vocab // 2), min(vocab, 200_000)  # ordinary ids, clear of the special tokens
     ids = [eng.tokenizer.bos_id] + [rng.randrange(lo, hi) for _ in range(prompt_tokens - 1)]
     s = eng.create_session({"temperature": 0.0})
+    gpu = _gpu_torch(eng)
+    if gpu is not None:
+        gpu.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
     logits = s.prefill(ids)
     tok = s.sample(logits)
@@ -140,7 +171,7 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
     for _ in range(gen_tokens):
         if tok in specials:
             tok = lo  # keep decoding: the benchmark measures speed, not text
-        logits = s.decode_step(tok)
+        logits = s.decode_step(tok, device=True)  # a GPU keeps the logits: one id reaches the host
         tok = s.sample(logits)
     t3 = time.perf_counter()
     decode_tok_s = gen_tokens / (t3 - t2)
@@ -163,6 +194,8 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
         "meta": eng.bundle.header,
         "bytes_per_token": bytes_per_tok,
     }
+    if gpu is not None:  # the allocator's peak: weights, caches and the step's temporaries
+        out["peak_gpu_mib"] = gpu.cuda.max_memory_allocated() / 2**20
     del s, logits
     eng.close()
     del eng
@@ -356,6 +389,8 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         if i > 0:
             if probe and r["backend"] == "cpu":  # the bound for this run's "% of bound"
                 r["stream_read_gb_s"] = _stream_read_gbs_in_child(r["threads"])
+            elif probe and "peak_gpu_mib" in r:
+                r["stream_read_gb_s"] = gpu_copy_gbs()
             runs.append(r)
     rss = peak_rss_mib()
     probes = [r["stream_read_gb_s"] for r in runs if r.get("stream_read_gb_s")]
@@ -382,6 +417,7 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
             k: _stats([r[k] for r in runs])
             for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "init_s", "decode_gb_s")
         } | {"peak_rss_mib": rss}
+        | ({"peak_gpu_mib": max(r["peak_gpu_mib"] for r in runs)} if "peak_gpu_mib" in runs[0] else {})
         | ({"stream_read_gb_s": _stats(probes), "decode_pct_of_bound": _stats(pct)} if probes else {}),
     }
     if mb is not None:
@@ -402,7 +438,7 @@ def format_table(res: dict) -> str:
         label += f" / head {res['embed_scheme']}"
     rows = [
         ("model", res["model"] + ("  [SYNTHETIC random weights: " + res["synthetic_geometry"] + "]" if res["synthetic"] else "")),
-        ("backend", f"{res['backend']} ({res['isa']}), {res['threads']} threads"),
+        ("backend", f"{res['backend']} ({res['isa']})" + (f", {res['threads']} threads" if res["threads"] else "")),
         ("scheme", label),
         ("context capacity", f"{res['capacity']} (KV cache {res.get('kv_dtype', 'f32')}, prefill chunk "
                              f"{res.get('prefill_chunk', '-')})"),
@@ -411,11 +447,13 @@ def format_table(res: dict) -> str:
         ("time to first token s", f("ttft_s", "{:.3f}")),
         ("init s", f("init_s", "{:.3f}")),
         ("peak CPU RSS MiB", f"{m['peak_rss_mib']:.0f}"),
+        *([("peak GPU memory MiB", f"{m['peak_gpu_mib']:.0f} (torch's allocator peak)")] if "peak_gpu_mib" in m else []),
         ("model size MiB", f"{res['model_bytes'] / 2**20:.1f}"),
         ("decode GB/s achieved", f("decode_gb_s", "{:.1f}")),
     ]
     if "decode_pct_of_bound" in m:
-        rows.append(("memory read GB/s (STREAM-style)", f("stream_read_gb_s", "{:.1f}") + ", probed after each run"))
+        probe = "device copy, read + written" if "peak_gpu_mib" in m else "STREAM-style"
+        rows.append((f"memory read GB/s ({probe})", f("stream_read_gb_s", "{:.1f}") + ", probed after each run"))
         rows.append(("decode, % of bandwidth bound", f("decode_pct_of_bound", "{:.0f}") + " (each run against its probe)"))
     rows += media_rows(res)
     w = max(len(k) for k, _ in rows)

@@ -240,11 +240,11 @@ def test_cancel_during_prefill_stops_between_chunks(eng, monkeypatch):
     real = s._forward
     calls = []
 
-    def forward(part, mode, embeds=None):
+    def forward(part, mode, embeds=None, **kw):
         calls.append(len(part))
         if len(calls) == 2:
             ev.set()
-        return real(part, mode, embeds)
+        return real(part, mode, embeds, **kw)
 
     monkeypatch.setattr(s, "_forward", forward)
     text, st = run(s.generate(ids, max_new_tokens=5, cancel=ev))

@@ -7,7 +7,7 @@ import sys
 from ..errors import BadInputError
 from .numpy_ops import NumpyOps
 
-BACKENDS = ("cpu", "numpy")
+BACKENDS = ("cpu", "numpy", "cuda", "auto")
 
 
 def get_backend(name="cpu", threads: int | None = None, deterministic: bool | None = None):
@@ -19,7 +19,11 @@ def get_backend(name="cpu", threads: int | None = None, deterministic: bool | No
         ops = name
     elif name == "numpy":
         ops = NumpyOps()
-    elif name == "cpu":
+    elif name == "cuda" or (name == "auto" and _gpu_present()):
+        from . import cuda
+
+        ops = cuda.CudaOps()
+    elif name in ("cpu", "auto"):
         from . import cpu
 
         if cpu.available():
@@ -37,3 +41,10 @@ def get_backend(name="cpu", threads: int | None = None, deterministic: bool | No
     if deterministic is not None:
         ops.set_deterministic(deterministic)
     return ops
+
+
+def _gpu_present() -> bool:
+    """`auto`: the cuda backend where a GPU and the edgelm[cuda] extra are there, else cpu."""
+    from . import cuda
+
+    return cuda.gpu_present()

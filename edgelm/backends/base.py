@@ -20,6 +20,10 @@ Capabilities a backend declares:
 - `fused_plans`: names of whole-model execution plans it offers (e.g. "gemma3_blocks", all
   of a Gemma 3 forward's blocks in one native call). A plan must equal the per-op path
   bitwise; a caller that has to see every op (the importance recorder) hides them.
+- `device_logits`: logits may stay in the backend's memory; it then has `argmax(x, n)`
+  (the first index of the largest of x[:n], one integer to the host) and
+  `decode_step(model, cfg, weights, caches, token, pos)` (one decode step as a replayable
+  static step; None where the model cannot take one).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Backend(abc.ABC):
     name: str = "?"
     default_kv_dtype: str = "f32"
     fused_plans: frozenset[str] = frozenset()
+    device_logits: bool = False
 
     # Batch invariance (docs/kernels.md): whether a row's results can be made independent of
     # the other rows of a call, the chunking of a prompt and the cache's history.

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import BadInputError
-from .options import CONSTRAINT_FLAGS, build_constraint, constraint_options, constraint_spec
+from .options import CONSTRAINT_FLAGS, backend_option, build_constraint, constraint_options, constraint_spec
 
 SYNTHETIC = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
 
@@ -50,7 +50,7 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet, tower_scheme="int8"):
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--repeat", "-r", type=int, default=3, show_default=True, help="Measured runs (after one warm-up).")
 @click.option("--max-tokens", type=int, default=1280, show_default=True, help="KV-cache capacity.")
-@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@backend_option
 @click.option("--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="KV-cache storage (default: f16 on cpu, f32 on numpy).")
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per forward pass (default 128, the engine's).")

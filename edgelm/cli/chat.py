@@ -10,7 +10,7 @@ import threading
 
 import click
 
-from .options import deterministic_option, kv_dtype_option
+from .options import backend_option, deterministic_option, kv_dtype_option
 
 HELP = ("commands: /image FILE, /audio FILE (attach to your next message; Gemma 3n bundles with towers), "
         "/reset (new conversation), /exit or Ctrl-D (quit), /help; Ctrl-C stops a reply")
@@ -142,7 +142,7 @@ def _reply(conv, text, out, quiet: bool) -> None:
 @click.option("--overflow", type=click.Choice(["truncate", "error"]), default="truncate", show_default=True,
               help="When the context is full: drop the oldest turns, or stop with an error.")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
-@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@backend_option
 @kv_dtype_option
 @deterministic_option
 @click.option("--quiet", "-q", is_flag=True, help="No banner or stats lines.")

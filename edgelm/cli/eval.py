@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import kv_dtype_option
+from .options import backend_option, kv_dtype_option
 
 from ..errors import BadInputError
 
@@ -36,7 +36,7 @@ def eval_group():
 @click.option("--kl-base", type=click.Path(dir_okay=False), default=None,
               help="A reference bundle: also report mean KL(base || model) and top-1 agreement.")
 @click.option("--threads", "-t", type=int, default=None)
-@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@backend_option
 @kv_dtype_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ppl(model, text, ctx, max_chunks, kl_base, threads, backend, kv_dtype, as_json):

@@ -9,7 +9,8 @@ import sys
 import click
 
 from ..errors import BadInputError, EdgelmError
-from .options import build_constraint, constraint_options, constraint_spec, deterministic_option, kv_dtype_option
+from .options import (backend_option, build_constraint, constraint_options, constraint_spec, deterministic_option,
+                      kv_dtype_option)
 
 EXIT_INTERNAL = 70
 
@@ -48,7 +49,7 @@ def cli():
 @constraint_options("Output")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
-@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@backend_option
 @kv_dtype_option
 @deterministic_option
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
@@ -183,7 +184,7 @@ def convert(src, output, scheme, embed_scheme, requantize, ple_scheme, matformer
 @click.option("--tokens", type=int, default=4096, show_default=True, help="Calibration tokens.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-generated text.")
 @click.option("--threads", "-t", type=int, default=None)
-@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@backend_option
 @click.option("--quiet", "-q", is_flag=True)
 def imatrix(model, output, text, tokens, seed, threads, backend, quiet):
     """Collect per-column activation importance for `convert --imatrix` (docs/quality.md)."""

@@ -8,9 +8,14 @@ import click
 
 from ..errors import BadInputError
 
+backend_option = click.option(
+    "--backend", type=click.Choice(["cpu", "numpy", "cuda", "auto"]), default="cpu", show_default=True,
+    help="cpu: the native kernels; numpy: the reference; cuda: an NVIDIA GPU (the edgelm[cuda] extra); "
+         "auto: cuda where a GPU is present, else cpu.")
+
 kv_dtype_option = click.option(
     "--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
-    help="KV-cache storage: f16 halves its memory and bandwidth (default on cpu), f32 (default on numpy).")
+    help="KV-cache storage: f16 halves its memory and bandwidth (default on cpu and cuda), f32 (default on numpy).")
 
 deterministic_option = click.option(
     "--deterministic/--no-deterministic", default=None,

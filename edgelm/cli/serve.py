@@ -6,7 +6,7 @@ import math
 
 import click
 
-from .options import deterministic_option, kv_dtype_option
+from .options import backend_option, deterministic_option, kv_dtype_option
 
 
 @click.command()
@@ -33,7 +33,7 @@ from .options import deterministic_option, kv_dtype_option
                    "past it, 408 and the connection is closed.")
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
-@click.option("--backend", type=click.Choice(["cpu", "numpy"]), default="cpu", show_default=True)
+@backend_option
 @kv_dtype_option
 @deterministic_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")

@@ -379,6 +379,8 @@ class Weights:
     # kept modalities: kind -> {canonical name: tensor} for its embedder ("mm.v.*") and tower
     # ("v.*"); products ("tower" kind) as QTensors, everything else as fp32 array views
     media: dict = dataclasses.field(default_factory=dict)
+    # Tensors a device backend may leave in the mmap: only row gathers read them, never a product.
+    HOST_GATHERED = ("ple",)
 
 
 def _row_view(t, lo: int, hi: int):

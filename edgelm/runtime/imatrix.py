@@ -50,6 +50,7 @@ class _Recorder:
         self.counts: dict[str, int] = {}
 
     fused_plans = frozenset()  # the backend's own plans are hidden: every op must be seen
+    device_logits = False  # ... and so is a device backend's static decode step
 
     def __getattr__(self, attr):
         if attr.startswith("__") or attr not in self.__dict__.get("_allowed", ()):
@@ -83,6 +84,7 @@ class _Recorder:
 
 
 def _tensor_key(t) -> int | None:
+    t = getattr(t, "src", t)  # a weight a device backend placed: the bundle's tensor it came from
     parts = getattr(t, "parts", None)
     if not parts:
         return None

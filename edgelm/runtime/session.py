@@ -124,6 +124,21 @@ class TokenLogprob:
     top: list  # [(token id, logprob)], most likely first
 
 
+class DeviceLogits:
+    """A logits row left in a device backend's memory (Backend.device_logits)."""
+
+    __slots__ = ("ops", "x")
+
+    def __init__(self, ops, x):
+        self.ops, self.x = ops, x
+
+    def argmax(self, n: int | None) -> int:
+        return self.ops.argmax(self.x, n)
+
+    def host(self) -> np.ndarray:
+        return self.ops.to_host(self.x)
+
+
 class Session:
     """One sequence's KV state. Not thread-safe, except cancel(), which any thread may call."""
 
@@ -247,20 +262,29 @@ class Session:
         session stays usable; the stats say stop_reason="cancelled"."""
         self._cancel.set()
 
-    def _forward(self, ids: list[int], logits: str, embeds=None):
+    def _forward(self, ids: list[int], logits: str, embeds=None, keep: bool = False):
+        """keep: on a backend that can keep logits in its memory (a GPU), return them as
+        DeviceLogits, so that a greedy step copies one token id to the host, not the row."""
         eng = self.engine
         n0 = len(self.tokens)
         kw = {} if embeds is None else {"embeds": embeds}
+        ops = self.ops
         try:
             with eng.lock:
-                out = eng.model.forward(eng.config, eng.weights, self.ops, ids, n0, self.caches, logits, **kw)
+                out = None
+                if ops.device_logits and len(ids) == 1 and logits == "last" and embeds is None:
+                    out = ops.decode_step(eng.model, eng.config, eng.weights, self.caches, ids[0], n0)
+                if out is None:
+                    out = eng.model.forward(eng.config, eng.weights, ops, ids, n0, self.caches, logits, **kw)
         except BaseException:
             for c in self.caches:  # a half-written chunk must not stay visible
                 c.truncate(n0)
             raise
         self.tokens.extend(ids)
         self.prefilled_tokens += len(ids)
-        return None if out is None else self.ops.to_host(out)
+        if out is None:
+            return None
+        return DeviceLogits(ops, out) if keep and ops.device_logits else ops.to_host(out)
 
     def _check_fits(self, n_new: int, what: str) -> None:
         if len(self.tokens) + n_new > self.capacity:
@@ -289,15 +313,21 @@ class Session:
                 last = out
         return np.concatenate(outs, axis=0) if return_logits else last
 
-    def decode_step(self, token_id: int) -> np.ndarray:
-        """Feed one token; returns the logits [vocab] for the next position."""
+    def decode_step(self, token_id: int, device: bool = False) -> "np.ndarray | DeviceLogits":
+        """Feed one token; returns the logits [vocab] for the next position. device=True: on a
+        backend that keeps logits in its memory (cuda), return them there as DeviceLogits, which
+        sample() takes (a greedy sample then copies one token id to the host)."""
         ids = self.engine.check_ids([token_id])
         self._check_fits(1, "decoding")
-        return self._forward(ids, "last")
+        return self._forward(ids, "last", keep=device)
 
-    def sample(self, logits: np.ndarray, generated=()) -> int:
+    def sample(self, logits: "np.ndarray | DeviceLogits", generated=()) -> int:
         cfg = self.sampler
         n_vocab = self._tok_vocab
+        if isinstance(logits, DeviceLogits):
+            if cfg.greedy and not cfg.has_penalties:
+                return logits.argmax(n_vocab or None)
+            logits = logits.host()
         if n_vocab and logits.shape[-1] > n_vocab:
             # embedding rows past the tokenizer's vocabulary (padding) are never sampled
             logits = logits[..., :n_vocab]
@@ -382,7 +412,7 @@ class Session:
             while True:
                 if isinstance(msg, DecodeRequest):
                     try:
-                        logits = self.decode_step(msg.token)
+                        logits = self.decode_step(msg.token, device=True)
                     except BaseException as e:
                         msg = steps.throw(e)
                         continue
@@ -410,7 +440,7 @@ class Session:
                 return None
             final = s + chunk >= len(ids)
             part = None if embeds is None else embeds.window(s, s + chunk)
-            out = self._forward(ids[s:s + chunk], "last" if final else "none", part)
+            out = self._forward(ids[s:s + chunk], "last" if final else "none", part, keep=True)
             if s == 0:
                 self.pending_token = None  # it was ids[0], now in the cache
         return out
@@ -445,6 +475,8 @@ class Session:
                 if self._cancelled(cancel):
                     reason = "cancelled"
                     break
+                if isinstance(logits, DeviceLogits) and (constraint is not None or logprobs is not None):
+                    logits = logits.host()
                 raw = logits
                 if constraint is not None:
                     logits = constraint.apply(logits, self.sampler)

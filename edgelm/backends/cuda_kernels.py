@@ -1,0 +1,381 @@
+"""Triton kernels of the CUDA backend (backends/cuda.py), with their launch functions.
+
+Every kernel also runs under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which
+is how the test suite proves them without a GPU. Arithmetic is fp32 throughout; quantized
+weights are read in their stored layout (quant/schemes.py) and dequantized in registers,
+never into a float copy. Products use tensor cores through `tl.dot` (TF32 on the GPU) from
+5 activation rows up (padded to 16), and a reduction over the row (no tensor cores, one pass over the
+weights, which is all decode needs) below that.
+
+Scheme ids are those of quant/schemes.py: 0 fp32, 1 fp16, 2 int8 (per row), 3 int8-b32,
+4 int4-b32, 5 int4-b128.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = triton.runtime.interpreter is not None and __import__("os").environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- weights
+
+@triton.jit
+def _load_w(q_ptr, s_ptr, rn, rk, N, K, SCHEME: tl.constexpr, BS: tl.constexpr):
+    """The weights W[rn, rk] as fp32 [len(rn), len(rk)], dequantized from the stored parts
+    (rows past N and columns past K read zero)."""
+    m = (rn < N)[:, None] & (rk < K)[None, :]
+    if SCHEME == 0:
+        w = tl.load(q_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0)
+    elif SCHEME == 1:
+        w = tl.load(q_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0).to(tl.float32)
+    elif SCHEME == 2:
+        q = tl.load(q_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0).to(tl.float32)
+        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+        w = q * s[:, None]
+    elif SCHEME == 3:
+        q = tl.load(q_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0).to(tl.float32)
+        s = tl.load(s_ptr + rn[:, None].to(tl.int64) * (K // 32) + (rk // 32)[None, :], mask=m, other=0.0)
+        w = q * s.to(tl.float32)
+    else:
+        # Q4_0 order: within each run of 32 weights, byte j holds weight j (low nibble) and
+        # weight j + 16 (high nibble).
+        byte = (rk // 32) * 16 + (rk % 16)
+        b = tl.load(q_ptr + rn[:, None].to(tl.int64) * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
+        nib = (b >> (((rk // 16) % 2) * 4)[None, :]) & 0xF
+        s = tl.load(s_ptr + rn[:, None].to(tl.int64) * (K // BS) + (rk // BS)[None, :], mask=m, other=0.0)
+        w = (nib - 8).to(tl.float32) * s.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _gelu(g):
+    # tanh GELU, as the numpy reference; tanh(z) = 1 - 2 / (exp(2z) + 1)
+    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    return 0.5 * g * (1.0 + t)
+
+
+@triton.jit
+def _qmm_kernel(x_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, out_ptr, M, N, K, sxm, som,
+                SCHEME: tl.constexpr, BS: tl.constexpr, DUAL: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """out[M, N] = x[M, K] @ W.T, or with DUAL gelu(x @ W.T) * (x @ W2.T) (GeGLU)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    if DOT:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BN, BK), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :],
+                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        w = _load_w(q_ptr, s_ptr, rn, rk, N, K, SCHEME, BS)
+        if DOT:
+            acc += tl.dot(x, tl.trans(w))
+        else:
+            acc += x[:, None, :] * w[None, :, :]
+        if DUAL:
+            w2 = _load_w(q2_ptr, s2_ptr, rn, rk, N, K, SCHEME, BS)
+            if DOT:
+                acc2 += tl.dot(x, tl.trans(w2))
+            else:
+                acc2 += x[:, None, :] * w2[None, :, :]
+    if DOT:
+        r = acc
+        r2 = acc2
+    else:
+        r = tl.sum(acc, axis=2)
+        r2 = tl.sum(acc2, axis=2)
+    if DUAL:
+        r = _gelu(r) * r2
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :], r, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _mm_tiles(M: int, N: int, K: int):
+    """(BM, BN, BK, DOT) for a product: a row reduction for a few rows, tensor cores above."""
+    if M > 4:  # tl.dot needs 16 rows on the GPU: rows past M are masked
+        bm = 64 if M >= 64 else 16
+        return bm, 64, 32, True
+    bm = _pow2(M)
+    bk = 64 if bm <= 2 else 32
+    bn = 64 if bm <= 2 else 32
+    if INTERPRET:  # fewer, larger programs: the interpreter's cost is per program
+        bn = 128
+    return bm, bn, bk, False
+
+
+def qmatmul(x: torch.Tensor, w, w2=None) -> torch.Tensor:
+    """x [M, K] fp32 (rows contiguous) @ w.T -> [M, N]; with w2, gelu(x @ w.T) * (x @ w2.T).
+    w, w2: backends.cuda.DeviceWeight of one scheme and shape."""
+    M, K = x.shape
+    N = w.rows
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((M, N), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out
+    bm, bn, bk, dot = _mm_tiles(M, N, K)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    sec = w2 if w2 is not None else w
+    _qmm_kernel[grid](x, w.q, w.s, sec.q, sec.s, out, M, N, K, x.stride(0), out.stride(0),
+                      SCHEME=w.scheme_id, BS=max(w.block, 1), DUAL=w2 is not None, BM=bm, BN=bn, BK=bk, DOT=dot)
+    return out
+
+
+@triton.jit
+def _embed_kernel(ids_ptr, q_ptr, s_ptr, out_ptr, N, K, SCHEME: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
+    i = tl.program_id(0)
+    row = tl.load(ids_ptr + i + tl.arange(0, 1))
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        w = _load_w(q_ptr, s_ptr, row, rk, N, K, SCHEME, BS)  # [1, BK]
+        tl.store(out_ptr + i.to(tl.int64) * K + rk[None, :], w, mask=(rk < K)[None, :])
+
+
+def embed(ids: torch.Tensor, w) -> torch.Tensor:
+    """ids [n] int32 (device) -> the dequantized rows [n, cols]."""
+    n = ids.shape[0]
+    out = torch.empty((n, w.cols), dtype=torch.float32, device=ids.device)
+    if n:
+        _embed_kernel[(n,)](ids, w.q, w.s, out, w.rows, w.cols, SCHEME=w.scheme_id, BS=max(w.block, 1),
+                            BK=min(1024, _pow2(w.cols, 16)))
+    return out
+
+
+# ----------------------------------------------------------------------------- norms
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, h_ptr, w_ptr, w2_ptr, out_ptr, nxt_ptr, D, eps,
+                    ADD: tl.constexpr, NEXT: tl.constexpr, BD: tl.constexpr):
+    """One row: out = rmsnorm(x) * w, or with ADD out = x + rmsnorm(h) * w (the residual
+    step) and with NEXT also nxt = rmsnorm(out) * w2 (the next block's input)."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BD)
+    m = c < D
+    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    if ADD:
+        h = tl.load(h_ptr + r * D + c, mask=m, other=0.0)
+        x = tl.load(x_ptr + r * D + c, mask=m, other=0.0)
+        y = x + h * (1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)) * w
+    else:
+        x = tl.load(x_ptr + r * D + c, mask=m, other=0.0)
+        y = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)) * w
+    tl.store(out_ptr + r * D + c, y, mask=m)
+    if NEXT:
+        w2 = tl.load(w2_ptr + c, mask=m, other=0.0)
+        z = y * (1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + eps)) * w2
+        tl.store(nxt_ptr + r * D + c, z, mask=m)
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.contiguous()
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    rows = x.numel() // D if D else 0
+    if rows:
+        _rmsnorm_kernel[(rows,)](x, x, w, w, out, out, D, float(eps), ADD=False, NEXT=False, BD=_pow2(D))
+    return out
+
+
+def add_rmsnorm(x: torch.Tensor, h: torch.Tensor, w_post: torch.Tensor, eps: float, w_next=None):
+    x, h = x.contiguous(), h.contiguous()
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    nxt = torch.empty_like(x) if w_next is not None else None
+    rows = x.numel() // D if D else 0
+    if rows:
+        _rmsnorm_kernel[(rows,)](x, h, w_post, w_next if w_next is not None else w_post, out,
+                                 nxt if nxt is not None else out, D, float(eps), ADD=True, NEXT=w_next is not None,
+                                 BD=_pow2(D))
+    return out, nxt
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+@triton.jit
+def _rope_kernel(x_ptr, w_ptr, pos_ptr, inv_ptr, out_ptr, H, HD, eps,
+                 NORM: tl.constexpr, BH: tl.constexpr):
+    """One (row, head): optional RMSNorm over the head, then rotate-half RoPE at the row's
+    position (angles = position * inv_freq in fp32, as the reference)."""
+    pid = tl.program_id(0)
+    row = pid // H
+    base = pid.to(tl.int64) * HD
+    half = HD // 2
+    c = tl.arange(0, BH)
+    m = c < half
+    x1 = tl.load(x_ptr + base + c, mask=m, other=0.0)
+    x2 = tl.load(x_ptr + base + half + c, mask=m, other=0.0)
+    if NORM:
+        ms = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HD
+        r = 1.0 / tl.sqrt(ms + eps)
+        x1 = x1 * r * tl.load(w_ptr + c, mask=m, other=0.0)
+        x2 = x2 * r * tl.load(w_ptr + half + c, mask=m, other=0.0)
+    p = tl.load(pos_ptr + row).to(tl.float32)
+    ang = p * tl.load(inv_ptr + c, mask=m, other=0.0)
+    cs = tl.cos(ang)
+    sn = tl.sin(ang)
+    tl.store(out_ptr + base + c, x1 * cs - x2 * sn, mask=m)
+    tl.store(out_ptr + base + half + c, x2 * cs + x1 * sn, mask=m)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor, w=None, eps: float = 0.0) -> torch.Tensor:
+    """x [n, H, hd]; pos [n] int64 (device); inv [hd/2] fp32 (device)."""
+    x = x.contiguous()
+    n, H, hd = x.shape
+    out = torch.empty_like(x)
+    if n * H:
+        _rope_kernel[(n * H,)](x, w if w is not None else x, pos, inv, out, H, hd, float(eps), NORM=w is not None,
+                               BH=_pow2(hd // 2))
+    return out
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+@triton.jit
+def _gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, B: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+    m = i < n
+    g = tl.load(g_ptr + i, mask=m, other=0.0)
+    u = tl.load(u_ptr + i, mask=m, other=0.0)
+    tl.store(out_ptr + i, _gelu(g) * u, mask=m)
+
+
+def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    g, u = g.contiguous(), u.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    if n:
+        b = 4096 if INTERPRET else 1024
+        _gelu_mul_kernel[(triton.cdiv(n, b),)](g, u, out, n, B=b)
+    return out
+
+
+# ----------------------------------------------------------------------------- attention
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, len_ptr, o_ptr, ml_ptr,
+                 n, T, G, KV, HD, span, window, scale, softcap,
+                 HAS_LEN: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Flash attention for one kv head, BM (query row, head-in-group) pairs and one span of
+    keys. q [n, KV*G, HD], k/v [T, KV, HD] (fp16 or fp32), kpos [T] (-1 = empty slot).
+    A key is visible iff kpos >= 0, qpos - kpos >= 0 and (window == 0 or < window).
+    With SPLIT the unnormalized partial (o, max, sum) of this span is written for a combine
+    step; else the normalized output."""
+    pid_r = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    r = pid_r * BM + tl.arange(0, BM)  # r = i * G + g
+    rmask = r < n * G
+    i = r // G
+    head = kvh * G + r % G
+    d = tl.arange(0, BD)
+    dm = d < HD
+    q = tl.load(q_ptr + (i.to(tl.int64) * (KV * G) + head)[:, None] * HD + d[None, :],
+                mask=rmask[:, None] & dm[None, :], other=0.0)
+    qp = tl.load(qpos_ptr + i, mask=rmask, other=0)
+    kv_len = T
+    if HAS_LEN:
+        kv_len = tl.minimum(tl.load(len_ptr), T)
+    lo = sp * span
+    hi = tl.minimum(lo + span, kv_len)
+    m_i = tl.zeros((BM,), dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, BD), dtype=tl.float32)
+    for s0 in range(lo, hi, BN):
+        j = s0 + tl.arange(0, BN)
+        jm = j < hi
+        koff = (j.to(tl.int64) * KV + kvh)[:, None] * HD + d[None, :]
+        k = tl.load(k_ptr + koff, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        if SOFTCAP:
+            z = s / softcap
+            s = (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)) * softcap
+        kp = tl.load(kpos_ptr + j, mask=jm, other=-1)
+        dist = qp[:, None] - kp[None, :]
+        vis = (kp >= 0)[None, :] & (dist >= 0) & jm[None, :]
+        if window > 0:
+            vis = vis & (dist < window)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + koff, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+    if SPLIT:
+        base = (sp.to(tl.int64) * (n * KV * G) + i.to(tl.int64) * (KV * G) + head)
+        tl.store(o_ptr + base[:, None] * HD + d[None, :], acc, mask=rmask[:, None] & dm[None, :])
+        tl.store(ml_ptr + base * 2, m_i, mask=rmask)
+        tl.store(ml_ptr + base * 2 + 1, l_i, mask=rmask)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + (i.to(tl.int64) * (KV * G) + head)[:, None] * HD + d[None, :], out,
+                 mask=rmask[:, None] & dm[None, :])
+
+
+def attention(q, k, v, qpos, kpos, window: int, scale: float, softcap, kv_len=None, splits: int | None = None):
+    """q [n, H, hd] fp32, k/v [T, KV, hd], qpos [n] / kpos [T] int64 device tensors ->
+    [n, H*hd]. kv_len: optional device int scalar bounding the keys read (a static-shape
+    decode step reads only the filled slots). Long key ranges with few queries are split
+    over programs (split-K) and combined."""
+    q = q.contiguous()
+    n, H, hd = q.shape
+    T, KV, _ = k.shape
+    G = H // KV
+    rows = n * G
+    bm = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    bn = 64 if INTERPRET or hd > 128 else 128
+    if splits is None:
+        blocks = triton.cdiv(rows, bm) * KV
+        splits = 1 if (INTERPRET or blocks >= 64 or T <= 4 * bn) else min(32, triton.cdiv(T, 2 * bn))
+    span = triton.cdiv(max(T, 1), splits)
+    span = triton.cdiv(span, bn) * bn
+    splits = max(1, triton.cdiv(max(T, 1), span))
+    dev = q.device
+    bd = _pow2(hd, 16)
+    lenp = kv_len if kv_len is not None else kpos
+    common = dict(HAS_LEN=kv_len is not None, SOFTCAP=bool(softcap), BM=bm, BN=bn, BD=bd)
+    grid = (triton.cdiv(rows, bm), KV, splits)
+    if splits == 1:
+        out = torch.empty((n, H, hd), dtype=torch.float32, device=dev)
+        _attn_kernel[grid](q, k, v, qpos, kpos, lenp, out, out, n, T, G, KV, hd, span, int(window), float(scale),
+                           float(softcap or 1.0), SPLIT=False, **common)
+        return out.reshape(n, H * hd)
+    part = torch.empty((splits, n, H, hd), dtype=torch.float32, device=dev)
+    ml = torch.empty((splits, n, H, 2), dtype=torch.float32, device=dev)
+    _attn_kernel[grid](q, k, v, qpos, kpos, lenp, part, ml, n, T, G, KV, hd, span, int(window), float(scale),
+                       float(softcap or 1.0), SPLIT=True, **common)
+    m, l_ = ml[..., 0], ml[..., 1]
+    top = m.max(dim=0).values
+    wgt = torch.exp(m - top) * (l_ > 0)
+    den = (wgt * l_).sum(dim=0)
+    out = (part * wgt[..., None]).sum(dim=0) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    return out.reshape(n, H * hd)
+
+
+def rope_inv_freq(hd: int, theta: float, scale: float):
+    """The reference's inverse frequencies (numpy fp32), computed once per (hd, theta, scale)."""
+    import numpy as np
+
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
+    return (inv / np.float32(scale)).astype(np.float32)
+
+
+__all__ = ["qmatmul", "embed", "rmsnorm", "add_rmsnorm", "rope", "gelu_mul", "attention", "rope_inv_freq",
+           "INTERPRET", "math"]
