@@ -13,13 +13,14 @@ Scheme ids are those of quant/schemes.py: 0 fp32, 1 fp16, 2 int8 (per row), 3 in
 
 from __future__ import annotations
 
-import math
+import inspect
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = triton.runtime.interpreter is not None and __import__("os").environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it when the kernels are defined
 
 
 # ----------------------------------------------------------------------------- weights
@@ -105,17 +106,42 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _mm_tiles(M: int, N: int, K: int):
-    """(BM, BN, BK, DOT) for a product: a row reduction for a few rows, tensor cores above."""
-    if M > 4:  # tl.dot needs 16 rows on the GPU: rows past M are masked
-        bm = 64 if M >= 64 else 16
-        return bm, 64, 32, True
-    bm = _pow2(M)
-    bk = 64 if bm <= 2 else 32
-    bn = 64 if bm <= 2 else 32
-    if INTERPRET:  # fewer, larger programs: the interpreter's cost is per program
-        bn = 128
-    return bm, bn, bk, False
+def _tuned(fn, configs, key, interp):
+    """`fn` autotuned over `configs` on the device (the fastest config per key, measured at the
+    first launch of each key; kept on disk where this Triton can). The interpreter takes
+    `interp`, one config with few, large programs: it measures nothing, and its cost is per
+    program."""
+    if INTERPRET:
+        configs = [interp]
+    kw = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=key, **kw)(fn)
+
+
+# Tile configs. Which is fastest depends on the card and the shape, and no GPU has measured
+# them yet: the device picks. Every config is compiled for sm_90 by benchmarks/cuda_aot.py
+# (tests/test_cuda_backend.py: no spills, shared memory within the H100's 227 KiB).
+# Decode (1-4 rows): a program reduces BN weight rows over the whole row, BK at a time;
+# small BN keeps enough programs for 132 SMs on the narrow products (k/v: 256 rows).
+GEMV_CONFIGS = [triton.Config({"BN": 16, "BK": 128}, num_warps=4),
+                triton.Config({"BN": 8, "BK": 256}, num_warps=4),
+                triton.Config({"BN": 32, "BK": 64}, num_warps=4),
+                triton.Config({"BN": 4, "BK": 256}, num_warps=2)]
+# Prefill (5+ rows): tl.dot tiles, BM rows chosen by the launcher.
+DOT_CONFIGS = [triton.Config({"BN": 64, "BK": 32}, num_warps=4, num_stages=3),
+               triton.Config({"BN": 64, "BK": 32}, num_warps=8, num_stages=3),
+               triton.Config({"BN": 128, "BK": 32}, num_warps=8, num_stages=3),
+               triton.Config({"BN": 64, "BK": 64}, num_warps=4, num_stages=2)]
+_MM_KEY = ["N", "K", "SCHEME", "DUAL", "BM"]
+_qmm_gemv = _tuned(_qmm_kernel, GEMV_CONFIGS, _MM_KEY, triton.Config({"BN": 128, "BK": 64}))
+_qmm_dot = _tuned(_qmm_kernel, DOT_CONFIGS, _MM_KEY, DOT_CONFIGS[0])
+
+
+def _mm_rows(M: int) -> tuple[int, bool]:
+    """(BM, DOT) for a product of M rows: a row reduction for a few rows, tensor cores above
+    (tl.dot needs 16 rows on the GPU: rows past M are masked)."""
+    if M > 4:
+        return (64 if M >= 64 else 16), True
+    return _pow2(M), False
 
 
 def qmatmul(x: torch.Tensor, w, w2=None) -> torch.Tensor:
@@ -128,11 +154,12 @@ def qmatmul(x: torch.Tensor, w, w2=None) -> torch.Tensor:
     out = torch.empty((M, N), dtype=torch.float32, device=x.device)
     if M == 0:
         return out
-    bm, bn, bk, dot = _mm_tiles(M, N, K)
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    bm, dot = _mm_rows(M)
     sec = w2 if w2 is not None else w
-    _qmm_kernel[grid](x, w.q, w.s, sec.q, sec.s, out, M, N, K, x.stride(0), out.stride(0),
-                      SCHEME=w.scheme_id, BS=max(w.block, 1), DUAL=w2 is not None, BM=bm, BN=bn, BK=bk, DOT=dot)
+    kern = _qmm_dot if dot else _qmm_gemv
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
+    kern[grid](x, w.q, w.s, sec.q, sec.s, out, M, N, K, x.stride(0), out.stride(0),
+               SCHEME=w.scheme_id, BS=max(w.block, 1), DUAL=w2 is not None, BM=bm, DOT=dot)
     return out
 
 
@@ -269,11 +296,12 @@ def gelu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, len_ptr, o_ptr, ml_ptr,
                  n, T, G, KV, HD, span, window, scale, softcap,
-                 HAS_LEN: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_LEN: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, KV16: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """Flash attention for one kv head, BM (query row, head-in-group) pairs and one span of
     keys. q [n, KV*G, HD], k/v [T, KV, HD] (fp16 or fp32), kpos [T] (-1 = empty slot).
     A key is visible iff kpos >= 0, qpos - kpos >= 0 and (window == 0 or < window).
+    Spans are multiples of 128 keys (every BN divides them).
     With SPLIT the unnormalized partial (o, max, sum) of this span is written for a combine
     step; else the normalized output."""
     pid_r = tl.program_id(0)
@@ -287,6 +315,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, len_ptr, o_ptr, ml_ptr
     dm = d < HD
     q = tl.load(q_ptr + (i.to(tl.int64) * (KV * G) + head)[:, None] * HD + d[None, :],
                 mask=rmask[:, None] & dm[None, :], other=0.0)
+    if KV16:  # the fp16 operand, made once (half the registers a tile of fp32 q holds)
+        q = q.to(tl.float16)
     qp = tl.load(qpos_ptr + i, mask=rmask, other=0)
     kv_len = T
     if HAS_LEN:
@@ -300,8 +330,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, len_ptr, o_ptr, ml_ptr
         j = s0 + tl.arange(0, BN)
         jm = j < hi
         koff = (j.to(tl.int64) * KV + kvh)[:, None] * HD + d[None, :]
-        k = tl.load(k_ptr + koff, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
+        k = tl.load(k_ptr + koff, mask=jm[:, None] & dm[None, :], other=0.0)
+        if KV16:  # an fp16 cache: fp16 operands, fp32 accumulation (half the shared memory of TF32)
+            s = tl.dot(q, tl.trans(k)) * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
         if SOFTCAP:
             z = s / softcap
             s = (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)) * softcap
@@ -315,8 +348,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, len_ptr, o_ptr, ml_ptr
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + koff, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        v = tl.load(v_ptr + koff, mask=jm[:, None] & dm[None, :], other=0.0)
+        if KV16:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
         m_i = m_new
     if SPLIT:
         base = (sp.to(tl.int64) * (n * KV * G) + i.to(tl.int64) * (KV * G) + head)
@@ -329,38 +365,75 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, len_ptr, o_ptr, ml_ptr
                  mask=rmask[:, None] & dm[None, :])
 
 
+# Key-block configs; the device picks per (head_dim, rows tile, cache dtype). A TF32 (fp32
+# cache) tile stages twice the bytes of an fp16 one, so it gets the small key blocks.
+ATTN_CONFIGS = [triton.Config({"BN": 64}, num_warps=4, num_stages=2),
+                triton.Config({"BN": 32}, num_warps=4, num_stages=2),
+                triton.Config({"BN": 32}, num_warps=8, num_stages=2),
+                triton.Config({"BN": 64}, num_warps=8, num_stages=2),
+                triton.Config({"BN": 128}, num_warps=8, num_stages=2),
+                triton.Config({"BN": 32}, num_warps=4, num_stages=1)]
+
+
+def _attn_prune(configs, named_args, **kw):
+    """Configs whose staged K/V tiles fit the H100's shared memory (227 KiB), estimated as
+    stages x BN x head_dim x 2 (K and V) x element size, plus the q tile."""
+    bd, esize, bm = named_args.get("BD", kw.get("BD")), 2 if named_args.get("KV16", kw.get("KV16")) else 4, \
+        named_args.get("BM", kw.get("BM"))
+    fit = [c for c in configs
+           if c.num_stages * c.kwargs["BN"] * bd * 2 * esize + bm * bd * esize <= 200 * 1024]
+    return fit or configs[-1:]
+
+
+_attn = triton.autotune(configs=ATTN_CONFIGS, key=["BD", "BM", "KV16", "SPLIT", "SOFTCAP"],
+                        prune_configs_by={"early_config_prune": _attn_prune},
+                        **({"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+                           else {}))(_attn_kernel) if not INTERPRET else _attn_kernel
+_SPAN = 128  # key spans are multiples of this (the largest BN)
+
+
+def _attn_rows(rows: int, hd: int, kv16: bool) -> int:
+    """Query rows per program (BM): larger tiles reuse each K/V tile more, but a 32 x 256 or
+    64 x 128 fp32 accumulator no longer fits the registers beside the tiles (cuda_aot.py)."""
+    if rows <= 16 or hd > 128:
+        return 16
+    return 32 if rows <= 32 or not kv16 else 64
+
+
 def attention(q, k, v, qpos, kpos, window: int, scale: float, softcap, kv_len=None, splits: int | None = None):
-    """q [n, H, hd] fp32, k/v [T, KV, hd], qpos [n] / kpos [T] int64 device tensors ->
-    [n, H*hd]. kv_len: optional device int scalar bounding the keys read (a static-shape
-    decode step reads only the filled slots). Long key ranges with few queries are split
-    over programs (split-K) and combined."""
+    """q [n, H, hd] fp32, k/v [T, KV, hd] (both fp16 or both fp32), qpos [n] / kpos [T] int64
+    device tensors -> [n, H*hd]. kv_len: optional device int scalar bounding the keys read (a
+    static-shape decode step reads only the filled slots). Long key ranges with few queries
+    are split over programs (split-K) and combined."""
     q = q.contiguous()
     n, H, hd = q.shape
     T, KV, _ = k.shape
     G = H // KV
     rows = n * G
-    bm = 16 if rows <= 16 else (32 if rows <= 32 else 64)
-    bn = 64 if INTERPRET or hd > 128 else 128
+    kv16 = k.dtype == torch.float16
+    bm = _attn_rows(rows, hd, kv16)
+    if kv16 != (v.dtype == torch.float16):
+        v = v.to(k.dtype)
     if splits is None:
         blocks = triton.cdiv(rows, bm) * KV
-        splits = 1 if (INTERPRET or blocks >= 64 or T <= 4 * bn) else min(32, triton.cdiv(T, 2 * bn))
-    span = triton.cdiv(max(T, 1), splits)
-    span = triton.cdiv(span, bn) * bn
+        splits = 1 if (INTERPRET or blocks >= 64 or T <= 2 * _SPAN) else min(32, triton.cdiv(T, _SPAN))
+    span = triton.cdiv(triton.cdiv(max(T, 1), splits), _SPAN) * _SPAN
     splits = max(1, triton.cdiv(max(T, 1), span))
     dev = q.device
-    bd = _pow2(hd, 16)
     lenp = kv_len if kv_len is not None else kpos
-    common = dict(HAS_LEN=kv_len is not None, SOFTCAP=bool(softcap), BM=bm, BN=bn, BD=bd)
+    common = dict(HAS_LEN=kv_len is not None, SOFTCAP=bool(softcap), KV16=kv16, BM=bm, BD=_pow2(hd, 16))
+    if INTERPRET:
+        common["BN"] = 64
     grid = (triton.cdiv(rows, bm), KV, splits)
     if splits == 1:
         out = torch.empty((n, H, hd), dtype=torch.float32, device=dev)
-        _attn_kernel[grid](q, k, v, qpos, kpos, lenp, out, out, n, T, G, KV, hd, span, int(window), float(scale),
-                           float(softcap or 1.0), SPLIT=False, **common)
+        _attn[grid](q, k, v, qpos, kpos, lenp, out, out, n, T, G, KV, hd, span, int(window), float(scale),
+                    float(softcap or 1.0), SPLIT=False, **common)
         return out.reshape(n, H * hd)
     part = torch.empty((splits, n, H, hd), dtype=torch.float32, device=dev)
     ml = torch.empty((splits, n, H, 2), dtype=torch.float32, device=dev)
-    _attn_kernel[grid](q, k, v, qpos, kpos, lenp, part, ml, n, T, G, KV, hd, span, int(window), float(scale),
-                       float(softcap or 1.0), SPLIT=True, **common)
+    _attn[grid](q, k, v, qpos, kpos, lenp, part, ml, n, T, G, KV, hd, span, int(window), float(scale),
+                float(softcap or 1.0), SPLIT=True, **common)
     m, l_ = ml[..., 0], ml[..., 1]
     top = m.max(dim=0).values
     wgt = torch.exp(m - top) * (l_ > 0)
@@ -378,4 +451,4 @@ def rope_inv_freq(hd: int, theta: float, scale: float):
 
 
 __all__ = ["qmatmul", "embed", "rmsnorm", "add_rmsnorm", "rope", "gelu_mul", "attention", "rope_inv_freq",
-           "INTERPRET", "math"]
+           "INTERPRET"]
