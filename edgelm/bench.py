@@ -147,11 +147,11 @@ def _threads_used(eng, requested):
 
 def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int, backend: str, seed: int = 0,
              kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
-    from .runtime.engine import DEFAULT_PREFILL_CHUNK, Engine
+    from .runtime.engine import Engine
 
     t0 = time.perf_counter()
     eng = Engine(path, backend=backend, threads=threads, max_tokens=max_tokens,
-                 prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, kv_dtype=kv_dtype)
+                 prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     init_s = time.perf_counter() - t0
     # Python's random, not numpy.random: the latter loads OpenSSL (~3 MiB resident), which a
     # greedy run of the engine never does, and would count in the peak RSS.
@@ -308,7 +308,7 @@ def media_bench(path, meta: dict, threads, max_tokens: int, backend: str, repeat
                 prefill_chunk=None, progress: bool = True) -> dict:
     """The media columns of a bundle with towers: one Engine load (its RSS cost measured),
     one warm-up round, `repeat` measured rounds (see media_once)."""
-    from .runtime.engine import DEFAULT_PREFILL_CHUNK, Engine
+    from .runtime.engine import Engine
 
     kinds = media_kinds(meta)
     images = {size: _test_image(size, 1) for size in IMAGE_SIZES} if "vision" in kinds else {}
@@ -319,7 +319,7 @@ def media_bench(path, meta: dict, threads, max_tokens: int, backend: str, repeat
     _release_free_heap()
     before = current_rss_mib()
     eng = Engine(path, backend=backend, threads=threads, max_tokens=cap,
-                 prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, kv_dtype=kv_dtype)
+                 prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     after = current_rss_mib()
     try:
         tbytes = tower_bytes(eng.bundle)

@@ -66,7 +66,7 @@ def bench_constrained(path, make_constraint, kind: str, value, label: str, gen_t
         raise BadInputError(f"--prefill-chunk must be an integer >= 1, got {prefill_chunk!r}")
     from .format.bundle import Bundle
     from .runtime.constrained import MaskTimings, vocabulary
-    from .runtime.engine import DEFAULT_PREFILL_CHUNK, Engine
+    from .runtime.engine import Engine
     from .runtime.session import GenerationStats
     from .runtime.sampler import SamplerConfig
 
@@ -75,7 +75,7 @@ def bench_constrained(path, make_constraint, kind: str, value, label: str, gen_t
         pass
     t0 = time.perf_counter()
     eng = Engine(path, backend=backend, threads=threads, max_tokens=max_tokens,
-                 prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, kv_dtype=kv_dtype)
+                 prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     init_s = time.perf_counter() - t0
     rss0 = _vm_rss_mib()
     t0 = time.perf_counter()

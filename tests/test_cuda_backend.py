@@ -380,6 +380,28 @@ def test_out_of_memory_is_a_clear_error_and_the_engine_stays_usable(monkeypatch)
     assert "".join(p for p in s.generate("a river", max_new_tokens=3) if isinstance(p, str)) is not None
 
 
+def test_out_of_memory_in_a_forward_leaves_the_session_as_it_was(monkeypatch):
+    b = tiny_bundle()
+    eng = Engine(b, backend="cuda", max_tokens=64, prefill_chunk=32)
+    s = eng.create_session({"temperature": 0.0})
+    s.prefill([2, 11, 12])
+    real = eng.ops.matmul
+
+    def matmul(x, t):
+        if x.shape[0] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(x, t)
+
+    monkeypatch.setattr(eng.ops, "matmul", matmul)
+    with pytest.raises(CapacityError, match=r"out of device memory running a 20-token step .* session is unchanged"):
+        s.prefill(list(range(30, 50)))
+    assert s.tokens == [2, 11, 12] and all(c.filled <= 3 for c in s.caches)
+    s.prefill([13, 14])  # smaller steps still run, on the same cache
+    monkeypatch.undo()
+    ref = Engine(b, backend="numpy", max_tokens=64)
+    _close(s.decode_step(15), ref.create_session().prefill([2, 11, 12, 13, 14, 15]), 4e-3)
+
+
 def _cli(*args, env):
     e = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     e.update(env)

@@ -65,6 +65,7 @@ class Backend(abc.ABC):
     default_kv_dtype: str = "f32"
     fused_plans: frozenset[str] = frozenset()
     device_logits: bool = False
+    prefill_chunk: int | None = None  # the prompt chunk it prefers (None: the engine's default)
 
     # Batch invariance (docs/kernels.md): whether a row's results can be made independent of
     # the other rows of a call, the chunking of a prompt and the cache's history.

@@ -227,6 +227,9 @@ class CudaOps(Backend):
     name = "cuda"
     default_kv_dtype = "f16"
     device_logits = True  # logits may stay on the device: see argmax
+    # long prompt chunks: each chunk costs ~12 launches a layer from Python, and a GPU tile
+    # fills only with hundreds of rows
+    prefill_chunk = 512
 
     def __init__(self, device: str | None = None, graphs: bool | None = None):
         why = unavailable_reason()

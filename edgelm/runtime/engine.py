@@ -93,13 +93,16 @@ class Engine:
     """Load a bundle and run it.
 
     path: a .edgelm bundle; None means the default model (prepared on first use).
-    backend: "cpu" (native kernels), "numpy" (the reference), or a backends.base.Backend
-        instance (a backend defined outside edgelm).
+    backend: "cpu" (native kernels), "numpy" (the reference), "cuda" (an NVIDIA GPU, the
+        edgelm[cuda] extra), "auto" (cuda where a GPU is present, else cpu), or a
+        backends.base.Backend instance (a backend defined outside edgelm).
     threads: worker threads for the native kernels (default: physical cores).
     max_tokens: KV-cache capacity per session, chosen here (e.g. 1280 or 4096). Default: 4096,
         or the model's context where that is shorter.
-    kv_dtype: "f16" or "f32" storage for the KV cache. Default: f16 on the native cpu
-        backend (half the cache's memory and bandwidth; the kernel widens each key block to
+    prefill_chunk: prompt tokens per forward. Default: the backend's preference (512 on cuda),
+        else 128.
+    kv_dtype: "f16" or "f32" storage for the KV cache. Default: f16 on the native cpu and cuda
+        backends (half the cache's memory and bandwidth; the kernel widens each key block to
         fp32, so the arithmetic stays fp32), f32 on the numpy reference.
     deterministic: batch-invariant kernels (cpu backend): a token's logits are then the same
         bits whether its prompt was prefilled whole or in chunks, reused from the cache, or
@@ -114,7 +117,7 @@ class Engine:
         backend="cpu",
         threads: int | None = None,
         max_tokens: int | None = None,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
         kv_dtype: str | None = None,
         deterministic: bool | None = None,
     ):
@@ -124,7 +127,7 @@ class Engine:
             path = ensure_default_model()
         t0 = time.perf_counter()  # init = loading; the one-time default-model preparation is not counted
         for name, val in (("max_tokens", max_tokens), ("prefill_chunk", prefill_chunk)):
-            if val is None and name == "max_tokens":
+            if val is None:
                 continue
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise BadInputError(f"{name} must be a positive integer, got {val!r}")
@@ -139,7 +142,6 @@ class Engine:
             raise BadInputError(
                 f"max_tokens {max_tokens} exceeds the model's context of {self.config.max_position_embeddings}")
         self.max_tokens = max_tokens
-        self.prefill_chunk = min(prefill_chunk, max_tokens)
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise BadInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         if deterministic is None:
@@ -150,6 +152,9 @@ class Engine:
         elif not isinstance(deterministic, bool):
             raise BadInputError(f"deterministic must be true or false, got {deterministic!r}")
         self.ops = get_backend(backend, threads, deterministic=deterministic or None)
+        if prefill_chunk is None:  # the backend's preference (a GPU takes long chunks), else 128
+            prefill_chunk = self.ops.prefill_chunk or DEFAULT_PREFILL_CHUNK
+        self.prefill_chunk = min(prefill_chunk, max_tokens)
         self.deterministic = bool(self.ops.deterministic)
         self.backend = self.ops.name
         self.kv_dtype_name = kv_dtype or self.ops.default_kv_dtype

@@ -276,9 +276,13 @@ class Session:
                     out = ops.decode_step(eng.model, eng.config, eng.weights, self.caches, ids[0], n0)
                 if out is None:
                     out = eng.model.forward(eng.config, eng.weights, ops, ids, n0, self.caches, logits, **kw)
-        except BaseException:
+        except BaseException as e:
             for c in self.caches:  # a half-written chunk must not stay visible
                 c.truncate(n0)
+            if type(e).__name__ == "OutOfMemoryError":  # a device backend's (torch's) allocator
+                raise CapacityError(
+                    f"out of device memory running a {len(ids)}-token step ({str(e).splitlines()[0]}); the session "
+                    f"is unchanged: use a smaller --prefill-chunk or --max-tokens, or fewer sessions") from None
             raise
         self.tokens.extend(ids)
         self.prefilled_tokens += len(ids)
