@@ -113,6 +113,16 @@ def make_tiny_gemma3n(dir: str | Path, *, seed: int = 0, dtype: str = "float32",
     return d
 
 
+def tiny_text_bundle(root: Path, scheme: str, seed: int = 3) -> Path:
+    """make_tiny_gemma3n under `root`, converted by edgelm at `scheme` -> the bundle path."""
+    from edgelm.convert.common import convert
+    from edgelm.convert.hf import load_hf_source
+
+    out = Path(root) / f"g3n-{scheme}.edgelm"
+    convert(load_hf_source(make_tiny_gemma3n(Path(root) / "hf", seed=seed)), out, scheme=scheme, progress=False)
+    return out
+
+
 def make_tiny_gemma3n_multimodal(dir: str | Path, *, seed: int = 0, **kw) -> Path:
     """A Gemma3nForConditionalGeneration-style directory: the text decoder's weights under
     `model.language_model.`, plus stand-in vision/audio tower tensors and multimodal

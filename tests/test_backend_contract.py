@@ -309,13 +309,7 @@ def gemma3n_bundle(tmp_path_factory):
     pytest.importorskip("transformers")
     import gemma3n_fixtures as g3n
 
-    from edgelm.convert.common import convert
-    from edgelm.convert.hf import load_hf_source
-
-    root = tmp_path_factory.mktemp("contract-g3n")
-    out = root / "g3n.edgelm"
-    convert(load_hf_source(g3n.make_tiny_gemma3n(root / "hf", seed=3)), out, scheme="fp32", progress=False)
-    return out
+    return g3n.tiny_text_bundle(tmp_path_factory.mktemp("contract-g3n"), "fp32")
 
 
 @pytest.fixture(params=["gemma3", "gemma3n"])

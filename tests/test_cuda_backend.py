@@ -275,13 +275,7 @@ def gemma3n_bundle(tmp_path_factory):
     pytest.importorskip("transformers")
     import gemma3n_fixtures as g3n
 
-    from edgelm.convert.common import convert
-    from edgelm.convert.hf import load_hf_source
-
-    root = tmp_path_factory.mktemp("cuda-g3n")
-    out = root / "g3n.edgelm"
-    convert(load_hf_source(g3n.make_tiny_gemma3n(root / "hf", seed=3)), out, scheme="int8", progress=False)
-    return out
+    return g3n.tiny_text_bundle(tmp_path_factory.mktemp("cuda-g3n"), "int8")
 
 
 def test_gemma3n_on_the_cuda_backend_matches_the_reference(gemma3n_bundle):

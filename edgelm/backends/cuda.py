@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import BadInputError, CapacityError
 from ..quant.schemes import QTensor
 from .base import Backend
+from .kvcache import SlotPositions
 
 
 def unavailable_reason() -> str | None:
@@ -95,7 +96,7 @@ class DevicePositions:
         self.pos, self.length = pos, length
 
 
-class DeviceKVCache:
+class DeviceKVCache(SlotPositions):
     """The KV cache on the device, with the interface of backends/kvcache.KVCache. The slot
     positions live twice: on the device (attention's mask) and on the host (truncate,
     can_truncate), kept equal by every method."""
@@ -149,19 +150,9 @@ class DeviceKVCache:
         return self.k[:f], self.v[:f], self.dpos[:f]
 
     def truncate(self, n_tokens: int) -> None:
-        self.pos[self.pos >= n_tokens] = -1
-        used = np.nonzero(self.pos >= 0)[0]
-        self.filled = int(used[-1]) + 1 if used.size else 0
+        self._forget(n_tokens)
         self.dpos.masked_fill_(self.dpos >= n_tokens, -1)
         self.dlen.fill_(self.filled)
-
-    def can_truncate(self, n_tokens: int) -> bool:
-        if n_tokens <= 0:
-            return True
-        need = self.slots if self.window is None else min(self.window - 1, self.slots)
-        lo = max(0, n_tokens - need)
-        held = self.pos[(self.pos >= lo) & (self.pos < n_tokens)]
-        return int(np.unique(held).size) == n_tokens - lo
 
     def copy(self) -> "DeviceKVCache":
         c = DeviceKVCache.__new__(DeviceKVCache)

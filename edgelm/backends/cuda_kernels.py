@@ -62,6 +62,17 @@ def _gelu(g):
 
 
 @triton.jit
+def _mac(acc, x, w, DOT: tl.constexpr):
+    """acc + x @ w.T: a tensor-core tile ([BM, BN] acc), or products kept per column
+    ([BM, BN, BK] acc, reduced once after the loop)."""
+    if DOT:
+        r = acc + tl.dot(x, tl.trans(w))
+    else:
+        r = acc + x[:, None, :] * w[None, :, :]
+    return r
+
+
+@triton.jit
 def _qmm_kernel(x_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, out_ptr, M, N, K, sxm, som,
                 SCHEME: tl.constexpr, BS: tl.constexpr, DUAL: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
@@ -80,17 +91,9 @@ def _qmm_kernel(x_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, out_ptr, M, N, K, sxm, som,
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :],
                     mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-        w = _load_w(q_ptr, s_ptr, rn, rk, N, K, SCHEME, BS)
-        if DOT:
-            acc += tl.dot(x, tl.trans(w))
-        else:
-            acc += x[:, None, :] * w[None, :, :]
+        acc = _mac(acc, x, _load_w(q_ptr, s_ptr, rn, rk, N, K, SCHEME, BS), DOT)
         if DUAL:
-            w2 = _load_w(q2_ptr, s2_ptr, rn, rk, N, K, SCHEME, BS)
-            if DOT:
-                acc2 += tl.dot(x, tl.trans(w2))
-            else:
-                acc2 += x[:, None, :] * w2[None, :, :]
+            acc2 = _mac(acc2, x, _load_w(q2_ptr, s2_ptr, rn, rk, N, K, SCHEME, BS), DOT)
     if DOT:
         r = acc
         r2 = acc2

@@ -54,7 +54,38 @@ def _lazy_zeros(shape, dtype) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dt).reshape(shape)
 
 
-class KVCache:
+class SlotPositions:
+    """The position each slot holds (`pos`, -1 = empty; `filled`: slots [0, filled) used) and
+    what a rewind may do with them, shared by the host cache and a device cache's host mirror."""
+
+    pos: np.ndarray
+    slots: int
+    filled: int
+    window: int | None
+
+    def _forget(self, n_tokens: int) -> None:
+        """Mark every position >= n_tokens empty and recount `filled`."""
+        self.pos[self.pos >= n_tokens] = -1
+        used = np.nonzero(self.pos >= 0)[0]
+        self.filled = int(used[-1]) + 1 if used.size else 0
+
+    def can_truncate(self, n_tokens: int) -> bool:
+        """Whether truncate(n_tokens) leaves a cache that is valid for continuing at position
+        n_tokens. Always true for a global layer (nothing is ever overwritten). A ring buffer
+        may already have overwritten positions the next queries still attend to: it must
+        still hold every position in [n_tokens - (window - 1), n_tokens) (the whole ring's
+        worth when the window is unknown)."""
+        if n_tokens <= 0:
+            return True
+        need = self.slots if self.window is None else min(self.window - 1, self.slots)
+        lo = max(0, n_tokens - need)
+        if lo >= n_tokens:
+            return True
+        held = self.pos[(self.pos >= lo) & (self.pos < n_tokens)]
+        return int(np.unique(held).size) == n_tokens - lo
+
+
+class KVCache(SlotPositions):
     @classmethod
     def from_spec(cls, spec: CacheSpec, dtype="float32") -> "KVCache":
         c = cls(spec.slots, spec.kv_heads, spec.head_dim, dtype)
@@ -98,24 +129,7 @@ class KVCache:
 
     def truncate(self, n_tokens: int) -> None:
         """Forget every position >= n_tokens (used by reset and rewinds)."""
-        self.pos[self.pos >= n_tokens] = -1
-        used = np.nonzero(self.pos >= 0)[0]
-        self.filled = int(used[-1]) + 1 if used.size else 0
-
-    def can_truncate(self, n_tokens: int) -> bool:
-        """Whether truncate(n_tokens) leaves a cache that is valid for continuing at position
-        n_tokens. Always true for a global layer (nothing is ever overwritten). A ring buffer
-        may already have overwritten positions the next queries still attend to: it must
-        still hold every position in [n_tokens - (window - 1), n_tokens) (the whole ring's
-        worth when the window is unknown)."""
-        if n_tokens <= 0:
-            return True
-        need = self.slots if self.window is None else min(self.window - 1, self.slots)
-        lo = max(0, n_tokens - need)
-        if lo >= n_tokens:
-            return True
-        held = self.pos[(self.pos >= lo) & (self.pos < n_tokens)]
-        return int(np.unique(held).size) == n_tokens - lo
+        self._forget(n_tokens)
 
     def copy(self) -> "KVCache":
         """An independent copy (only the filled slots are copied; the rest stays lazy)."""
