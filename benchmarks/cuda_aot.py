@@ -62,6 +62,13 @@ def specializations(sample: bool = False):
         out.append((f"rope norm={norm}", "_rope_kernel",
                     {"x_ptr": "*fp32", "w_ptr": "*fp32", "pos_ptr": "*i64", "inv_ptr": "*fp32", "out_ptr": "*fp32",
                      "H": "i32", "HD": "i32", "eps": "fp32"}, {"NORM": norm, "BH": 128}, {}))
+    for kv in ("*fp16", "*fp32"):
+        out.append((f"kv_write {kv[1:]}", "_kv_write_kernel",
+                    {"k_ptr": "*fp32", "v_ptr": "*fp32", "kc_ptr": kv, "vc_ptr": kv, "pos_ptr": "*i64", "dpos_ptr": "*i64",
+                     "len_ptr": "*i32", "slots": "i32", "W": "i32"}, {"BW": 256}, {}))
+    out.append(("attn_combine", "_attn_combine_kernel",
+                {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*fp32", "S": "i32", "R": "i32", "HD": "i32"},
+                {"BS": 32, "BD": 256}, {}))
     out.append(("gelu_mul", "_gelu_mul_kernel", {"g_ptr": "*fp32", "u_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32"},
                 {"B": 1024}, {}))
     seen: dict = {}

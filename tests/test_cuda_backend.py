@@ -125,7 +125,8 @@ def test_every_kernel_config_compiles_for_hopper_within_its_resources():
         key = re.sub(r" s\d$", "", re.sub(r" (BN\d+|BK\d+|w\d+)(?= |$)", "", x["kernel"]))
         groups.setdefault(key, []).append(not x["local"] and not x["stack"])
     assert all(any(v) for v in groups.values()), [k for k, v in groups.items() if not any(v)]
-    assert {x["kernel"].split()[0] for x in rows} == {"qmm", "embed", "rmsnorm", "rope", "gelu_mul", "attn"}
+    assert {x["kernel"].split()[0] for x in rows} == {"qmm", "embed", "rmsnorm", "rope", "gelu_mul", "attn",
+                                                       "attn_combine", "kv_write"}
 
 
 # ----------------------------------------------------------------------------- fused elementwise
@@ -263,7 +264,7 @@ def test_static_decode_step_equals_the_per_op_forward(ops):
         a.tokens.append(t)
         got = ops.to_host(ops.decode_step(m, cfg, w, s.caches, t, n0))
         s.tokens.append(t)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        _close(got, want, 1e-6)
         for ca, cs in zip(a.caches, s.caches):
             np.testing.assert_array_equal(ca.pos, cs.pos)
             assert ca.filled == cs.filled == int(cs.dlen.item())
@@ -425,10 +426,17 @@ def test_backend_cuda_without_the_extra_names_it(tmp_path):
         Engine(tiny_bundle(), backend="tpu")
 
 
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_auto_picks_cuda_on_a_gpu():
+    assert Engine(tiny_bundle(), backend="auto").backend == "cuda"
+
+
 def test_the_cpu_backend_never_imports_torch_or_triton():
-    code = ("import sys; from edgelm.runtime.engine import Engine; e = Engine(sys.argv[1], backend='auto');"
+    """Neither `--backend cpu` nor, on a machine without an NVIDIA driver, `--backend auto`."""
+    backend = "cpu" if ON_GPU else "auto"
+    code = ("import sys; from edgelm.runtime.engine import Engine; e = Engine(sys.argv[1], backend=sys.argv[2]);"
             "s = e.create_session(); list(s.generate('a river', max_new_tokens=2));"
             "bad = {'torch', 'triton'} & set(sys.modules); sys.exit(3 if bad or e.backend != 'cpu' else 0)")
-    r = subprocess.run([sys.executable, "-c", code, str(tiny_bundle())], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_bundle()), backend], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]

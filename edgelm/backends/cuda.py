@@ -125,27 +125,19 @@ class DeviceKVCache(SlotPositions):
         self.filled = max(self.filled, int(idx.max()) + 1)
 
     def update(self, k, v, positions):
-        st = self.ops._static
-        if st is not None:  # a static step: the slot comes from the device position
-            import torch
-
-            slot = st.pos % self.slots
-            self.k.index_copy_(0, slot, k.to(self.k.dtype))
-            self.v.index_copy_(0, slot, v.to(self.v.dtype))
-            self.dpos.index_copy_(0, slot, st.pos)
-            torch.maximum(self.dlen, (slot + 1).to(torch.int32), out=self.dlen)
-            self._note(np.asarray(positions, np.int64))
-            return self.k, self.v, DevicePositions(self.dpos, self.dlen)
+        ops = self.ops
         positions = np.asarray(positions, np.int64)
-        n = positions.shape[0]
-        if n > self.slots:  # only the newest `slots` entries can be kept
-            k, v, positions = k[-self.slots:], v[-self.slots:], positions[-self.slots:]
-        idx = self.ops._upload_i64(positions % self.slots)
-        self.k.index_copy_(0, idx, k.to(self.k.dtype))
-        self.v.index_copy_(0, idx, v.to(self.v.dtype))
-        self.dpos.index_copy_(0, idx, self.ops._upload_i64(positions))
+        if ops._static is not None:  # a static step: the slot comes from the device position
+            ops.K.kv_write(k, v, self.k, self.v, ops._static.pos, self.dpos, self.dlen)
+            self._note(positions)
+            return self.k, self.v, DevicePositions(self.dpos, self.dlen)
+        if positions.shape[0] > self.slots:  # only the newest `slots` entries can be kept
+            k, v, dp = k[-self.slots:], v[-self.slots:], ops._upload_i64(positions[-self.slots:])
+            positions = positions[-self.slots:]
+        else:
+            dp = ops._positions(positions)  # the forward's upload, shared with RoPE
+        ops.K.kv_write(k, v, self.k, self.v, dp, self.dpos, self.dlen)
         self._note(positions)
-        self.dlen.fill_(self.filled)
         f = self.filled
         return self.k[:f], self.v[:f], self.dpos[:f]
 

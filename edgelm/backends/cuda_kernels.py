@@ -437,12 +437,56 @@ def attention(q, k, v, qpos, kpos, window: int, scale: float, softcap, kv_len=No
     ml = torch.empty((splits, n, H, 2), dtype=torch.float32, device=dev)
     _attn[grid](q, k, v, qpos, kpos, lenp, part, ml, n, T, G, KV, hd, span, int(window), float(scale),
                 float(softcap or 1.0), SPLIT=True, **common)
-    m, l_ = ml[..., 0], ml[..., 1]
-    top = m.max(dim=0).values
-    wgt = torch.exp(m - top) * (l_ > 0)
-    den = (wgt * l_).sum(dim=0)
-    out = (part * wgt[..., None]).sum(dim=0) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-    return out.reshape(n, H * hd)
+    out = torch.empty((n, H * hd), dtype=torch.float32, device=dev)
+    _attn_combine_kernel[(n * H,)](part, ml, out, splits, n * H, hd, BS=_pow2(splits), BD=_pow2(hd, 16))
+    return out
+
+
+@triton.jit
+def _attn_combine_kernel(part_ptr, ml_ptr, out_ptr, S, R, HD, BS: tl.constexpr, BD: tl.constexpr):
+    """One (query row, head) of a split attention: the spans' partial outputs weighted by
+    exp(max_s - max) and normalized by the weighted sums (spans that saw no key weigh 0)."""
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, BS)
+    sm = sp < S
+    m = tl.load(ml_ptr + (sp * R + r) * 2, mask=sm, other=-1.0e30)
+    l_ = tl.load(ml_ptr + (sp * R + r) * 2 + 1, mask=sm, other=0.0)
+    w = tl.where(l_ > 0, tl.exp(m - tl.max(m, axis=0)), 0.0)
+    den = tl.sum(w * l_, axis=0)
+    d = tl.arange(0, BD)
+    dm = d < HD
+    acc = tl.load(part_ptr + (sp[:, None] * R + r) * HD + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + r * HD + d, o, mask=dm)
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, dpos_ptr, len_ptr, slots, W, BW: tl.constexpr):
+    """One new row of a KV cache: K and V (W = kv_heads * head_dim values each, converted to
+    the cache's dtype) into slot pos % slots, the slot's position, and the filled length
+    raised to cover it: the slot comes from the device position, so a captured decode step
+    writes the right slot at every position."""
+    i = tl.program_id(0)
+    p = tl.load(pos_ptr + i)
+    slot = p % slots
+    c = tl.arange(0, BW)
+    m = c < W
+    src = i.to(tl.int64) * W + c
+    dst = slot * W + c
+    tl.store(kc_ptr + dst, tl.load(k_ptr + src, mask=m).to(kc_ptr.dtype.element_ty), mask=m)
+    tl.store(vc_ptr + dst, tl.load(v_ptr + src, mask=m).to(vc_ptr.dtype.element_ty), mask=m)
+    tl.store(dpos_ptr + slot, p)
+    tl.atomic_max(len_ptr, (slot + 1).to(tl.int32))
+
+
+def kv_write(k, v, kc, vc, pos, dpos, dlen) -> None:
+    """Rows k/v [n, KV, hd] (fp32) at positions pos [n] (int64, device) into the cache kc/vc
+    [slots, KV, hd], dpos [slots] and dlen [1] (int32): one launch for the whole update."""
+    k, v = k.contiguous(), v.contiguous()
+    n = k.shape[0]
+    if n:
+        W = k.shape[1] * k.shape[2]
+        _kv_write_kernel[(n,)](k, v, kc, vc, pos, dpos, dlen, kc.shape[0], W, BW=_pow2(W, 16))
 
 
 def rope_inv_freq(hd: int, theta: float, scale: float):
@@ -453,5 +497,5 @@ def rope_inv_freq(hd: int, theta: float, scale: float):
     return (inv / np.float32(scale)).astype(np.float32)
 
 
-__all__ = ["qmatmul", "embed", "rmsnorm", "add_rmsnorm", "rope", "gelu_mul", "attention", "rope_inv_freq",
-           "INTERPRET"]
+__all__ = ["qmatmul", "embed", "rmsnorm", "add_rmsnorm", "rope", "gelu_mul", "attention", "kv_write",
+           "rope_inv_freq", "INTERPRET"]
