@@ -1,11 +1,13 @@
 """Triton kernels of the CUDA backend (backends/cuda.py), with their launch functions.
 
 Every kernel also runs under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which
-is how the test suite proves them without a GPU. Arithmetic is fp32 throughout; quantized
+is how the test suite proves them without a GPU, and benchmarks/cuda_aot.py compiles them
+for sm_90 without one. Activations are fp32 and every sum accumulates in fp32; quantized
 weights are read in their stored layout (quant/schemes.py) and dequantized in registers,
 never into a float copy. Products use tensor cores through `tl.dot` (TF32 on the GPU) from
-5 activation rows up (padded to 16), and a reduction over the row (no tensor cores, one pass over the
-weights, which is all decode needs) below that.
+5 activation rows up (padded to 16), and below that a reduction over the row (no tensor
+cores: one pass over the weights, which is all decode needs). Attention over an fp16 cache
+takes fp16 dot operands.
 
 Scheme ids are those of quant/schemes.py: 0 fp32, 1 fp16, 2 int8 (per row), 3 int8-b32,
 4 int4-b32, 5 int4-b128.
