@@ -295,6 +295,31 @@ def test_gemma3n_on_the_cuda_backend_matches_the_reference(gemma3n_bundle):
     assert outs[0] == outs[1]
 
 
+def test_top_k_sampling_copies_only_the_candidates():
+    """A top-k sample on the cuda backend brings k candidates to the host, not the row: each
+    token is among the reference's top k, and a seed gives the same tokens again."""
+    b = tiny_bundle()
+    eng = Engine(b, backend="cuda", max_tokens=64, kv_dtype="f32")
+    ref = Engine(b, backend="numpy", max_tokens=64)
+    big = []
+    real_to_host = eng.ops.to_host
+    object.__setattr__(eng.ops, "to_host", lambda x: (big.append(x.shape) if x.numel() > 64 else None,
+                                                       real_to_host(x))[1])
+    runs = []
+    for _ in range(2):
+        s = eng.create_session({"temperature": 0.9, "top_k": 5, "top_p": 0.9, "seed": 11})
+        list(s.generate("a river town", max_new_tokens=8))
+        runs.append((list(s.tokens), list(s.generated_ids)))
+    assert runs[0] == runs[1] and big == []
+    held, gen = runs[0]
+    seq = held[:len(held) - len(gen) + 1] + gen  # the prompt, then every sampled token
+    r = ref.create_session()
+    n = ref.tokenizer.vocab_size  # rows past the tokenizer's vocabulary (padding) are never sampled
+    for i in range(len(seq) - len(gen), len(seq)):  # each sampled token is in the reference's top 5
+        logits = r.prefill(seq[len(r.tokens):i])[:n]
+        assert seq[i] in np.argsort(logits)[-5:]
+
+
 def test_sampling_and_logprobs_on_the_cuda_backend():
     """Non-greedy sampling and logprobs bring the row to the host: the same seed samples the
     same tokens as the reference."""

@@ -21,7 +21,8 @@ Capabilities a backend declares:
   of a Gemma 3 forward's blocks in one native call). A plan must equal the per-op path
   bitwise; a caller that has to see every op (the importance recorder) hides them.
 - `device_logits`: logits may stay in the backend's memory; it then has `argmax(x, n)`
-  (the first index of the largest of x[:n], one integer to the host) and
+  (the first index of the largest of x[:n], one integer to the host), `topk(x, k, n)` (the
+  k largest of x[:n] and their ids, in id order, as host arrays) and
   `decode_step(model, cfg, weights, caches, token, pos)` (one decode step as a replayable
   static step; None where the model cannot take one).
 """

@@ -373,6 +373,17 @@ class CudaOps(Backend):
         x = self._dev(logits).reshape(-1)
         return int(self.torch.argmax(x[:n] if n else x).item())
 
+    def topk(self, logits, k: int, n: int | None = None):
+        """The k largest of logits[:n] as host arrays (values float64, ids int64), in id order:
+        one copy of 2k numbers (ids below 2^24 travel exactly as floats)."""
+        torch = self.torch
+        x = self._dev(logits).reshape(-1)
+        x = x[:n] if n else x
+        v, i = torch.topk(x, min(int(k), x.shape[0]))
+        order = torch.argsort(i)
+        both = torch.stack([v[order], i[order].to(torch.float32)]).to("cpu").numpy()
+        return both[0].astype(np.float64), both[1].astype(np.int64)
+
     # ----------------------------------------------------------------- norms and RoPE
     def rmsnorm(self, x, w, eps):
         return self.K.rmsnorm(self._dev(x), self._vec(w), eps)

@@ -124,6 +124,10 @@ class TokenLogprob:
     top: list  # [(token id, logprob)], most likely first
 
 
+# A top-k sample on a device backend copies k candidates to the host instead of the row.
+DEVICE_TOP_K = 1024
+
+
 class DeviceLogits:
     """A logits row left in a device backend's memory (Backend.device_logits)."""
 
@@ -134,6 +138,9 @@ class DeviceLogits:
 
     def argmax(self, n: int | None) -> int:
         return self.ops.argmax(self.x, n)
+
+    def topk(self, k: int, n: int | None):
+        return self.ops.topk(self.x, k, n)
 
     def host(self) -> np.ndarray:
         return self.ops.to_host(self.x)
@@ -331,6 +338,11 @@ class Session:
         if isinstance(logits, DeviceLogits):
             if cfg.greedy and not cfg.has_penalties:
                 return logits.argmax(n_vocab or None)
+            if not cfg.has_penalties and 0 < cfg.top_k <= DEVICE_TOP_K:
+                # only the top-k candidates reach the host (in vocabulary order); the draw is
+                # over the same distribution as from the whole row
+                vals, ids = logits.topk(cfg.top_k, n_vocab or None)
+                return int(ids[sample(vals, cfg.replace(top_k=0), self._get_rng)])
             logits = logits.host()
         if n_vocab and logits.shape[-1] > n_vocab:
             # embedding rows past the tokenizer's vocabulary (padding) are never sampled
