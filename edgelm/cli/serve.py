@@ -39,8 +39,18 @@ from .options import backend_option, deterministic_option, kv_dtype_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Scale out on Ray Serve (the edgelm[ray] extra): --replicas shards behind Ray Serve's HTTP proxy, "
+                   "requests sharing a prompt prefix routed to the same shard.")
+@click.option("--replicas", type=click.IntRange(min=1, max=256), default=2, show_default=True,
+              help="With --ray: the number of shards (each its own Engine).")
+@click.option("--ray-address", default=None, help="With --ray: an existing Ray cluster (default: start a local one).")
+@click.option("--ray-autoscaling", default=None, metavar="JSON",
+              help="With --ray: Ray Serve autoscaling_config for each shard, e.g. "
+                   "'{\"min_replicas\": 1, \"max_replicas\": 4}'.")
 def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local_files, request_timeout, max_tokens,
-          threads, backend, kv_dtype, deterministic, model_name, log_level):
+          threads, backend, kv_dtype, deterministic, model_name, log_level, use_ray, replicas, ray_address,
+          ray_autoscaling):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
     from ..errors import BadInputError
@@ -52,6 +62,16 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local
         raise BadInputError(f"--port must be in 0..65535, got {port}")
     if not math.isfinite(request_timeout):
         raise BadInputError(f"--request-timeout must be a finite number of seconds > 0, got {request_timeout}")
+    if use_ray:
+        from ..server.ray_cli import serve_on_ray
+
+        serve_on_ray(model, host=host, port=port, shards=replicas, address=ray_address, autoscaling=ray_autoscaling,
+                     engine_kw={"backend": backend, "threads": threads, "max_tokens": max_tokens, "kv_dtype": kv_dtype,
+                                "deterministic": deterministic},
+                     app_kw={"api_key": api_key, "max_queue": max_queue, "max_body_bytes": max_body,
+                             "model_name": model_name, "request_timeout": request_timeout, "parallel": parallel,
+                             "allow_local_files": allow_local_files})
+        return
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens,
                  kv_dtype=kv_dtype, deterministic=deterministic)
 
@@ -64,8 +84,9 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local
             click.echo(f"edgelm: note: {BASE_MODEL_NOTICE} /v1/completions suits it.", err=True)
 
     if max_body is None:
-        multimodal = any(getattr(eng.config, k, None) is not None for k in ("vision", "audio"))
-        max_body = (32 if multimodal else 1) << 20
+        from ..server.app import default_max_body
+
+        max_body = default_max_body(eng)
     if parallel is None:
         from ..server.scheduler import auto_parallel
 

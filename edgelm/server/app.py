@@ -33,6 +33,13 @@ from .scheduler import Job, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+
+
+def default_max_body(engine) -> int:
+    """The body limit when none is given: 1 MiB, or 32 MiB for a bundle that takes images or
+    audio (sent as base64)."""
+    multimodal = any(getattr(engine.config, k, None) is not None for k in ("vision", "audio"))
+    return (32 if multimodal else 1) << 20
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a request's head, and again for its body
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
