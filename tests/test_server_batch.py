@@ -261,3 +261,40 @@ def test_auto_parallel_follows_memory(eng, monkeypatch):
 
     monkeypatch.setattr(os, "sysconf", small)
     assert auto_parallel(eng) == 1
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_prefix_cache_keeps_more_prefixes_within_its_byte_budget(eng, parallel):
+    """Past the pool of 2 idle sessions, finished requests' KV stays while it fits the byte
+    budget, least recently used dropped first: with a budget, the first of five different
+    system prompts is still reused after the other four; with none, the pool alone has
+    dropped it."""
+    systems = [f"You are assistant {i}. " + "Answer briefly and politely. " * 12 for i in range(5)]
+
+    def cached(url, system):
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "m", "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    for budget, kept in ((64 << 20, True), (0, False)):
+        app = create_app(eng, model_name="m", parallel=parallel, prefix_cache_bytes=budget)
+        with BackgroundServer(app) as srv:
+            for s in systems:
+                assert cached(srv.url, s) == 0
+            again = cached(srv.url, systems[0])
+            st = app.state.scheduler.stats()
+            metrics = httpx.get(srv.url + "/metrics").text
+            assert f"edgelm_cached_prefix_sessions {float(st['idle_sessions'])}" in metrics
+        assert (again > 100) == kept, (budget, again)
+        if kept:  # every system prompt's session stays, within the budget
+            assert st["idle_sessions"] >= 5 and st["cached_prefix_bytes"] <= budget
+        else:
+            assert st["idle_sessions"] <= 2
+    # a budget smaller than one prompt's KV keeps at most the pool's 2 sessions
+    app = create_app(eng, model_name="m", parallel=parallel, prefix_cache_bytes=1)
+    with BackgroundServer(app) as srv:
+        for s in systems:
+            cached(srv.url, s)
+        assert app.state.scheduler.stats()["idle_sessions"] <= 2

@@ -157,6 +157,10 @@ class DeviceKVCache(SlotPositions):
     def nbytes(self) -> int:
         return int(self.k.numel() * self.k.element_size() * 2)
 
+    @property
+    def resident_nbytes(self) -> int:  # device memory is allocated whole
+        return self.nbytes
+
 
 class _DecodeGraph:
     """One session's decode step captured as a CUDA graph: static token/position buffers in,

@@ -146,3 +146,8 @@ class KVCache(SlotPositions):
     @property
     def nbytes(self) -> int:
         return int(self.k.nbytes + self.v.nbytes)
+
+    @property
+    def resident_nbytes(self) -> int:
+        """The memory its filled slots take (pages of the rest stay unmapped)."""
+        return self.nbytes * self.filled // max(self.slots, 1)

@@ -20,6 +20,9 @@ from .options import backend_option, deterministic_option, kv_dtype_option
 @click.option("--parallel", type=click.IntRange(min=1, max=64), default=None,
               help="Sequences decoded together (continuous batching): each step reads the weights once for all "
                    "(default: as many full KV caches as fit in a quarter of free memory, at most 8).")
+@click.option("--prefix-cache-mib", type=click.FloatRange(min=0), default=256, show_default=True,
+              help="Past the session pool, keep finished requests' KV (least recently used dropped first) while it "
+                   "takes at most this many MiB, so that more prompt prefixes are reused; 0 keeps the pool alone.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait behind the one being generated; more get 429.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=None,
@@ -48,7 +51,8 @@ from .options import backend_option, deterministic_option, kv_dtype_option
 @click.option("--ray-autoscaling", default=None, metavar="JSON",
               help="With --ray: Ray Serve autoscaling_config for each shard, e.g. "
                    "'{\"min_replicas\": 1, \"max_replicas\": 4}'.")
-def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local_files, request_timeout, max_tokens,
+def serve(model, host, port, api_key, parallel, prefix_cache_mib, max_queue, max_body, allow_local_files,
+          request_timeout, max_tokens,
           threads, backend, kv_dtype, deterministic, model_name, log_level, use_ray, replicas, ray_address,
           ray_autoscaling):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
@@ -69,6 +73,7 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local
                      engine_kw={"backend": backend, "threads": threads, "max_tokens": max_tokens, "kv_dtype": kv_dtype,
                                 "deterministic": deterministic},
                      app_kw={"api_key": api_key, "max_queue": max_queue, "max_body_bytes": max_body,
+                             "prefix_cache_bytes": int(prefix_cache_mib * 2**20),
                              "model_name": model_name, "request_timeout": request_timeout, "parallel": parallel,
                              "allow_local_files": allow_local_files})
         return
@@ -94,7 +99,8 @@ def serve(model, host, port, api_key, parallel, max_queue, max_body, allow_local
     try:
         run_server(eng, host=host, port=port, log_level=log_level, on_ready=ready, api_key=api_key,
                    max_queue=max_queue, max_body_bytes=max_body, model_name=model_name,
-                   request_timeout=request_timeout, parallel=parallel, allow_local_files=allow_local_files)
+                   request_timeout=request_timeout, parallel=parallel, allow_local_files=allow_local_files,
+                   prefix_cache_bytes=int(prefix_cache_mib * 2**20))
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
     except OSError as e:

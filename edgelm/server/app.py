@@ -213,13 +213,17 @@ class SSEResponse(Response):
 
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY,
-               model_name: str | None = None, pool_size: int = 2,
+               model_name: str | None = None, pool_size: int = 2, prefix_cache_bytes: int = 0,
                request_timeout: float = DEFAULT_REQUEST_TIMEOUT, parallel: int = 1,
                allow_local_files: bool = False) -> Starlette:
     """The ASGI app. `engine` is an edgelm Engine; generation runs in one worker thread.
 
     allow_local_files: whether an image_url part may name a file on the server's disk (off:
     clients send images and audio as data: URLs / base64).
+
+    prefix_cache_bytes: past the `pool_size` idle sessions, keep more (least recently used
+    dropped first) while their KV takes at most this many bytes, so that more prompt
+    prefixes (system prompts, conversations) are reused; 0 keeps the pool alone.
 
     request_timeout: seconds a client has to send a request's head (enforced by the server,
     see edgelm.server.connection) and then again its body (enforced here); past it, 408."""
@@ -234,7 +238,7 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 16, max_b
     created = int(time.time())
     metrics = Metrics(lambda: scheduler.stats())
     scheduler = Scheduler(engine, max_queue=max_queue, pool_size=pool_size, on_done=metrics.job_done,
-                          parallel=parallel)
+                          parallel=parallel, prefix_cache_bytes=prefix_cache_bytes)
     tuned = is_instruction_tuned(getattr(getattr(engine, "bundle", None), "header", None))
     # chat with a base model works but rambles: say so on every chat response
     chat_headers = {"X-Edgelm-Notice": BASE_MODEL_NOTICE} if tuned is False else {}

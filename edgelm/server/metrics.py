@@ -35,6 +35,11 @@ class Metrics:
         q.set_function(lambda: scheduler_stats()["queued"])
         run = Gauge("edgelm_running", "Generations running (0 or 1)", registry=r)
         run.set_function(lambda: 1.0 if scheduler_stats()["running"] else 0.0)
+        idle = Gauge("edgelm_cached_prefix_sessions", "Finished sessions kept for prompt-prefix reuse", registry=r)
+        idle.set_function(lambda: scheduler_stats()["idle_sessions"])
+        kv = Gauge("edgelm_cached_prefix_bytes", "KV bytes the kept sessions hold (--prefix-cache-mib bounds it)",
+                   registry=r)
+        kv.set_function(lambda: scheduler_stats()["cached_prefix_bytes"])
 
     def job_done(self, job, stats) -> None:
         """A generation finished (called on the worker thread): count it and log one line."""

@@ -1,7 +1,8 @@
 """One worker thread runs the generations, first come first served; requests wait in a
 bounded FIFO queue. Finished sessions are kept in a small pool and reused by the request
 whose prompt shares the longest prefix with them (prompt caching: a chat client that resends
-its whole history each turn prefills only the new turn)."""
+its whole history each turn prefills only the new turn); past the pool, more are kept while
+their KV fits a byte budget (a least-recently-used cache of prompt prefixes)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def auto_parallel(engine, memory_fraction: float = 0.25) -> int:
     return max(1, min(MAX_AUTO_PARALLEL, int(avail * memory_fraction // max(kv, 1))))
 
 
+MAX_CACHED_PREFIXES = 256  # idle sessions at most, whatever the byte budget
+
+
 class QueueFull(Exception):
     pass
 
@@ -69,8 +73,12 @@ class Scheduler:
     """FIFO queue in front of one worker thread: at most `max_queue` requests wait behind
     the one being generated (0: none wait; a request is taken only when the worker is free)."""
 
-    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2, on_done=None, parallel: int = 1):
+    def __init__(self, engine, max_queue: int = 16, pool_size: int = 2, on_done=None, parallel: int = 1,
+                 prefix_cache_bytes: int = 0):
         self.engine = engine
+        # Idle sessions past pool_size are kept, most recent first, while their KV takes at
+        # most this many bytes: a byte-bounded LRU of prompt prefixes (0: the pool alone).
+        self.prefix_cache_bytes = max(0, int(prefix_cache_bytes))
         self.parallel = max(1, int(parallel))  # sequences decoded together (continuous batching)
         self._active: list = []  # the batched worker's running slots
         self.on_done = on_done  # called (on the worker) with each finished job and its stats
@@ -128,6 +136,7 @@ class Scheduler:
                 "parallel": self.parallel,
                 "max_queue": self.max_queue,
                 "idle_sessions": len(self._idle),
+                "cached_prefix_bytes": self._idle_bytes(),
                 "live_sessions": len(self._live),
                 "completed": self.completed,
             }
@@ -183,6 +192,20 @@ class Scheduler:
             n = self._reusable(s, ids, spans)
             if n > best_n:
                 best, best_n = s, n
+        room = self._idle_bytes() < self.prefix_cache_bytes  # the prefix cache may grow
+        if best is not None and 0 < best_n < len(best.tokens) and room:
+            # the prompt shares only a part of what `best` holds: reuse that part in a copy, so
+            # that the whole cached sequence stays for whoever sends it again
+            s = best.clone()
+            self._soft[s] = list(self._soft.get(best, []))
+            self._live.add(s)
+            self._idle.remove(best)
+            self._idle.append(best)  # just used: the most recent
+            return s
+        if best is not None and best_n <= 0 and len(self._idle) >= self.pool_size:
+            # nothing shared: a new session while the cache has room, else the least recently
+            # used one is reset
+            best = None if room else self._idle[0]
         if best is not None and (best_n > 0 or len(self._idle) >= self.pool_size):
             self._idle.remove(best)
             return best
@@ -190,9 +213,18 @@ class Scheduler:
         self._live.add(s)
         return s
 
+    @staticmethod
+    def _session_bytes(s: Session) -> int:
+        return sum(c.resident_nbytes for c in s.caches)
+
+    def _idle_bytes(self) -> int:
+        return sum(self._session_bytes(s) for s in list(self._idle))  # a copy: stats() reads it from another thread
+
     def _return_session(self, s: Session) -> None:
         self._idle.append(s)
-        while len(self._idle) > self.pool_size:
+        # the pool's sessions always stay; more stay while their KV fits the prefix budget
+        while len(self._idle) > self.pool_size and (
+                len(self._idle) > MAX_CACHED_PREFIXES or self._idle_bytes() > self.prefix_cache_bytes):
             self._idle.pop(0)
 
     def _run(self, job: Job) -> None:
