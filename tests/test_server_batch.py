@@ -290,6 +290,11 @@ def test_prefix_cache_keeps_more_prefixes_within_its_byte_budget(eng, parallel):
         assert (again > 100) == kept, (budget, again)
         if kept:  # every system prompt's session stays, within the budget
             assert st["idle_sessions"] >= 5 and st["cached_prefix_bytes"] <= budget
+            app2 = create_app(eng, model_name="m", parallel=parallel, prefix_cache_bytes=budget)
+            with BackgroundServer(app2) as srv2:
+                for i in range(4):  # the same request again and again: no copies pile up
+                    assert (cached(srv2.url, systems[1]) > 100) == (i > 0)
+                assert app2.state.scheduler.stats()["idle_sessions"] == 1
         else:
             assert st["idle_sessions"] <= 2
     # a budget smaller than one prompt's KV keeps at most the pool's 2 sessions

@@ -149,5 +149,8 @@ class KVCache(SlotPositions):
 
     @property
     def resident_nbytes(self) -> int:
-        """The memory its filled slots take (pages of the rest stay unmapped)."""
-        return self.nbytes * self.filled // max(self.slots, 1)
+        """The memory its filled slots take, in whole pages (pages past them stay unmapped
+        until written), and the slot positions."""
+        page = mmap.PAGESIZE
+        used = -(-self.k.nbytes * self.filled // max(self.slots, 1) // page) * page
+        return int(2 * used + self.pos.nbytes)

@@ -221,6 +221,14 @@ class Scheduler:
         return sum(self._session_bytes(s) for s in list(self._idle))  # a copy: stats() reads it from another thread
 
     def _return_session(self, s: Session) -> None:
+        # a kept session whose whole sequence this one continues (the same prompt asked again,
+        # a conversation's earlier turn) is subsumed by it: drop the older copy
+        held, spans = s.held_tokens, self._soft.get(s, [])
+        for old in list(self._idle):
+            h = old.held_tokens
+            if len(h) <= len(held) and held[:len(h)] == h and self._soft.get(old, []) == spans[:len(
+                    self._soft.get(old, []))]:
+                self._idle.remove(old)
         self._idle.append(s)
         # the pool's sessions always stay; more stay while their KV fits the prefix budget
         while len(self._idle) > self.pool_size and (
