@@ -225,9 +225,8 @@ class Scheduler:
         # a conversation's earlier turn) is subsumed by it: drop the older copy
         held, spans = s.held_tokens, self._soft.get(s, [])
         for old in list(self._idle):
-            h = old.held_tokens
-            if len(h) <= len(held) and held[:len(h)] == h and self._soft.get(old, []) == spans[:len(
-                    self._soft.get(old, []))]:
+            h, old_spans = old.held_tokens, self._soft.get(old, [])
+            if len(h) <= len(held) and held[:len(h)] == h and old_spans == spans[:len(old_spans)]:
                 self._idle.remove(old)
         self._idle.append(s)
         # the pool's sessions always stay; more stay while their KV fits the prefix budget
