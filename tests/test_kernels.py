@@ -312,7 +312,9 @@ def test_packed_gemm_against_tiles(kern, scheme):
                     m.set_packed_gemm(0)
                     y0 = kern.matmul(x, t, qd8=True)
                     check_qd8(kern, t, x, y)
-                    if not m.packed_gemm_built() or n < 16:
+                    # VNNI builds take int8 products of 4-15 rows by the few-row route
+                    few = m.vnni_built() and scheme.startswith("int8") and cols % 32 == 0 and 4 <= n < 16
+                    if not m.packed_gemm_built() or (n < 16 and not few):
                         np.testing.assert_array_equal(y, y0)  # the same tiles ran
                         continue
                     u = 2.0**-24
@@ -332,7 +334,7 @@ def test_packed_gemm_against_tiles(kern, scheme):
     finally:
         m.set_packed_gemm(1)
     with pytest.raises(ValueError, match="set_packed_gemm"):
-        m.set_packed_gemm(2)
+        m.set_packed_gemm(3)
     assert m.packed_gemm_built() == (kern.isa in ("avx2", "avx512", "vnniemu"))
     assert m.vnni_built() == (kern.isa in ("avx512", "vnniemu"))
 
@@ -358,12 +360,71 @@ def test_vnni_dot_products_equal_avx2(scheme):
             for n in (1, 2, 5, 8, 16, 23):
                 x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
                 x[-1, ::3] *= 1e4  # some activations quantize to +-127, others to 0
-                want = ref.matmul(x, t, qd8=True)
+                # int8 products of 4-15 rows take the few-row route in VNNI builds, which gives
+                # the packed GEMM's bits: the avx2 build's packed GEMM is the reference there
+                few = scheme.startswith("int8") and cols % 32 == 0 and 4 <= n < 16
+                ref.module.set_packed_gemm(2 if few else 1)
+                try:
+                    want = ref.matmul(x, t, qd8=True)
+                finally:
+                    ref.module.set_packed_gemm(1)
                 for isa in vnni:
                     k = native.kernels(isa)
                     assert k.module.vnni_built()
                     got = k.matmul(x, t, qd8=True)
                     np.testing.assert_array_equal(got, want, err_msg=f"{isa} {scheme} {rows}x{cols} n={n}")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-b32"])
+def test_few_row_int8_route(scheme):
+    """VNNI builds multiply int8 weights with 4-15 activation rows (batched decode) by the
+    few-row route: activations transposed per block, weights broadcast from the bundle
+    layout. It must meet the qd8 bounds and give the packed GEMM's results bit for bit (the
+    same integer sums, the same float steps in the same order), in its own build and in the
+    avx2 build; in batch-invariant mode it runs from 2 rows, so a row's result does not depend
+    on the batch it is in. Row counts around the 4-row groups and the 8/16-row split, extreme
+    codes, zero rows, huge activations; int8 per-row with cols % 32 != 0 keeps the tiles."""
+    vnni = [i for i in ("vnniemu", "avx512") if native.isa_unavailable_reason(i) is None]
+    if not vnni:
+        pytest.skip("needs a VNNI build (vnniemu or avx512) runnable here")
+    others = [native.kernels(i) for i in ("avx2",) if native.isa_unavailable_reason(i) is None]
+    rng = np.random.default_rng(11)
+    for isa in vnni:
+        k = native.kernels(isa)
+        m = k.module
+        for cols in ([64, 640, 1152] + ([33] if scheme == "int8" else [])):
+            for rows in (1, 3, 4, 5, 9, 40):
+                w = rng.standard_normal((rows, cols)).astype(np.float32)
+                w[0] = np.where(np.arange(cols) % 2, 1.0, -1.0)  # |q| = 127 throughout
+                t = quantize(w, scheme)
+                for n in (2, 3, 4, 5, 7, 8, 9, 12, 15):
+                    x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+                    x[1] = 0
+                    x[-1, ::3] *= 1e4
+                    y = k.matmul(x, t, qd8=True)
+                    check_qd8(k, t, x, y)
+                    assert np.all(y[1] == 0)
+                    m.set_packed_gemm(2)
+                    try:
+                        packed = k.matmul(x, t, qd8=True)
+                        refs = [o.matmul(x, t, qd8=True) for o in others if o.module.set_packed_gemm(2) is None]
+                    finally:
+                        m.set_packed_gemm(1)
+                        for o in others:
+                            o.module.set_packed_gemm(1)
+                    msg = f"{isa} {scheme} {rows}x{cols} n={n}"
+                    if n >= 4 and cols % 32 == 0:
+                        np.testing.assert_array_equal(y, packed, err_msg=msg)
+                        for r in refs:
+                            np.testing.assert_array_equal(y, r, err_msg=msg + " (avx2 packed)")
+                    m.set_deterministic(1)
+                    try:
+                        yd = k.matmul(x, t, qd8=True)
+                        row_alone = k.matmul(x[-1:], t, qd8=True)
+                    finally:
+                        m.set_deterministic(0)
+                    np.testing.assert_array_equal(yd, packed, err_msg=msg + " (deterministic)")
+                    np.testing.assert_array_equal(yd[-1:], row_alone, err_msg=msg + " (batch-invariant)")
 
 
 def test_qd8_env_setting():

@@ -828,12 +828,13 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
     m.def(
         "set_packed_gemm",
         [](int mode) {
-            if (mode != 0 && mode != 1) throw py::value_error("set_packed_gemm: mode must be 0 or 1");
+            if (mode < 0 || mode > 2) throw py::value_error("set_packed_gemm: mode must be 0, 1 or 2");
             edgelm::packed_gemm_mode().store(mode);
         },
         "mode"_a,
-        "1 (default): qd8 products with >= 16 activation rows use the packed GEMM where the build has it; "
-        "0: always the one-row tiles (for comparisons)");
+        "1 (default): qd8 products with >= 16 activation rows use the packed GEMM where the build has it, "
+        "int8 products of 2-15 rows the few-row route; 0: always the one-row tiles; 2: the packed GEMM from 2 rows "
+        "(for comparisons)");
     m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
     m.def(
         "set_float_gemm",

@@ -60,6 +60,9 @@ struct QAct {
     bool pairs = false;
     bool gemm = false;   // natural layout with c = 8 dx sx (float) in place of s: the packed GEMM (int4 reads c)
     bool u8 = false;     // natural layout, int8 weights, n > 1, VNNI builds: the bytes hold qx + 128 (q8_tile, q8_gemm_tile)
+    bool xt = false;     // int8 weights, 2 <= n < kGemmMinN: the transposed copy xtb (q8_xt_band)
+    const uint8_t* xtb = nullptr;  // groups of 8 rows, xts bytes each: per block [8 x 32 bytes of quads][dx 8 floats]
+    int64_t xts = 0;
     uint8_t* base = nullptr;
     int64_t stride = 0;  // bytes per activation row
     // natural layout: [q int8 nbt*32][d float nbt][s int32 nbt]
@@ -594,16 +597,35 @@ constexpr bool kPackedGemmBuilt = false;
 constexpr int64_t kGemmMinN = 16;
 constexpr int kGemmNX = 6;
 
-// Module switch (benchmarks and tests compare both routes): 1 = use the packed GEMM when it
-// applies (default), 0 = always the one-row tiles.
+// Module switch (benchmarks and tests compare the routes): 1 = the packed GEMM from kGemmMinN
+// rows and the few-row int8 route (q8_xt_band) below it (default), 0 = always the one-row
+// tiles, 2 = the packed GEMM for every product of 2+ rows (the few-row route's reference:
+// both give the same bits).
 inline std::atomic<int>& packed_gemm_mode() {
     static std::atomic<int> m{1};
     return m;
 }
 
+// int8 products of kXtMinN .. kGemmMinN - 1 rows (batched decode, short prefill chunks) in
+// VNNI builds (q8_xt_band); from 2 rows in batch-invariant mode, where the alternative is
+// the packed GEMM. Fewer rows are faster in the one-row tiles; AVX2 without VNNI has no
+// cheap unsigned x signed product for it (measured 0.4-1.2x the tiles).
+#if defined(EDGELM_VNNI)
+constexpr bool kXtBuilt = true;
+#else
+constexpr bool kXtBuilt = false;
+#endif
+constexpr int64_t kXtMinN = 4;
+inline bool xt_applies(int scheme, int64_t n, int64_t cols) {
+    return kXtBuilt && (scheme == kINT8 || scheme == kINT8B32) && cols % 32 == 0 &&
+           n >= (deterministic() ? 2 : kXtMinN) && n < kGemmMinN &&
+           packed_gemm_mode().load(std::memory_order_relaxed) == 1;
+}
+
 inline bool packed_gemm_applies(int scheme, int64_t n) {
     if (kPackedGemmBuilt && qd8_scheme(scheme) && n >= 1 && deterministic()) return true;
-    return kPackedGemmBuilt && qd8_scheme(scheme) && n >= kGemmMinN && packed_gemm_mode().load(std::memory_order_relaxed) != 0;
+    const int mode = packed_gemm_mode().load(std::memory_order_relaxed);
+    return kPackedGemmBuilt && qd8_scheme(scheme) && mode != 0 && n >= (mode == 2 ? 2 : kGemmMinN);
 }
 
 #if defined(EDGELM_PATH_AVX2)
@@ -1162,11 +1184,189 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
         }
     }
 }
+#if defined(EDGELM_VNNI)
+// ----------------------------------------------------------------------------- few-row int8
+// Products of int8 weights with 2 .. kGemmMinN - 1 activation rows (batched decode: one row
+// per sequence; short prefill chunks) are where the one-row tiles are weakest: each
+// vpdpbusd there yields 8 partial sums of one (weight row, activation row) pair that are
+// converted, scaled and accumulated on their own (~9 vector ops per 32 MACs), and the packed
+// GEMM's weight packing is paid over too few rows. This route transposes the activations
+// instead, which are few and cheap to move: per block of 32 columns, vector k of a group of
+// 8 activation rows holds each row's elements 4k..4k+3 in its lane. A weight row's 4 bytes
+// are broadcast from the bundle's own layout and one vpdpbusd adds 32 products spread over
+// the 8 activation rows, so a block's sums for 8 rows come out in one vector and its
+// conversion and scaling are paid once per 8 rows.
+// vpdpbusd multiplies unsigned by signed bytes, so the activations are stored as qx + 128
+// and the weights go in as they are, broadcast; each block's sums start from -128 * (the
+// block's weight sum), computed per weight row with one vpdpbusd and a few horizontal adds
+// per block, so they end as the exact sum qw * qx. (VNNI builds only: on AVX2 the sign
+// trick per product made it 0.4-1.2x the tiles.)
+// The float steps per block are the packed GEMM's, in its order, so the results equal its
+// results bit for bit (tests compare with set_packed_gemm(2)), which also makes this route
+// batch-invariant.
+constexpr int64_t kXtBlock = 256 + 32;  // 8 quads, dx
+#ifndef EDGELM_XT_PREFETCH_ROWS
+#define EDGELM_XT_PREFETCH_ROWS 8
+#endif
+constexpr int64_t kXtPrefetchRows = EDGELM_XT_PREFETCH_ROWS;
+
+inline void xt_build(QAct& A) {
+    const int64_t nb = A.nb, ng = ceil_div(A.n, int64_t(8));
+    A.xts = nb * kXtBlock;
+    thread_local std::vector<uint8_t> buf;
+    const size_t bytes = static_cast<size_t>(ng * A.xts) + 64;
+    if (buf.size() < bytes) buf.resize(bytes);
+    auto* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    constexpr uint8_t kBias = 0x80;  // qx + 128 (an absent row: 0 with dx = 0)
+    for (int64_t g = 0; g < ng; ++g)
+        for (int64_t b = 0; b < nb; ++b) {
+            uint8_t* u = base + g * A.xts + b * kXtBlock;
+            auto* dx = reinterpret_cast<float*>(u + 256);
+            for (int i = 0; i < 8; ++i) {
+                const int64_t row = 8 * g + i;
+                if (row >= A.n) {
+                    for (int k = 0; k < 8; ++k) std::memset(u + 32 * k + 4 * i, 0, 4);
+                    dx[i] = 0.f;
+                    continue;
+                }
+                const auto* q = reinterpret_cast<const uint8_t*>(A.q(row)) + 32 * b;
+                for (int k = 0; k < 8; ++k)
+                    for (int e = 0; e < 4; ++e) u[32 * k + 4 * i + e] = static_cast<uint8_t>(q[4 * k + e] ^ kBias);
+                dx[i] = A.d(row)[b];
+            }
+        }
+    A.xtb = base;
+}
+
+// c[b] = -128 * (the sum of the 32 weights of block b of row w), b < nb.
+EDGELM_INLINE void xt_wsums(const int8_t* w, int64_t nb, int32_t* c) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    auto lanes = [&](int64_t b) EDGELM_INLINE_LAMBDA {
+        return dpbusd(_mm256_setzero_si256(), ones, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b)));
+    };
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        // [b0 b1 b2 b3] of the low halves | of the high halves, then the halves added
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(lanes(b), lanes(b + 1)),
+                                            _mm256_hadd_epi32(lanes(b + 2), lanes(b + 3)));
+        const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c + b), _mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(t, 7)));
+    }
+    for (; b < nb; ++b) {
+        int32_t t = 0;
+        for (int k = 0; k < 32; ++k) t += w[32 * b + k];
+        c[b] = -128 * t;
+    }
+}
+
+// RR weight rows from r against NV groups of 8 activation rows (group j at xg[j]); the
+// outputs of the first nx activation rows are stored. dwf: RR * nb floats, wsc: RR * nb ints.
+template <bool ROWSCALE, int RR, int NV>
+EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* xg, int64_t nb, float* dwf,
+                              int32_t* wsc, int nx, float* out, int64_t ldo) {
+    const auto* Q = static_cast<const int8_t*>(v.w);
+    const int64_t cols = v.cols;
+    const int8_t* wr[RR];
+    for (int rr = 0; rr < RR; ++rr) wr[rr] = Q + (r + rr) * cols;
+    if (!ROWSCALE)
+        for (int rr = 0; rr < RR; ++rr) {
+            const uint16_t* sr = static_cast<const uint16_t*>(v.scale) + (r + rr) * nb;
+            float* d = dwf + rr * nb;
+            int64_t b = 0;
+            for (; b + 8 <= nb; b += 8)
+                _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + b))));
+            for (; b < nb; ++b) d[b] = half_to_float(sr[b]);
+        }
+    for (int rr = 0; rr < RR; ++rr) xt_wsums(wr[rr], nb, wsc + rr * nb);
+    __m256 acc[RR][NV];
+    for (int rr = 0; rr < RR; ++rr)
+        for (int j = 0; j < NV; ++j) acc[rr][j] = _mm256_setzero_ps();
+    // Rows are contiguous: the rows kXtPrefetchRows ahead are prefetched, RR * 32 bytes per
+    // block step (without it, reading 4 rows side by side ran at a third of the one-row
+    // tiles' bandwidth on an AMD Zen 4 host; docs/kernels.md)
+    const int8_t* pf = wr[0] + kXtPrefetchRows * cols;
+    for (int64_t b = 0; b < nb; ++b) {
+        if (kXtPrefetchRows > 0)
+            for (int h = 0; h < (RR * 32 + 63) / 64; ++h)
+                _mm_prefetch(reinterpret_cast<const char*>(pf + RR * 32 * b + 64 * h), _MM_HINT_T0);
+        // two sums per output (even and odd quads, added at the end): eight independent
+        // chains of vpdpbusd in flight
+        __m256i s[2][RR][NV];
+        for (int rr = 0; rr < RR; ++rr) {
+            const __m256i c = _mm256_set1_epi32(wsc[rr * nb + b]);
+            for (int j = 0; j < NV; ++j) {
+                s[0][rr][j] = c;
+                s[1][rr][j] = _mm256_setzero_si256();
+            }
+        }
+        for (int k = 0; k < 8; ++k) {
+            __m256i x[NV];
+            for (int j = 0; j < NV; ++j)
+                x[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[j] + kXtBlock * b + 32 * k));
+            for (int rr = 0; rr < RR; ++rr) {
+                const __m256i w = bcast4(wr[rr] + 32 * b + 4 * k);
+                for (int j = 0; j < NV; ++j) {
+                    s[k & 1][rr][j] = dpbusd(s[k & 1][rr][j], x[j], w);
+                }
+            }
+        }
+        for (int rr = 0; rr < RR; ++rr)
+            for (int j = 0; j < NV; ++j) s[0][rr][j] = _mm256_add_epi32(s[0][rr][j], s[1][rr][j]);
+        for (int j = 0; j < NV; ++j) {
+            const __m256 xdv = _mm256_load_ps(reinterpret_cast<const float*>(xg[j] + kXtBlock * b + 256));
+            for (int rr = 0; rr < RR; ++rr) {
+                if (ROWSCALE)
+                    acc[rr][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0][rr][j]), xdv, acc[rr][j]);
+                else
+                    acc[rr][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[0][rr][j]), xdv),
+                                                 _mm256_set1_ps(dwf[rr * nb + b]), acc[rr][j]);
+            }
+        }
+    }
+    for (int rr = 0; rr < RR; ++rr)
+        for (int j = 0; j < NV; ++j) {
+            __m256 a = acc[rr][j];
+            if (ROWSCALE) a = _mm256_mul_ps(a, _mm256_set1_ps(static_cast<const float*>(v.scale)[r + rr]));
+            alignas(32) float o[8];
+            _mm256_store_ps(o, a);
+            const int m = std::min(8, nx - 8 * j);
+            for (int i = 0; i < m; ++i) out[(8 * j + i) * ldo + r + rr] = o[i];
+        }
+}
+
+// Rows [r0, r1) of W for the n (< kGemmMinN) activation rows of A (A.xt).
+template <bool ROWSCALE>
+inline void q8_xt_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+    const int64_t nb = W.cols / 32;
+    constexpr int R = 4;  // weight rows side by side (2 and 6 measured slower or equal)
+    float* dwf = reinterpret_cast<float*>(pack_buffer(static_cast<size_t>(R * nb) * 8));
+    auto* wsc = reinterpret_cast<int32_t*>(dwf + R * nb);
+    const uint8_t* xg[2] = {A.xtb, A.xtb + A.xts};
+    const int nx = static_cast<int>(n);
+    int64_t r = r0;
+    if (n <= 8) {
+        for (; r + R <= r1; r += R) q8_xt_rows<ROWSCALE, R, 1>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
+        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 1>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
+    } else {
+        for (; r + 2 <= r1; r += 2) q8_xt_rows<ROWSCALE, 2, 2>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
+        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 2>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
+    }
+}
+#endif  // EDGELM_VNNI
 #endif
 
 // Rows [r0, r1) of W for all n activation rows of A, by whichever route A was prepared for.
 inline void q_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
 #if defined(EDGELM_PATH_AVX2)
+#if defined(EDGELM_VNNI)
+    if (A.xt) {
+        if (W.scheme == kINT8)
+            q8_xt_band<true>(W, A, n, r0, r1, out, ldo);
+        else
+            q8_xt_band<false>(W, A, n, r0, r1, out, ldo);
+        return;
+    }
+#endif
     if (A.gemm) {
         if (n == 1 && deterministic()) {  // batch-invariant, without packing
             switch (W.scheme) {
@@ -1201,11 +1401,13 @@ inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
     A.cols = cols;
     A.nb = cols / 32;
     A.nbt = (cols + 31) / 32;
-    A.gemm = packed_gemm_applies(scheme, n);
+    A.xt = xt_applies(scheme, n, cols);
+    A.gemm = !A.xt && packed_gemm_applies(scheme, n);
     // the int8 tiles of VNNI builds take unsigned activations for products of several rows;
-    // one-row products (decode's GEMV, batch-invariant mode's det_gemv) read them signed
+    // one-row products (decode's GEMV, batch-invariant mode's det_gemv) and the few-row
+    // route read them signed
 #if defined(EDGELM_VNNI)
-    A.u8 = n > 1 && (scheme == kINT8 || scheme == kINT8B32);
+    A.u8 = n > 1 && !A.xt && (scheme == kINT8 || scheme == kINT8B32);
 #else
     A.u8 = false;
 #endif
@@ -1230,6 +1432,9 @@ inline void quantize_input(QAct& A, int scheme, const float* x, int64_t n, int64
         for (int64_t i = a; i < b; ++i) quant_row(x + i * cols, A, i);
     };
     ThreadPool::instance().run(ceil_div(n, qchunk), qtask, static_cast<double>(n) * cols >= 65536.0);
+#if defined(EDGELM_VNNI)
+    if (A.xt) xt_build(A);
+#endif
 }
 
 // out[n, rows] = x[n, cols] @ W^T through quantized activations. W.scheme must be integer.
