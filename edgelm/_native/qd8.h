@@ -1196,15 +1196,17 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
 // are broadcast from the bundle's own layout and one vpdpbusd adds 32 products spread over
 // the 8 activation rows, so a block's sums for 8 rows come out in one vector and its
 // conversion and scaling are paid once per 8 rows.
-// vpdpbusd multiplies unsigned by signed bytes, so the activations are stored as qx + 128
-// and the weights go in as they are, broadcast; each block's sums start from -128 * (the
-// block's weight sum), computed per weight row with one vpdpbusd and a few horizontal adds
-// per block, so they end as the exact sum qw * qx. (VNNI builds only: on AVX2 the sign
-// trick per product made it 0.4-1.2x the tiles.)
+// vpdpbusd multiplies unsigned by signed bytes: the broadcast weights go in as w ^ 0x80 =
+// w + 128 and each block's sums start from -128 * (the activation row's block sum), the
+// corr vector stored with the block, so they end as the exact sum qw * qx. (Measured 1.15x
+// the other arrangement, activations stored as qx + 128 against the weights as they are,
+// whose -128 * (weight block sums) cost a vpdpbusd and horizontal adds per weight row and
+// block. VNNI builds only: on AVX2 the sign trick per product made this route 0.4-1.2x the
+// tiles.)
 // The float steps per block are the packed GEMM's, in its order, so the results equal its
 // results bit for bit (tests compare with set_packed_gemm(2)), which also makes this route
 // batch-invariant.
-constexpr int64_t kXtBlock = 256 + 32;  // 8 quads, dx
+constexpr int64_t kXtBlock = 256 + 32 + 32;  // 8 quads, dx, corr
 #ifndef EDGELM_XT_PREFETCH_ROWS
 #define EDGELM_XT_PREFETCH_ROWS 8
 #endif
@@ -1217,55 +1219,38 @@ inline void xt_build(QAct& A) {
     const size_t bytes = static_cast<size_t>(ng * A.xts) + 64;
     if (buf.size() < bytes) buf.resize(bytes);
     auto* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-    constexpr uint8_t kBias = 0x80;  // qx + 128 (an absent row: 0 with dx = 0)
     for (int64_t g = 0; g < ng; ++g)
         for (int64_t b = 0; b < nb; ++b) {
             uint8_t* u = base + g * A.xts + b * kXtBlock;
             auto* dx = reinterpret_cast<float*>(u + 256);
+            auto* corr = reinterpret_cast<int32_t*>(u + 288);
             for (int i = 0; i < 8; ++i) {
                 const int64_t row = 8 * g + i;
-                if (row >= A.n) {
+                if (row >= A.n) {  // an absent row: zeros
                     for (int k = 0; k < 8; ++k) std::memset(u + 32 * k + 4 * i, 0, 4);
                     dx[i] = 0.f;
+                    corr[i] = 0;
                     continue;
                 }
-                const auto* q = reinterpret_cast<const uint8_t*>(A.q(row)) + 32 * b;
-                for (int k = 0; k < 8; ++k)
-                    for (int e = 0; e < 4; ++e) u[32 * k + 4 * i + e] = static_cast<uint8_t>(q[4 * k + e] ^ kBias);
+                const int8_t* q = A.q(row) + 32 * b;
+                int32_t sum = 0;
+                for (int e = 0; e < 32; ++e) sum += q[e];
+                for (int k = 0; k < 8; ++k) std::memcpy(u + 32 * k + 4 * i, q + 4 * k, 4);
                 dx[i] = A.d(row)[b];
+                corr[i] = -128 * sum;
             }
         }
     A.xtb = base;
 }
 
-// c[b] = -128 * (the sum of the 32 weights of block b of row w), b < nb.
-EDGELM_INLINE void xt_wsums(const int8_t* w, int64_t nb, int32_t* c) {
-    const __m256i ones = _mm256_set1_epi8(1);
-    auto lanes = [&](int64_t b) EDGELM_INLINE_LAMBDA {
-        return dpbusd(_mm256_setzero_si256(), ones, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b)));
-    };
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {
-        // [b0 b1 b2 b3] of the low halves | of the high halves, then the halves added
-        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(lanes(b), lanes(b + 1)),
-                                            _mm256_hadd_epi32(lanes(b + 2), lanes(b + 3)));
-        const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(c + b), _mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(t, 7)));
-    }
-    for (; b < nb; ++b) {
-        int32_t t = 0;
-        for (int k = 0; k < 32; ++k) t += w[32 * b + k];
-        c[b] = -128 * t;
-    }
-}
-
 // RR weight rows from r against NV groups of 8 activation rows (group j at xg[j]); the
-// outputs of the first nx activation rows are stored. dwf: RR * nb floats, wsc: RR * nb ints.
+// outputs of the first nx activation rows are stored. dwf: RR * nb floats.
 template <bool ROWSCALE, int RR, int NV>
 EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* xg, int64_t nb, float* dwf,
-                              int32_t* wsc, int nx, float* out, int64_t ldo) {
+                              int nx, float* out, int64_t ldo) {
     const auto* Q = static_cast<const int8_t*>(v.w);
     const int64_t cols = v.cols;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
     const int8_t* wr[RR];
     for (int rr = 0; rr < RR; ++rr) wr[rr] = Q + (r + rr) * cols;
     if (!ROWSCALE)
@@ -1277,7 +1262,6 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
                 _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + b))));
             for (; b < nb; ++b) d[b] = half_to_float(sr[b]);
         }
-    for (int rr = 0; rr < RR; ++rr) xt_wsums(wr[rr], nb, wsc + rr * nb);
     __m256 acc[RR][NV];
     for (int rr = 0; rr < RR; ++rr)
         for (int j = 0; j < NV; ++j) acc[rr][j] = _mm256_setzero_ps();
@@ -1292,9 +1276,9 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
         // two sums per output (even and odd quads, added at the end): eight independent
         // chains of vpdpbusd in flight
         __m256i s[2][RR][NV];
-        for (int rr = 0; rr < RR; ++rr) {
-            const __m256i c = _mm256_set1_epi32(wsc[rr * nb + b]);
-            for (int j = 0; j < NV; ++j) {
+        for (int j = 0; j < NV; ++j) {
+            const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[j] + kXtBlock * b + 288));
+            for (int rr = 0; rr < RR; ++rr) {
                 s[0][rr][j] = c;
                 s[1][rr][j] = _mm256_setzero_si256();
             }
@@ -1304,10 +1288,8 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
             for (int j = 0; j < NV; ++j)
                 x[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[j] + kXtBlock * b + 32 * k));
             for (int rr = 0; rr < RR; ++rr) {
-                const __m256i w = bcast4(wr[rr] + 32 * b + 4 * k);
-                for (int j = 0; j < NV; ++j) {
-                    s[k & 1][rr][j] = dpbusd(s[k & 1][rr][j], x[j], w);
-                }
+                const __m256i u = _mm256_xor_si256(bcast4(wr[rr] + 32 * b + 4 * k), flip);
+                for (int j = 0; j < NV; ++j) s[k & 1][rr][j] = dpbusd(s[k & 1][rr][j], u, x[j]);
             }
         }
         for (int rr = 0; rr < RR; ++rr)
@@ -1339,17 +1321,16 @@ template <bool ROWSCALE>
 inline void q8_xt_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nb = W.cols / 32;
     constexpr int R = 4;  // weight rows side by side (2 and 6 measured slower or equal)
-    float* dwf = reinterpret_cast<float*>(pack_buffer(static_cast<size_t>(R * nb) * 8));
-    auto* wsc = reinterpret_cast<int32_t*>(dwf + R * nb);
+    float* dwf = reinterpret_cast<float*>(pack_buffer(static_cast<size_t>(R * nb) * sizeof(float)));
     const uint8_t* xg[2] = {A.xtb, A.xtb + A.xts};
     const int nx = static_cast<int>(n);
     int64_t r = r0;
     if (n <= 8) {
-        for (; r + R <= r1; r += R) q8_xt_rows<ROWSCALE, R, 1>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
-        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 1>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
+        for (; r + R <= r1; r += R) q8_xt_rows<ROWSCALE, R, 1>(W, r, xg, nb, dwf, nx, out, ldo);
+        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 1>(W, r, xg, nb, dwf, nx, out, ldo);
     } else {
-        for (; r + 2 <= r1; r += 2) q8_xt_rows<ROWSCALE, 2, 2>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
-        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 2>(W, r, xg, nb, dwf, wsc, nx, out, ldo);
+        for (; r + 2 <= r1; r += 2) q8_xt_rows<ROWSCALE, 2, 2>(W, r, xg, nb, dwf, nx, out, ldo);
+        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 2>(W, r, xg, nb, dwf, nx, out, ldo);
     }
 }
 #endif  // EDGELM_VNNI
