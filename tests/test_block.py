@@ -73,6 +73,39 @@ def test_fused_blocks_are_bitwise_the_loop(bundles, isa, scheme, kv, prefill, ch
         np.testing.assert_array_equal(v1.view(np.uint8), v2.view(np.uint8))
 
 
+def _run_batch(bundle, ops_cls, isa, kv, steps, prompts=(3, 9, 14, 5, 1)):
+    e = Engine(bundle, backend=ops_cls(isa), max_tokens=128, kv_dtype=kv)
+    vocab = e.config.vocab_size
+    ss = [e.create_session({"temperature": 0.0}) for _ in prompts]
+    toks = [int(np.argmax(s.prefill([(11 * i + 5 * j + 2) % vocab for j in range(m)])))
+            for i, (s, m) in enumerate(zip(ss, prompts))]
+    outs = []
+    for _ in range(steps):
+        logits = e.decode_batch(ss, toks)
+        outs.append(logits)
+        toks = [int(t) for t in logits.argmax(1)]
+    return outs, [[(c.k.copy(), c.v.copy(), c.pos.copy(), c.filled) for c in s.caches] for s in ss]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scheme", ["fp32", "int8-b32", "int4-b32"])
+@pytest.mark.parametrize("kv", ["f16", "f32"])
+def test_fused_batched_decode_is_bitwise_the_loop(bundles, isa, scheme, kv):
+    """Engine.decode_batch runs every block in one native call too (seq_rows: the products on
+    all sequences' rows, each sequence's cache write and attention on its own cache): bitwise
+    the per-op loop, sequences of different lengths, windows wrapping."""
+    fused, cf = _run_batch(bundles[scheme], cpu.CpuOps, isa, kv, 12)
+    loop, cl = _run_batch(bundles[scheme], LoopOps, isa, kv, 12)
+    for a, b in zip(fused, loop):
+        np.testing.assert_array_equal(a, b)
+    for sf, sl in zip(cf, cl):
+        for (k1, v1, p1, f1), (k2, v2, p2, f2) in zip(sf, sl):
+            assert f1 == f2
+            np.testing.assert_array_equal(p1, p2)
+            np.testing.assert_array_equal(k1.view(np.uint8), k2.view(np.uint8))
+            np.testing.assert_array_equal(v1.view(np.uint8), v2.view(np.uint8))
+
+
 def test_fused_path_is_taken_for_prefill_chunks_and_decode_steps(bundles, monkeypatch):
     calls = []
     real = cpu.CpuOps.gemma3_blocks
@@ -137,6 +170,23 @@ def test_bad_input_is_rejected(bundles):
     bad = [(c[0].astype(np.float64), c[1], c[2]) for c in caches]
     with pytest.raises(TypeError):
         plan.forward(x, h, pos, t, t, t, t, bad, filled)
+    # batched decode: rows per sequence, one cache per block and sequence, no cache shared
+    s2 = e.create_session()
+    caches2 = caches + [(c.k, c.v, c.pos) for c in s2.caches]
+    x2, h2, t2 = np.zeros((2, hid), np.float32), np.zeros((2, hid), np.float32), np.zeros((2, hd // 2), np.float32)
+    pos2 = np.zeros(2, np.int64)
+    filled2 = np.zeros(len(caches2), np.int64)
+    with pytest.raises(ValueError, match="sum to the rows"):
+        plan.forward(x2, h2, pos2, t2, t2, t2, t2, caches2, filled2, seq_rows=[1, 2])
+    with pytest.raises(ValueError, match="seq_rows must be >= 1"):
+        plan.forward(x2, h2, pos2, t2, t2, t2, t2, caches2, filled2, seq_rows=[2, 0])
+    with pytest.raises(ValueError, match="one cache per block and sequence"):
+        plan.forward(x2, h2, pos2, t2, t2, t2, t2, caches, filled2, seq_rows=[1, 1])
+    with pytest.raises(ValueError, match="share memory"):
+        plan.forward(x2, h2, pos2, t2, t2, t2, t2, caches + caches, filled2, seq_rows=[1, 1])
+    with pytest.raises(TypeError, match="seq_rows"):
+        plan.forward(x2, h2, pos2, t2, t2, t2, t2, caches2, filled2, seq_rows=[1, "1"])
+    assert np.all(filled2 == 0)
     with pytest.raises(ValueError, match="bad dimensions"):
         ops._m.Gemma3Blocks([], hid, 3, 2, hd, 8, 6, 1e-6, 1.0, 0.0)
     with pytest.raises(ValueError, match="no blocks"):

@@ -137,16 +137,18 @@ inline void g3_cache_write(G3Cache& C, const float* k, const float* v, const int
 // normalized input, on return the last block's next_norm output (untouched if it has none).
 // cos/sin [n, hd/2] for local and global layers. Scratch (7.3k floats per token for the
 // 270M: 3.7 MB for a 128-token prefill chunk) is allocated here, once per call.
+// The rows may belong to nseq sequences (batched decode): sequence s owns seq_rows[s]
+// consecutive rows and the caches C[s * nb .. s * nb + nb); the products and norms run on all
+// n rows at once, the cache writes and attention per sequence. nseq 1: seq_rows may be null.
 inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb, float* x, float* h,
                       const int64_t* pos, int64_t n, const float* cos_l, const float* sin_l, const float* cos_g,
-                      const float* sin_g) {
+                      const float* sin_g, int64_t nseq = 1, const int64_t* seq_rows = nullptr) {
     const int64_t qd = D.H * D.hd, kvd = D.KV * D.hd;
     std::vector<float> qb(n * qd), kb(n * kvd), vb(n * kvd), ab(n * qd), ob(n * D.hidden), gb(n * D.ffn),
         tb(n * D.ffn);
     PhaseTimer tm;
     for (int64_t b = 0; b < nb; ++b) {
         const G3BlockW& L = B[b];
-        G3Cache& Cc = C[b];
         // q, k, v (one job when they share a scheme, as matmul_multi does)
         if (L.q.scheme == L.k.scheme && L.q.scheme == L.v.scheme) {
             const WView ws[3] = {L.q, L.k, L.v};
@@ -162,31 +164,38 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
         const float* sn = L.local ? sin_l : sin_g;
         rmsnorm_rope(qb.data(), L.q_norm, cs, sn, n, D.H, D.hd, D.eps, qb.data());
         rmsnorm_rope(kb.data(), L.k_norm, cs, sn, n, D.KV, D.hd, D.eps, kb.data());
-        g3_cache_write(Cc, kb.data(), vb.data(), pos, n, kvd);
+        for (int64_t s = 0, r0 = 0; s < nseq; r0 += seq_rows ? seq_rows[s] : n, ++s)
+            g3_cache_write(C[s * nb + b], kb.data() + r0 * kvd, vb.data() + r0 * kvd, pos + r0, seq_rows ? seq_rows[s] : n,
+                           kvd);
         tm.mark(kPhNormRope, 0);
-        AttnParams P;
-        P.q = qb.data();
-        if (Cc.half) {
-            P.k = P.v = nullptr;
-            P.k16 = static_cast<const uint16_t*>(Cc.k);
-            P.v16 = static_cast<const uint16_t*>(Cc.v);
-        } else {
-            P.k = static_cast<const float*>(Cc.k);
-            P.v = static_cast<const float*>(Cc.v);
+        int64_t kv_bytes = 0;
+        for (int64_t s = 0, r0 = 0; s < nseq; r0 += seq_rows ? seq_rows[s] : n, ++s) {
+            const G3Cache& Cc = C[s * nb + b];
+            AttnParams P;
+            P.q = qb.data() + r0 * qd;
+            if (Cc.half) {
+                P.k = P.v = nullptr;
+                P.k16 = static_cast<const uint16_t*>(Cc.k);
+                P.v16 = static_cast<const uint16_t*>(Cc.v);
+            } else {
+                P.k = static_cast<const float*>(Cc.k);
+                P.v = static_cast<const float*>(Cc.v);
+            }
+            P.qpos = pos + r0;
+            P.kpos = Cc.pos;
+            P.n = seq_rows ? seq_rows[s] : n;
+            P.H = D.H;
+            P.KV = D.KV;
+            P.hd = D.hd;
+            P.T = Cc.filled;
+            P.window = L.local ? D.window : 0;
+            P.scale = D.scale;
+            P.cap = D.cap;
+            P.out = ab.data() + r0 * qd;
+            attention(P);
+            kv_bytes += 2 * Cc.filled * kvd * (Cc.half ? 2 : 4);
         }
-        P.qpos = pos;
-        P.kpos = Cc.pos;
-        P.n = n;
-        P.H = D.H;
-        P.KV = D.KV;
-        P.hd = D.hd;
-        P.T = Cc.filled;
-        P.window = L.local ? D.window : 0;
-        P.scale = D.scale;
-        P.cap = D.cap;
-        P.out = ab.data();
-        attention(P);
-        tm.mark(kPhAttn, 2 * Cc.filled * kvd * (Cc.half ? 2 : 4));
+        tm.mark(kPhAttn, kv_bytes);
         g3_matmul(L.o, ab.data(), n, ob.data(), L.q_o);
         tm.mark(kPhO, weight_bytes(L.o));
         add_rmsnorm(x, ob.data(), L.post_attn, L.ffn_norm, n, D.hidden, D.eps, h);

@@ -685,9 +685,11 @@ public:
     // x, h [n, hidden] float32 (x updated in place, h replaced by the last block's next_norm
     // output); positions [n] int64 >= 0; cos/sin [n, hd/2] for local and global layers;
     // caches: one (k, v, pos) per block, k/v [slots, KV, hd] float32 or float16, pos [slots]
-    // int64; filled [blocks] int64, updated.
+    // int64; filled [blocks] int64, updated. seq_rows (batched decode): the rows of each of S
+    // sequences, in order (sum n); caches then hold S * blocks entries, sequence by sequence,
+    // and filled has that many.
     void forward(py::handle x_h, py::handle h_h, py::handle pos_h, py::handle cl_h, py::handle sl_h, py::handle cg_h,
-                 py::handle sg_h, py::sequence caches, py::handle filled_h, int qd8) {
+                 py::handle sg_h, py::sequence caches, py::handle filled_h, int qd8, py::object seq_rows_h) {
         const char* fn = "Gemma3Blocks.forward";
         if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
         py::array x = check_f32(fn, "x", x_h, true);
@@ -705,13 +707,31 @@ public:
         py::handle th[4] = {cl_h, sl_h, cg_h, sg_h};
         for (int j = 0; j < 4; ++j) tabs[j] = check_array(fn, "rope table", th[j], kF32, {n, D_.hd / 2});
         const int64_t nb = size();
-        if (static_cast<int64_t>(py::len(caches)) != nb)
-            throw py::value_error(std::string(fn) + ": give one cache per block");
-        py::array filled = check_array(fn, "filled", filled_h, kI64, {nb}, true);
+        std::vector<int64_t> rows{n};
+        if (!seq_rows_h.is_none()) {
+            if (!py::isinstance<py::sequence>(seq_rows_h))
+                throw py::type_error(std::string(fn) + ": seq_rows must be a sequence of ints");
+            rows.clear();
+            for (py::handle r : py::reinterpret_borrow<py::sequence>(seq_rows_h)) {
+                if (!py::isinstance<py::int_>(r)) throw py::type_error(std::string(fn) + ": seq_rows must be a sequence of ints");
+                rows.push_back(r.cast<int64_t>());
+            }
+            int64_t total = 0;
+            for (int64_t r : rows) {
+                if (r < 1) throw py::value_error(std::string(fn) + ": seq_rows must be >= 1");
+                total += r;
+            }
+            if (rows.empty() || total != n)
+                throw py::value_error(std::string(fn) + ": seq_rows must sum to the rows of x (" + std::to_string(n) + ")");
+        }
+        const int64_t S = static_cast<int64_t>(rows.size()), nc = S * nb;
+        if (static_cast<int64_t>(py::len(caches)) != nc)
+            throw py::value_error(std::string(fn) + ": give one cache per block" + (S > 1 ? " and sequence" : ""));
+        py::array filled = check_array(fn, "filled", filled_h, kI64, {nc}, true);
         int64_t* fp = static_cast<int64_t*>(filled.mutable_data());
         std::vector<py::array> held;
-        std::vector<edgelm::G3Cache> C(static_cast<size_t>(nb));
-        for (int64_t b = 0; b < nb; ++b) {
+        std::vector<edgelm::G3Cache> C(static_cast<size_t>(nc));
+        for (int64_t b = 0; b < nc; ++b) {
             py::tuple t = py::reinterpret_borrow<py::object>(caches[b]).cast<py::tuple>();
             if (t.size() != 3) throw py::value_error(std::string(fn) + ": each cache is (k, v, pos)");
             py::array k = as_array(fn, "cache k", t[0]);
@@ -722,7 +742,8 @@ public:
             k = check_array(fn, "cache k", t[0], dt, {slots, D_.KV, D_.hd}, true);
             py::array v = check_array(fn, "cache v", t[1], dt, {slots, D_.KV, D_.hd}, true);
             py::array cp = check_array(fn, "cache pos", t[2], kI64, {slots}, true);
-            if (slots < n) throw py::value_error(std::string(fn) + ": a cache has fewer slots than the step's tokens");
+            if (slots < rows[static_cast<size_t>(b / nb)])
+                throw py::value_error(std::string(fn) + ": a cache has fewer slots than the step's tokens");
             if (fp[b] < 0 || fp[b] > slots) throw py::value_error(std::string(fn) + ": filled out of range");
             for (const py::array* a : {&k, &v, &cp}) {
                 check_no_overlap(fn, "a cache", *a, "x", x);
@@ -733,6 +754,14 @@ public:
             held.push_back(k);
             held.push_back(v);
             held.push_back(cp);
+        }
+        if (S > 1) {  // every cache array its own: no two sequences (or blocks) write one cache
+            std::vector<Range> rs;
+            for (const py::array& a : held)
+                if (a.nbytes() > 0) rs.push_back(byte_range(a));
+            std::sort(rs.begin(), rs.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+            for (size_t i = 1; i < rs.size(); ++i)
+                if (rs[i].lo < rs[i - 1].hi) throw py::value_error(std::string(fn) + ": two caches share memory");
         }
         for (edgelm::G3BlockW& L : blocks_) {
             L.q_qkv = use_qd8(L.q.scheme, qd8, n);
@@ -747,9 +776,10 @@ public:
         for (int j = 0; j < 4; ++j) tp[j] = static_cast<const float*>(tabs[j].data());
         {
             py::gil_scoped_release nogil;
-            edgelm::g3_blocks(D_, blocks_.data(), C.data(), nb, xp, hp, pp, n, tp[0], tp[1], tp[2], tp[3]);
+            edgelm::g3_blocks(D_, blocks_.data(), C.data(), nb, xp, hp, pp, n, tp[0], tp[1], tp[2], tp[3], S,
+                              rows.data());
         }
-        for (int64_t b = 0; b < nb; ++b) fp[b] = C[b].filled;
+        for (int64_t b = 0; b < nc; ++b) fp[b] = C[b].filled;
     }
 
 private:
@@ -816,7 +846,7 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
              "scale"_a, "softcap"_a)
         .def("__len__", &G3Plan::size)
         .def("forward", &G3Plan::forward, "x"_a, "h"_a, "positions"_a, "cos_local"_a, "sin_local"_a,
-             "cos_global"_a, "sin_global"_a, "caches"_a, "filled"_a, "qd8"_a = -1);
+             "cos_global"_a, "sin_global"_a, "caches"_a, "filled"_a, "qd8"_a = -1, "seq_rows"_a = py::none());
     m.def(
         "set_qd8",
         [](int mode) {

@@ -181,23 +181,32 @@ class CpuOps(HostBackend):
         return out
 
     @_batch_mode
-    def gemma3_blocks(self, cfg, w, x: np.ndarray, h: np.ndarray, positions: np.ndarray, caches) -> bool:
+    def gemma3_blocks(self, cfg, w, x: np.ndarray, h: np.ndarray, positions: np.ndarray, caches,
+                      seq_rows=None) -> bool:
         """Every Gemma 3 block of one forward step in one native call (edgelm/_native/block.h):
         x [n, hidden] is updated in place and h becomes the final-norm output, exactly as the
         per-op loop of models/gemma3.forward leaves them. Returns False (nothing done) when a
-        cache cannot take the step whole; the caller then runs the loop."""
+        cache cannot take the step whole; the caller then runs the loop. seq_rows (batched
+        decode): the rows of x of each sequence, in order; caches is then one list of layer
+        caches per sequence (the products run on all rows, attention per sequence)."""
         from .kvcache import KVCache
 
-        n = x.shape[0]
-        if not all(type(c) is KVCache and c.slots >= n for c in caches):
+        seqs = [caches] if seq_rows is None else list(caches)
+        rows = [x.shape[0]] if seq_rows is None else [int(r) for r in seq_rows]
+        flat = [c for cs in seqs for c in cs]
+        if len(seqs) != len(rows) or not all(
+                type(c) is KVCache and c.slots >= r for cs, r in zip(seqs, rows) for c in cs):
+            return False
+        if len({id(c.k) for c in flat}) != len(flat):  # a cache twice: the per-op loop's semantics
             return False
         plan = self._g3_plan(cfg, w)
         hd = cfg.head_dim
         cl, sl = self._rope_table(positions, hd, cfg.rope_local_theta, 1.0)
         cg, sg = self._rope_table(positions, hd, cfg.rope_theta, cfg.rope_scaling_factor)
-        filled = np.fromiter((c.filled for c in caches), np.int64, len(caches))
-        plan.forward(x, h, positions, cl, sl, cg, sg, [(c.k, c.v, c.pos) for c in caches], filled)
-        for c, f in zip(caches, filled.tolist()):
+        filled = np.fromiter((c.filled for c in flat), np.int64, len(flat))
+        plan.forward(x, h, positions, cl, sl, cg, sg, [(c.k, c.v, c.pos) for c in flat], filled,
+                     seq_rows=None if seq_rows is None else rows)
+        for c, f in zip(flat, filled.tolist()):
             c.filled = f
         return True
 

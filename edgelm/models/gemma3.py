@@ -250,7 +250,12 @@ def forward_batch(cfg: Gemma3Config, w: Weights, ops, tokens, positions, caches)
             outs.append(ops.attention(q[b:b + 1], K, V, pb, kpos, window, scale, cfg.attn_logit_softcap))
         return ops.concat(outs, axis=0)
 
-    x, h = _blocks(cfg, w, ops, w.layers, x, h, positions, attend, w.output_norm)
+    # every block in one native call where the op table has it (bitwise the loop below)
+    layers = w.layers
+    if "gemma3_blocks" in ops.fused_plans and ops.gemma3_blocks(cfg, w, x, h, positions, caches,
+                                                                 seq_rows=[1] * len(caches)):
+        layers = ()
+    x, h = _blocks(cfg, w, ops, layers, x, h, positions, attend, w.output_norm)
     out = ops.matmul(h, w.embed)
     if cfg.final_logit_softcap:
         out = ops.softcap(out, cfg.final_logit_softcap)
