@@ -1186,68 +1186,78 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
 }
 #if defined(EDGELM_VNNI)
 // ----------------------------------------------------------------------------- few-row int8
-// Products of int8 weights with 2 .. kGemmMinN - 1 activation rows (batched decode: one row
+// Products of int8 weights with 4 .. kGemmMinN - 1 activation rows (batched decode: one row
 // per sequence; short prefill chunks) are where the one-row tiles are weakest: each
 // vpdpbusd there yields 8 partial sums of one (weight row, activation row) pair that are
 // converted, scaled and accumulated on their own (~9 vector ops per 32 MACs), and the packed
 // GEMM's weight packing is paid over too few rows. This route transposes the activations
-// instead, which are few and cheap to move: per block of 32 columns, vector k of a group of
-// 8 activation rows holds each row's elements 4k..4k+3 in its lane. A weight row's 4 bytes
-// are broadcast from the bundle's own layout and one vpdpbusd adds 32 products spread over
-// the 8 activation rows, so a block's sums for 8 rows come out in one vector and its
-// conversion and scaling are paid once per 8 rows.
+// instead, which are few and cheap to move. Activation rows go in groups of 4; per block of
+// 32 columns, vector k (0..3) of a group holds each of its rows' elements 8k..8k+7, so lane
+// 2i + h belongs to row i and element quad 2k + h. One broadcast of a weight row's 8 bytes
+// 8k..8k+7 then lines up with every lane, and each vpdpbusd adds 32 products spread over 4
+// activation rows; two groups' block sums are combined by one vphaddd into a vector of 8
+// rows' sums, so the conversion and scaling are paid once per 8 activation rows and each
+// weight broadcast feeds one vpdpbusd per group.
 // vpdpbusd multiplies unsigned by signed bytes: the broadcast weights go in as w ^ 0x80 =
-// w + 128 and each block's sums start from -128 * (the activation row's block sum), the
-// corr vector stored with the block, so they end as the exact sum qw * qx. (Measured 1.15x
-// the other arrangement, activations stored as qx + 128 against the weights as they are,
-// whose -128 * (weight block sums) cost a vpdpbusd and horizontal adds per weight row and
-// block. VNNI builds only: on AVX2 the sign trick per product made this route 0.4-1.2x the
-// tiles.)
+// w + 128 and each row's block sum starts from -128 * (its activation block sum), the corr
+// vector stored with the block (in the row's even lane), so the sums end as the exact sum
+// qw * qx. (Measured faster than the other arrangement, activations stored as qx + 128
+// against the weights as they are, whose -128 * (weight block sums) cost a vpdpbusd and
+// horizontal adds per weight row and block. VNNI builds only: on AVX2 the sign trick per
+// product made this route 0.4-1.2x the tiles.)
 // The float steps per block are the packed GEMM's, in its order, so the results equal its
 // results bit for bit (tests compare with set_packed_gemm(2)), which also makes this route
 // batch-invariant.
-constexpr int64_t kXtBlock = 256 + 32 + 32;  // 8 quads, dx, corr
+//
+// Layout (A.xtb): per pair of groups (8 activation rows), per block: group A's 4 vectors,
+// group B's 4 vectors, dx of the 8 rows in the lane order of the combined sums (rows 0 1 4 5
+// 2 3 6 7 of the pair), group A's corr, group B's corr. Absent rows are zero.
+constexpr int64_t kXtBlock = 4 * 32 + 4 * 32 + 32 + 32 + 32;
+constexpr int kXtLaneRow[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // pair row of each lane of a combined sum
 #ifndef EDGELM_XT_PREFETCH_ROWS
 #define EDGELM_XT_PREFETCH_ROWS 8
 #endif
 constexpr int64_t kXtPrefetchRows = EDGELM_XT_PREFETCH_ROWS;
 
 inline void xt_build(QAct& A) {
-    const int64_t nb = A.nb, ng = ceil_div(A.n, int64_t(8));
+    const int64_t nb = A.nb, np = ceil_div(A.n, int64_t(8));
     A.xts = nb * kXtBlock;
     thread_local std::vector<uint8_t> buf;
-    const size_t bytes = static_cast<size_t>(ng * A.xts) + 64;
+    const size_t bytes = static_cast<size_t>(np * A.xts) + 64;
     if (buf.size() < bytes) buf.resize(bytes);
     auto* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-    for (int64_t g = 0; g < ng; ++g)
+    std::memset(base, 0, static_cast<size_t>(np * A.xts));
+    for (int64_t p = 0; p < np; ++p)
         for (int64_t b = 0; b < nb; ++b) {
-            uint8_t* u = base + g * A.xts + b * kXtBlock;
+            uint8_t* u = base + p * A.xts + b * kXtBlock;
             auto* dx = reinterpret_cast<float*>(u + 256);
-            auto* corr = reinterpret_cast<int32_t*>(u + 288);
-            for (int i = 0; i < 8; ++i) {
-                const int64_t row = 8 * g + i;
-                if (row >= A.n) {  // an absent row: zeros
-                    for (int k = 0; k < 8; ++k) std::memset(u + 32 * k + 4 * i, 0, 4);
-                    dx[i] = 0.f;
-                    corr[i] = 0;
-                    continue;
+            for (int l = 0; l < 8; ++l) {
+                const int64_t row = 8 * p + kXtLaneRow[l];
+                dx[l] = row < A.n ? A.d(row)[b] : 0.f;
+            }
+            for (int g = 0; g < 2; ++g) {
+                auto* corr = reinterpret_cast<int32_t*>(u + 288 + 32 * g);
+                for (int i = 0; i < 4; ++i) {
+                    const int64_t row = 8 * p + 4 * g + i;
+                    if (row >= A.n) continue;
+                    const int8_t* q = A.q(row) + 32 * b;
+                    int32_t sum = 0;
+                    for (int e = 0; e < 32; ++e) sum += q[e];
+                    for (int k = 0; k < 4; ++k) std::memcpy(u + 128 * g + 32 * k + 8 * i, q + 8 * k, 8);
+                    corr[2 * i] = -128 * sum;
                 }
-                const int8_t* q = A.q(row) + 32 * b;
-                int32_t sum = 0;
-                for (int e = 0; e < 32; ++e) sum += q[e];
-                for (int k = 0; k < 8; ++k) std::memcpy(u + 32 * k + 4 * i, q + 4 * k, 4);
-                dx[i] = A.d(row)[b];
-                corr[i] = -128 * sum;
             }
         }
     A.xtb = base;
 }
 
-// RR weight rows from r against NV groups of 8 activation rows (group j at xg[j]); the
-// outputs of the first nx activation rows are stored. dwf: RR * nb floats.
-template <bool ROWSCALE, int RR, int NV>
+// RR weight rows from r against NG groups of 4 activation rows (pair q at xg[q]; the last
+// group may be absent, NG odd); the outputs of the first nx activation rows are stored.
+// dwf: RR * nb floats.
+template <bool ROWSCALE, int RR, int NG>
 EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* xg, int64_t nb, float* dwf,
                               int nx, float* out, int64_t ldo) {
+    constexpr int NP = (NG + 1) / 2;
     const auto* Q = static_cast<const int8_t*>(v.w);
     const int64_t cols = v.cols;
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -1262,9 +1272,9 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
                 _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + b))));
             for (; b < nb; ++b) d[b] = half_to_float(sr[b]);
         }
-    __m256 acc[RR][NV];
+    __m256 acc[RR][NP];
     for (int rr = 0; rr < RR; ++rr)
-        for (int j = 0; j < NV; ++j) acc[rr][j] = _mm256_setzero_ps();
+        for (int q = 0; q < NP; ++q) acc[rr][q] = _mm256_setzero_ps();
     // Rows are contiguous: the rows kXtPrefetchRows ahead are prefetched, RR * 32 bytes per
     // block step (without it, reading 4 rows side by side ran at a third of the one-row
     // tiles' bandwidth on an AMD Zen 4 host; docs/kernels.md)
@@ -1273,46 +1283,47 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
         if (kXtPrefetchRows > 0)
             for (int h = 0; h < (RR * 32 + 63) / 64; ++h)
                 _mm_prefetch(reinterpret_cast<const char*>(pf + RR * 32 * b + 64 * h), _MM_HINT_T0);
-        // two sums per output (even and odd quads, added at the end): eight independent
-        // chains of vpdpbusd in flight
-        __m256i s[2][RR][NV];
-        for (int j = 0; j < NV; ++j) {
-            const __m256i c = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[j] + kXtBlock * b + 288));
+        __m256i s[RR][NG];
+        for (int g = 0; g < NG; ++g) {
+            const __m256i c =
+                _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[g / 2] + kXtBlock * b + 288 + 32 * (g & 1)));
+            for (int rr = 0; rr < RR; ++rr) s[rr][g] = c;
+        }
+        for (int k = 0; k < 4; ++k) {
+            __m256i x[NG];
+            for (int g = 0; g < NG; ++g)
+                x[g] = _mm256_load_si256(
+                    reinterpret_cast<const __m256i*>(xg[g / 2] + kXtBlock * b + 128 * (g & 1) + 32 * k));
             for (int rr = 0; rr < RR; ++rr) {
-                s[0][rr][j] = c;
-                s[1][rr][j] = _mm256_setzero_si256();
+                int64_t w8;
+                std::memcpy(&w8, wr[rr] + 32 * b + 8 * k, 8);
+                const __m256i u = _mm256_xor_si256(_mm256_set1_epi64x(w8), flip);
+                for (int g = 0; g < NG; ++g) s[rr][g] = dpbusd(s[rr][g], u, x[g]);
             }
         }
-        for (int k = 0; k < 8; ++k) {
-            __m256i x[NV];
-            for (int j = 0; j < NV; ++j)
-                x[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[j] + kXtBlock * b + 32 * k));
+        for (int q = 0; q < NP; ++q) {
+            const __m256 xdv = _mm256_load_ps(reinterpret_cast<const float*>(xg[q] + kXtBlock * b + 256));
             for (int rr = 0; rr < RR; ++rr) {
-                const __m256i u = _mm256_xor_si256(bcast4(wr[rr] + 32 * b + 4 * k), flip);
-                for (int j = 0; j < NV; ++j) s[k & 1][rr][j] = dpbusd(s[k & 1][rr][j], u, x[j]);
-            }
-        }
-        for (int rr = 0; rr < RR; ++rr)
-            for (int j = 0; j < NV; ++j) s[0][rr][j] = _mm256_add_epi32(s[0][rr][j], s[1][rr][j]);
-        for (int j = 0; j < NV; ++j) {
-            const __m256 xdv = _mm256_load_ps(reinterpret_cast<const float*>(xg[j] + kXtBlock * b + 256));
-            for (int rr = 0; rr < RR; ++rr) {
+                const __m256i sum =
+                    _mm256_hadd_epi32(s[rr][2 * q], 2 * q + 1 < NG ? s[rr][2 * q + 1] : _mm256_setzero_si256());
                 if (ROWSCALE)
-                    acc[rr][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0][rr][j]), xdv, acc[rr][j]);
+                    acc[rr][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), xdv, acc[rr][q]);
                 else
-                    acc[rr][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[0][rr][j]), xdv),
-                                                 _mm256_set1_ps(dwf[rr * nb + b]), acc[rr][j]);
+                    acc[rr][q] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), xdv),
+                                                 _mm256_set1_ps(dwf[rr * nb + b]), acc[rr][q]);
             }
         }
     }
     for (int rr = 0; rr < RR; ++rr)
-        for (int j = 0; j < NV; ++j) {
-            __m256 a = acc[rr][j];
+        for (int q = 0; q < NP; ++q) {
+            __m256 a = acc[rr][q];
             if (ROWSCALE) a = _mm256_mul_ps(a, _mm256_set1_ps(static_cast<const float*>(v.scale)[r + rr]));
             alignas(32) float o[8];
             _mm256_store_ps(o, a);
-            const int m = std::min(8, nx - 8 * j);
-            for (int i = 0; i < m; ++i) out[(8 * j + i) * ldo + r + rr] = o[i];
+            for (int l = 0; l < 8; ++l) {
+                const int row = 8 * q + kXtLaneRow[l];
+                if (row < nx) out[row * ldo + r + rr] = o[l];
+            }
         }
 }
 
@@ -1320,17 +1331,25 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
 template <bool ROWSCALE>
 inline void q8_xt_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nb = W.cols / 32;
-    constexpr int R = 4;  // weight rows side by side (2 and 6 measured slower or equal)
+    constexpr int R = 4;  // weight rows side by side for up to 8 activation rows (2 for more)
     float* dwf = reinterpret_cast<float*>(pack_buffer(static_cast<size_t>(R * nb) * sizeof(float)));
     const uint8_t* xg[2] = {A.xtb, A.xtb + A.xts};
     const int nx = static_cast<int>(n);
     int64_t r = r0;
-    if (n <= 8) {
-        for (; r + R <= r1; r += R) q8_xt_rows<ROWSCALE, R, 1>(W, r, xg, nb, dwf, nx, out, ldo);
-        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 1>(W, r, xg, nb, dwf, nx, out, ldo);
-    } else {
-        for (; r + 2 <= r1; r += 2) q8_xt_rows<ROWSCALE, 2, 2>(W, r, xg, nb, dwf, nx, out, ldo);
-        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, 2>(W, r, xg, nb, dwf, nx, out, ldo);
+    auto run = [&](auto rr_c, auto ng_c) {
+        constexpr int RR = decltype(rr_c)::value, NG = decltype(ng_c)::value;
+        for (; r + RR <= r1; r += RR) q8_xt_rows<ROWSCALE, RR, NG>(W, r, xg, nb, dwf, nx, out, ldo);
+        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, NG>(W, r, xg, nb, dwf, nx, out, ldo);
+    };
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    using I3 = std::integral_constant<int, 3>;
+    using I4 = std::integral_constant<int, 4>;
+    switch ((n + 3) / 4) {
+        case 1: run(I4{}, I1{}); break;
+        case 2: run(I4{}, I2{}); break;
+        case 3: run(I2{}, I3{}); break;
+        default: run(I2{}, I4{}); break;
     }
 }
 #endif  // EDGELM_VNNI
