@@ -21,6 +21,8 @@
     python benchmarks/microbench.py prefill-phases BUNDLE     # a p512 prefill's time by block phase
     python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
     python benchmarks/microbench.py attention-ab OLD_SO       # prefill-chunk attention: this build vs an older .so
+    python benchmarks/microbench.py few-rows-ab OLD_SO        # int8 products of 2-12 rows: this build vs an older .so
+    python benchmarks/microbench.py few-row-route             # int8 products of 2-15 rows: one-row tiles vs few-row route
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
 and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
@@ -546,6 +548,25 @@ def cmd_gemm_native(a) -> None:
                     print(line)
 
 
+def cmd_few_row_route(a) -> None:
+    """int8 products with a few activation rows (batched decode: one row per sequence), the
+    one-row tiles against the few-row route of VNNI builds, alternating in one process
+    (benchmarks/native/fewrowbench.cpp, g++ with the avx512 build's flags; needs AVX-512
+    VNNI). Default shape: the 270M's output head (262144 x 640)."""
+    root = Path(__file__).resolve().parent.parent
+    src = root / "benchmarks" / "native" / "fewrowbench.cpp"
+    with tempfile.TemporaryDirectory() as d:
+        exe = Path(d) / "fewrow"
+        subprocess.run(["g++", *_NATIVE_FLAGS, *_NATIVE_ISA_FLAGS["avx512"], "-I", str(root / "edgelm" / "_native"),
+                        "-o", str(exe), str(src)], check=True)
+        sid = {v: k for k, v in _SCHEME_IDS.items()}[a.scheme]
+        for threads in a.threads:
+            print(f"{a.scheme} {a.rows}x{a.cols}, avx512 flags, {threads} thread(s), medians of {a.rounds} rounds",
+                  flush=True)
+            subprocess.run([str(exe), str(sid), str(threads), str(a.rows), str(a.cols), str(a.rounds),
+                            *map(str, a.n)], check=True)
+
+
 def cmd_isa_peak(a) -> None:
     """This core's peak vpdpbusd and FMA rates (benchmarks/native/isapeak.cpp, avx512 flags),
     how other operations mixed into a vpdpbusd stream slow it, and the floor they put under a 512-token prefill of the 270M on --threads cores: its
@@ -887,6 +908,13 @@ def main() -> int:
     p = sub.add_parser("isa-peak")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=512)
+    p = sub.add_parser("few-row-route")
+    p.add_argument("--scheme", choices=("int8", "int8-b32"), default="int8-b32")
+    p.add_argument("--rows", type=int, default=262144)
+    p.add_argument("--cols", type=int, default=640)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("-n", type=int, nargs="+", default=[2, 4, 5, 8, 12, 15])
     p = sub.add_parser("few-rows-ab")
     p.add_argument("old_so")
     p.add_argument("--schemes", default="int8,int8-b32")
@@ -913,7 +941,7 @@ def main() -> int:
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
      "prefill-phases": cmd_prefill_phases,
      "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "isa-peak": cmd_isa_peak, "ab-module": cmd_ab_module,
-     "attention-ab": cmd_attention_ab, "few-rows-ab": cmd_few_rows_ab, "float-gemm": cmd_float_gemm}[a.cmd](a)
+     "attention-ab": cmd_attention_ab, "few-rows-ab": cmd_few_rows_ab, "few-row-route": cmd_few_row_route, "float-gemm": cmd_float_gemm}[a.cmd](a)
     return 0
 
 
