@@ -106,13 +106,37 @@ def test_fused_batched_decode_is_bitwise_the_loop(bundles, isa, scheme, kv):
             np.testing.assert_array_equal(v1.view(np.uint8), v2.view(np.uint8))
 
 
+@pytest.mark.parametrize("ops_cls", [cpu.CpuOps, LoopOps])
+def test_last_block_computes_only_the_wanted_rows(bundles, ops_cls):
+    """A prefill wants the last token's logits only (and an inner chunk none): past its K/V
+    write the last block computes just those rows, in the fused call and the loop alike. In
+    deterministic mode (every route gives a row the same bits) the logits are bitwise the
+    all-rows forward's last row, and the caches (every row's K and V) are the same bytes."""
+    e = Engine(bundles["int8-b32"], backend=ops_cls(), max_tokens=128, deterministic=True, prefill_chunk=8)
+    vocab = e.config.vocab_size
+    ids = [(7 * i + 3) % vocab for i in range(21)]  # chunks of 8, 8, 5
+    a, b = e.create_session({"temperature": 0.0}), e.create_session({"temperature": 0.0})
+    last = a.prefill(ids)
+    rows = np.concatenate([b._forward(ids[i:i + 8], "all") for i in range(0, len(ids), 8)])
+    np.testing.assert_array_equal(last, rows[-1])
+    for ca, cb in zip(a.caches, b.caches):
+        assert ca.filled == cb.filled
+        np.testing.assert_array_equal(ca.k[:ca.filled].view(np.uint8), cb.k[:cb.filled].view(np.uint8))
+        np.testing.assert_array_equal(ca.v[:ca.filled].view(np.uint8), cb.v[:cb.filled].view(np.uint8))
+    # positions k.. of a chunk, and the next decode step on top of either session
+    c = e.create_session({"temperature": 0.0})
+    c.prefill(ids[:13])
+    np.testing.assert_array_equal(c._forward(ids[13:], 3), rows[16:])
+    np.testing.assert_array_equal(a.decode_step(5), b.decode_step(5))
+
+
 def test_fused_path_is_taken_for_prefill_chunks_and_decode_steps(bundles, monkeypatch):
     calls = []
     real = cpu.CpuOps.gemma3_blocks
 
-    def spy(self, cfg, w, x, h, positions, caches):
+    def spy(self, cfg, w, x, h, positions, caches, **kw):
         calls.append(x.shape[0])
-        return real(self, cfg, w, x, h, positions, caches)
+        return real(self, cfg, w, x, h, positions, caches, **kw)
 
     monkeypatch.setattr(cpu.CpuOps, "gemma3_blocks", spy)
     e = Engine(bundles["int8"], max_tokens=64, prefill_chunk=16)

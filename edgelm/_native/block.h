@@ -139,10 +139,14 @@ inline void g3_cache_write(G3Cache& C, const float* k, const float* v, const int
 // 270M: 3.7 MB for a 128-token prefill chunk) is allocated here, once per call.
 // The rows may belong to nseq sequences (batched decode): sequence s owns seq_rows[s]
 // consecutive rows and the caches C[s * nb .. s * nb + nb); the products and norms run on all
-// n rows at once, the cache writes and attention per sequence. nseq 1: seq_rows may be null.
+// n rows at once, the cache writes and attention per sequence. seq_rows: null when nseq is 1.
+// need (nseq 1 only; -1 = all): only the last `need` rows' outputs are wanted (a prefill
+// chunk's last token, or none), so the last block computes attention, its products and norms
+// for those rows only, after writing every row's K and V; the other rows of x and h are left
+// as the previous block left them.
 inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb, float* x, float* h,
                       const int64_t* pos, int64_t n, const float* cos_l, const float* sin_l, const float* cos_g,
-                      const float* sin_g, int64_t nseq = 1, const int64_t* seq_rows = nullptr) {
+                      const float* sin_g, int64_t nseq = 1, const int64_t* seq_rows = nullptr, int64_t need = -1) {
     const int64_t qd = D.H * D.hd, kvd = D.KV * D.hd;
     std::vector<float> qb(n * qd), kb(n * kvd), vb(n * kvd), ab(n * qd), ob(n * D.hidden), gb(n * D.ffn),
         tb(n * D.ffn);
@@ -164,12 +168,15 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
         const float* sn = L.local ? sin_l : sin_g;
         rmsnorm_rope(qb.data(), L.q_norm, cs, sn, n, D.H, D.hd, D.eps, qb.data());
         rmsnorm_rope(kb.data(), L.k_norm, cs, sn, n, D.KV, D.hd, D.eps, kb.data());
-        for (int64_t s = 0, r0 = 0; s < nseq; r0 += seq_rows ? seq_rows[s] : n, ++s)
-            g3_cache_write(C[s * nb + b], kb.data() + r0 * kvd, vb.data() + r0 * kvd, pos + r0, seq_rows ? seq_rows[s] : n,
-                           kvd);
+        for (int64_t s = 0, r0 = 0; s < nseq; r0 += nseq > 1 ? seq_rows[s] : n, ++s)
+            g3_cache_write(C[s * nb + b], kb.data() + r0 * kvd, vb.data() + r0 * kvd, pos + r0,
+                           nseq > 1 ? seq_rows[s] : n, kvd);
         tm.mark(kPhNormRope, 0);
+        // rows carried past the cache write: all, or the last block's wanted ones
+        const int64_t m = b == nb - 1 && nseq == 1 && need >= 0 && need < n ? need : n, o0 = n - m;
+        if (m == 0) break;
         int64_t kv_bytes = 0;
-        for (int64_t s = 0, r0 = 0; s < nseq; r0 += seq_rows ? seq_rows[s] : n, ++s) {
+        for (int64_t s = 0, r0 = o0; s < nseq; r0 += nseq > 1 ? seq_rows[s] : n, ++s) {
             const G3Cache& Cc = C[s * nb + b];
             AttnParams P;
             P.q = qb.data() + r0 * qd;
@@ -183,7 +190,7 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
             }
             P.qpos = pos + r0;
             P.kpos = Cc.pos;
-            P.n = seq_rows ? seq_rows[s] : n;
+            P.n = nseq > 1 ? seq_rows[s] : m;
             P.H = D.H;
             P.KV = D.KV;
             P.hd = D.hd;
@@ -196,21 +203,23 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
             kv_bytes += 2 * Cc.filled * kvd * (Cc.half ? 2 : 4);
         }
         tm.mark(kPhAttn, kv_bytes);
-        g3_matmul(L.o, ab.data(), n, ob.data(), L.q_o);
+        float* xm = x + o0 * D.hidden;
+        float* hm = h + o0 * D.hidden;
+        g3_matmul(L.o, ab.data() + o0 * qd, m, ob.data(), L.q_o);
         tm.mark(kPhO, weight_bytes(L.o));
-        add_rmsnorm(x, ob.data(), L.post_attn, L.ffn_norm, n, D.hidden, D.eps, h);
+        add_rmsnorm(xm, ob.data(), L.post_attn, L.ffn_norm, m, D.hidden, D.eps, hm);
         tm.mark(kPhAddNorm1, 0);
         if (L.gate.scheme == L.up.scheme) {
-            matmul_gelu_mul(L.gate, L.up, h, n, gb.data(), tb.data(), L.q_gate);
+            matmul_gelu_mul(L.gate, L.up, hm, m, gb.data(), tb.data(), L.q_gate);
         } else {
-            g3_matmul(L.gate, h, n, gb.data(), L.q_gate);
-            g3_matmul(L.up, h, n, tb.data(), L.q_up);
-            gelu_mul(gb.data(), tb.data(), n * D.ffn, gb.data());
+            g3_matmul(L.gate, hm, m, gb.data(), L.q_gate);
+            g3_matmul(L.up, hm, m, tb.data(), L.q_up);
+            gelu_mul(gb.data(), tb.data(), m * D.ffn, gb.data());
         }
         tm.mark(kPhGateUp, weight_bytes(L.gate) + weight_bytes(L.up));
-        g3_matmul(L.down, gb.data(), n, ob.data(), L.q_down);
+        g3_matmul(L.down, gb.data(), m, ob.data(), L.q_down);
         tm.mark(kPhDown, weight_bytes(L.down));
-        add_rmsnorm(x, ob.data(), L.post_ffw, L.next_norm, n, D.hidden, D.eps, L.next_norm ? h : nullptr);
+        add_rmsnorm(xm, ob.data(), L.post_ffw, L.next_norm, m, D.hidden, D.eps, L.next_norm ? hm : nullptr);
         tm.mark(kPhAddNorm2, 0);
     }
 }

@@ -689,7 +689,8 @@ public:
     // sequences, in order (sum n); caches then hold S * blocks entries, sequence by sequence,
     // and filled has that many.
     void forward(py::handle x_h, py::handle h_h, py::handle pos_h, py::handle cl_h, py::handle sl_h, py::handle cg_h,
-                 py::handle sg_h, py::sequence caches, py::handle filled_h, int qd8, py::object seq_rows_h) {
+                 py::handle sg_h, py::sequence caches, py::handle filled_h, int qd8, py::object seq_rows_h,
+                 int64_t need) {
         const char* fn = "Gemma3Blocks.forward";
         if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
         py::array x = check_f32(fn, "x", x_h, true);
@@ -725,6 +726,8 @@ public:
                 throw py::value_error(std::string(fn) + ": seq_rows must sum to the rows of x (" + std::to_string(n) + ")");
         }
         const int64_t S = static_cast<int64_t>(rows.size()), nc = S * nb;
+        if (need < -1 || need > n) throw py::value_error(std::string(fn) + ": need must be -1 (all) or 0..n");
+        if (S > 1 && need != -1) throw py::value_error(std::string(fn) + ": need applies to one sequence");
         if (static_cast<int64_t>(py::len(caches)) != nc)
             throw py::value_error(std::string(fn) + ": give one cache per block" + (S > 1 ? " and sequence" : ""));
         py::array filled = check_array(fn, "filled", filled_h, kI64, {nc}, true);
@@ -764,11 +767,13 @@ public:
                 if (rs[i].lo < rs[i - 1].hi) throw py::value_error(std::string(fn) + ": two caches share memory");
         }
         for (edgelm::G3BlockW& L : blocks_) {
+            // the last block's products after attention run on the wanted rows only
+            const int64_t m = &L == &blocks_.back() && need >= 0 ? std::max<int64_t>(need, 1) : n;
             L.q_qkv = use_qd8(L.q.scheme, qd8, n);
-            L.q_o = use_qd8(L.o.scheme, qd8, n);
-            L.q_gate = use_qd8(L.gate.scheme, qd8, n);
-            L.q_up = use_qd8(L.up.scheme, qd8, n);
-            L.q_down = use_qd8(L.down.scheme, qd8, n);
+            L.q_o = use_qd8(L.o.scheme, qd8, m);
+            L.q_gate = use_qd8(L.gate.scheme, qd8, m);
+            L.q_up = use_qd8(L.up.scheme, qd8, m);
+            L.q_down = use_qd8(L.down.scheme, qd8, m);
         }
         float* xp = static_cast<float*>(x.mutable_data());
         float* hp = static_cast<float*>(h.mutable_data());
@@ -777,7 +782,7 @@ public:
         {
             py::gil_scoped_release nogil;
             edgelm::g3_blocks(D_, blocks_.data(), C.data(), nb, xp, hp, pp, n, tp[0], tp[1], tp[2], tp[3], S,
-                              rows.data());
+                              S > 1 ? rows.data() : nullptr, need);
         }
         for (int64_t b = 0; b < nc; ++b) fp[b] = C[b].filled;
     }
@@ -846,7 +851,8 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
              "scale"_a, "softcap"_a)
         .def("__len__", &G3Plan::size)
         .def("forward", &G3Plan::forward, "x"_a, "h"_a, "positions"_a, "cos_local"_a, "sin_local"_a,
-             "cos_global"_a, "sin_global"_a, "caches"_a, "filled"_a, "qd8"_a = -1, "seq_rows"_a = py::none());
+             "cos_global"_a, "sin_global"_a, "caches"_a, "filled"_a, "qd8"_a = -1, "seq_rows"_a = py::none(),
+             "need"_a = -1);
     m.def(
         "set_qd8",
         [](int mode) {

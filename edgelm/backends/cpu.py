@@ -182,13 +182,15 @@ class CpuOps(HostBackend):
 
     @_batch_mode
     def gemma3_blocks(self, cfg, w, x: np.ndarray, h: np.ndarray, positions: np.ndarray, caches,
-                      seq_rows=None) -> bool:
+                      seq_rows=None, need: int | None = None) -> bool:
         """Every Gemma 3 block of one forward step in one native call (edgelm/_native/block.h):
         x [n, hidden] is updated in place and h becomes the final-norm output, exactly as the
         per-op loop of models/gemma3.forward leaves them. Returns False (nothing done) when a
         cache cannot take the step whole; the caller then runs the loop. seq_rows (batched
         decode): the rows of x of each sequence, in order; caches is then one list of layer
-        caches per sequence (the products run on all rows, attention per sequence)."""
+        caches per sequence (the products run on all rows, attention per sequence). need (one
+        sequence): only the last `need` rows' outputs are wanted; the last block computes those
+        rows only past its cache write, as models.gemma3._blocks does."""
         from .kvcache import KVCache
 
         seqs = [caches] if seq_rows is None else list(caches)
@@ -205,7 +207,7 @@ class CpuOps(HostBackend):
         cg, sg = self._rope_table(positions, hd, cfg.rope_theta, cfg.rope_scaling_factor)
         filled = np.fromiter((c.filled for c in flat), np.int64, len(flat))
         plan.forward(x, h, positions, cl, sl, cg, sg, [(c.k, c.v, c.pos) for c in flat], filled,
-                     seq_rows=None if seq_rows is None else rows)
+                     seq_rows=None if seq_rows is None else rows, need=-1 if need is None else int(need))
         for c, f in zip(flat, filled.tolist()):
             c.filled = f
         return True
