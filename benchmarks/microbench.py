@@ -22,7 +22,7 @@
     python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
     python benchmarks/microbench.py attention-ab OLD_SO       # prefill-chunk attention: this build vs an older .so
     python benchmarks/microbench.py few-rows-ab OLD_SO        # int8 products of 2-12 rows: this build vs an older .so
-    python benchmarks/microbench.py few-row-route             # int8 products of 2-15 rows: one-row tiles vs few-row route
+    python benchmarks/microbench.py few-row-route             # products of 2-15 rows: one-row tiles vs few-row route
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
 and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
@@ -549,7 +549,7 @@ def cmd_gemm_native(a) -> None:
 
 
 def cmd_few_row_route(a) -> None:
-    """int8 products with a few activation rows (batched decode: one row per sequence), the
+    """Integer products with a few activation rows (batched decode: one row per sequence), the
     one-row tiles against the few-row route of VNNI builds, alternating in one process
     (benchmarks/native/fewrowbench.cpp, g++ with the avx512 build's flags; needs AVX-512
     VNNI). Default shape: the 270M's output head (262144 x 640)."""
@@ -909,7 +909,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=512)
     p = sub.add_parser("few-row-route")
-    p.add_argument("--scheme", choices=("int8", "int8-b32"), default="int8-b32")
+    p.add_argument("--scheme", choices=("int8", "int8-b32", "int4-b32", "int4-b128"), default="int8-b32")
     p.add_argument("--rows", type=int, default=262144)
     p.add_argument("--cols", type=int, default=640)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])

@@ -312,8 +312,8 @@ def test_packed_gemm_against_tiles(kern, scheme):
                     m.set_packed_gemm(0)
                     y0 = kern.matmul(x, t, qd8=True)
                     check_qd8(kern, t, x, y)
-                    # VNNI builds take int8 products of 4-15 rows by the few-row route
-                    few = m.vnni_built() and scheme.startswith("int8") and cols % 32 == 0 and 4 <= n < 16
+                    # VNNI builds take products of 4-15 rows (int4: 6-15) by the few-row route
+                    few = m.vnni_built() and cols % 32 == 0 and (6 if scheme.startswith("int4") else 4) <= n < 16
                     if not m.packed_gemm_built() or (n < 16 and not few):
                         np.testing.assert_array_equal(y, y0)  # the same tiles ran
                         continue
@@ -360,9 +360,9 @@ def test_vnni_dot_products_equal_avx2(scheme):
             for n in (1, 2, 5, 8, 16, 23):
                 x = (rng.standard_normal((n, cols)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
                 x[-1, ::3] *= 1e4  # some activations quantize to +-127, others to 0
-                # int8 products of 4-15 rows take the few-row route in VNNI builds, which gives
+                # products of 4-15 rows (int4: 6-15) take the few-row route in VNNI builds, which gives
                 # the packed GEMM's bits: the avx2 build's packed GEMM is the reference there
-                few = scheme.startswith("int8") and cols % 32 == 0 and 4 <= n < 16
+                few = cols % 32 == 0 and (6 if scheme.startswith("int4") else 4) <= n < 16
                 ref.module.set_packed_gemm(2 if few else 1)
                 try:
                     want = ref.matmul(x, t, qd8=True)
@@ -375,15 +375,16 @@ def test_vnni_dot_products_equal_avx2(scheme):
                     np.testing.assert_array_equal(got, want, err_msg=f"{isa} {scheme} {rows}x{cols} n={n}")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8-b32"])
-def test_few_row_int8_route(scheme):
-    """VNNI builds multiply int8 weights with 4-15 activation rows (batched decode) by the
-    few-row route: activations transposed per block, weights broadcast from the bundle
-    layout. It must meet the qd8 bounds and give the packed GEMM's results bit for bit (the
-    same integer sums, the same float steps in the same order), in its own build and in the
-    avx2 build; in batch-invariant mode it runs from 2 rows, so a row's result does not depend
-    on the batch it is in. Row counts around the 4-row groups and the 8/16-row split, extreme
-    codes, zero rows, huge activations; int8 per-row with cols % 32 != 0 keeps the tiles."""
+@pytest.mark.parametrize("scheme", INT_SCHEMES)
+def test_few_row_route(scheme):
+    """VNNI builds multiply integer weights with 4-15 activation rows (int4: 6-15; batched
+    decode) by the few-row route: activations transposed per block, weights broadcast from
+    the bundle layout. It must meet the qd8 bounds and give the packed GEMM's results bit for
+    bit (the same integer sums, the same float steps in the same order), in its own build and
+    in the avx2 build; in batch-invariant mode it runs from 2 rows, so a row's result does not
+    depend on the batch it is in. Row counts around the 4-row groups and the 8/16-row split,
+    extreme codes, zero rows, huge activations; int8 per-row with cols % 32 != 0 keeps the
+    tiles."""
     vnni = [i for i in ("vnniemu", "avx512") if native.isa_unavailable_reason(i) is None]
     if not vnni:
         pytest.skip("needs a VNNI build (vnniemu or avx512) runnable here")
@@ -392,7 +393,7 @@ def test_few_row_int8_route(scheme):
     for isa in vnni:
         k = native.kernels(isa)
         m = k.module
-        for cols in ([64, 640, 1152] + ([33] if scheme == "int8" else [])):
+        for cols in {"int8": [33, 64, 640, 1152], "int4-b128": [128, 768]}.get(scheme, [64, 640, 1152]):
             for rows in (1, 3, 4, 5, 9, 40):
                 w = rng.standard_normal((rows, cols)).astype(np.float32)
                 w[0] = np.where(np.arange(cols) % 2, 1.0, -1.0)  # |q| = 127 throughout
@@ -413,7 +414,7 @@ def test_few_row_int8_route(scheme):
                         for o in others:
                             o.module.set_packed_gemm(1)
                     msg = f"{isa} {scheme} {rows}x{cols} n={n}"
-                    if n >= 4 and cols % 32 == 0:
+                    if n >= (6 if scheme.startswith("int4") else 4) and cols % 32 == 0:
                         np.testing.assert_array_equal(y, packed, err_msg=msg)
                         for r in refs:
                             np.testing.assert_array_equal(y, r, err_msg=msg + " (avx2 packed)")

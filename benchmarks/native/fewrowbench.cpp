@@ -1,9 +1,9 @@
-// Products of int8 weights with a few activation rows (batched decode: one row per sequence),
+// Integer products with a few activation rows (batched decode: one row per sequence),
 // straight on the kernel headers: the one-row tiles (set_packed_gemm(0)) against the few-row
 // route of VNNI builds (the default), alternating, best of 5 loops each per round. Built and
 // run by `python benchmarks/microbench.py few-row`.
 //
-//   fewrowbench SCHEME_ID THREADS ROWS COLS ROUNDS N...   (scheme ids: 2 int8, 3 int8-b32)
+//   fewrowbench SCHEME_ID THREADS ROWS COLS ROUNDS N...   (scheme ids: 2 int8, 3 int8-b32, 4 int4-b32, 5 int4-b128)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,9 +24,9 @@ int main(int argc, char** argv) {
     }
     const int scheme = std::atoi(argv[1]), T = std::atoi(argv[2]), rounds = std::atoi(argv[5]);
     const int64_t rows = std::atoll(argv[3]), cols = std::atoll(argv[4]);
-    if ((scheme != kINT8 && scheme != kINT8B32) || T < 1 || T > 64 || rows < 1 || cols < 32 || cols % 32 ||
+    if (scheme < kINT8 || scheme > kINT4B128 || T < 1 || T > 64 || rows < 1 || cols < 128 || cols % 128 ||
         rounds < 1) {
-        std::fprintf(stderr, "fewrowbench: bad arguments (scheme 2 or 3, threads 1-64, cols a multiple of 32)\n");
+        std::fprintf(stderr, "fewrowbench: bad arguments (scheme 2-5, threads 1-64, cols a multiple of 128)\n");
         return 2;
     }
     ThreadPool::instance().set_threads(T);

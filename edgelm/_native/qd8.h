@@ -60,7 +60,8 @@ struct QAct {
     bool pairs = false;
     bool gemm = false;   // natural layout with c = 8 dx sx (float) in place of s: the packed GEMM (int4 reads c)
     bool u8 = false;     // natural layout, int8 weights, n > 1, VNNI builds: the bytes hold qx + 128 (q8_tile, q8_gemm_tile)
-    bool xt = false;     // int8 weights, 2 <= n < kGemmMinN: the transposed copy xtb (q8_xt_band)
+    bool xt = false;     // 2 <= n < kGemmMinN, VNNI builds: the transposed copy xtb (xt_band)
+    bool xt4 = false;    // ... for int4 weights (c terms in place of corr)
     const uint8_t* xtb = nullptr;  // groups of 8 rows, xts bytes each: per block [8 x 32 bytes of quads][dx 8 floats]
     int64_t xts = 0;
     uint8_t* base = nullptr;
@@ -598,7 +599,7 @@ constexpr int64_t kGemmMinN = 16;
 constexpr int kGemmNX = 6;
 
 // Module switch (benchmarks and tests compare the routes): 1 = the packed GEMM from kGemmMinN
-// rows and the few-row int8 route (q8_xt_band) below it (default), 0 = always the one-row
+// rows and the few-row route (xt_band) below it (default), 0 = always the one-row
 // tiles, 2 = the packed GEMM for every product of 2+ rows (the few-row route's reference:
 // both give the same bits).
 inline std::atomic<int>& packed_gemm_mode() {
@@ -606,19 +607,20 @@ inline std::atomic<int>& packed_gemm_mode() {
     return m;
 }
 
-// int8 products of kXtMinN .. kGemmMinN - 1 rows (batched decode, short prefill chunks) in
-// VNNI builds (q8_xt_band); from 2 rows in batch-invariant mode, where the alternative is
+// Integer products of kXtMinN .. kGemmMinN - 1 rows (batched decode, short prefill chunks) in
+// VNNI builds (xt_band); from 2 rows in batch-invariant mode, where the alternative is
 // the packed GEMM. Fewer rows are faster in the one-row tiles; AVX2 without VNNI has no
-// cheap unsigned x signed product for it (measured 0.4-1.2x the tiles).
+// cheap unsigned x signed product for it (int8 measured 0.4-1.2x the tiles).
 #if defined(EDGELM_VNNI)
 constexpr bool kXtBuilt = true;
 #else
 constexpr bool kXtBuilt = false;
 #endif
-constexpr int64_t kXtMinN = 4;
+constexpr int64_t kXtMinN8 = 4, kXtMinN4 = 6;  // int8, int4 (where the route measured >= 1x)
 inline bool xt_applies(int scheme, int64_t n, int64_t cols) {
-    return kXtBuilt && (scheme == kINT8 || scheme == kINT8B32) && cols % 32 == 0 &&
-           n >= (deterministic() ? 2 : kXtMinN) && n < kGemmMinN &&
+    const bool int4 = scheme == kINT4B32 || scheme == kINT4B128;
+    return kXtBuilt && qd8_scheme(scheme) && cols % 32 == 0 &&
+           n >= (deterministic() ? 2 : int4 ? kXtMinN4 : kXtMinN8) && n < kGemmMinN &&
            packed_gemm_mode().load(std::memory_order_relaxed) == 1;
 }
 
@@ -1244,7 +1246,18 @@ inline void xt_build(QAct& A) {
                     int32_t sum = 0;
                     for (int e = 0; e < 32; ++e) sum += q[e];
                     for (int k = 0; k < 4; ++k) std::memcpy(u + 128 * g + 32 * k + 8 * i, q + 8 * k, 8);
-                    corr[2 * i] = -128 * sum;
+                    if (!A.xt4) corr[2 * i] = -128 * sum;
+                }
+            }
+            if (A.xt4) {  // int4: c = 8 dx sum(qx) per row, in dx's lane order, as the packed GEMM's
+                auto* c = reinterpret_cast<float*>(u + 288);
+                for (int l = 0; l < 8; ++l) {
+                    const int64_t row = 8 * p + kXtLaneRow[l];
+                    if (row >= A.n) continue;
+                    const int8_t* q = A.q(row) + 32 * b;
+                    int32_t sum = 0;
+                    for (int e = 0; e < 32; ++e) sum += q[e];
+                    c[l] = 8.f * A.d(row)[b] * static_cast<float>(sum);
                 }
             }
         }
@@ -1253,40 +1266,48 @@ inline void xt_build(QAct& A) {
 
 // RR weight rows from r against NG groups of 4 activation rows (pair q at xg[q]; the last
 // group may be absent, NG odd); the outputs of the first nx activation rows are stored.
-// dwf: RR * nb floats.
-template <bool ROWSCALE, int RR, int NG>
-EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* xg, int64_t nb, float* dwf,
-                              int nx, float* out, int64_t ldo) {
+// KIND: 0 int8 per-row, 1 int8-b32, 2 int4-b32, 3 int4-b128. dwf: RR * nb floats.
+// int4: the nibbles u (0..15) are unsigned already, so they go into vpdpbusd as they are
+// (bytes 0..7 of a block's 16 hold elements 0..7 in their low and 16..23 in their high
+// nibbles, bytes 8..15 elements 8..15 and 24..31), and the offset 8 * sum(qx) is taken off
+// in float as the packed GEMM does: fmsub(S, dx, c), c = 8 dx sum(qx).
+template <int KIND, int RR, int NG>
+EDGELM_INLINE void xt_rows(const WView& v, int64_t r, const uint8_t* const* xg, int64_t nb, float* dwf, int nx,
+                           float* out, int64_t ldo) {
     constexpr int NP = (NG + 1) / 2;
-    const auto* Q = static_cast<const int8_t*>(v.w);
-    const int64_t cols = v.cols;
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    const int8_t* wr[RR];
-    for (int rr = 0; rr < RR; ++rr) wr[rr] = Q + (r + rr) * cols;
-    if (!ROWSCALE)
-        for (int rr = 0; rr < RR; ++rr) {
-            const uint16_t* sr = static_cast<const uint16_t*>(v.scale) + (r + rr) * nb;
+    constexpr bool kInt4 = KIND >= 2, kRowScale = KIND == 0;
+    constexpr int64_t kBlockBytes = kInt4 ? 16 : 32;  // weight bytes per block of 32
+    const auto* Q = static_cast<const uint8_t*>(v.w);
+    const int64_t rb = v.cols / 32 * kBlockBytes;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), m0f = _mm256_set1_epi8(0x0f);
+    const uint8_t* wr[RR];
+    for (int rr = 0; rr < RR; ++rr) wr[rr] = Q + (r + rr) * rb;
+    if (!kRowScale)
+        for (int rr = 0; rr < RR; ++rr) {  // the block scales as floats (int4-b128: one per 4 blocks)
+            const int64_t ns = KIND == 3 ? nb / 4 : nb;
+            const uint16_t* sr = static_cast<const uint16_t*>(v.scale) + (r + rr) * ns;
             float* d = dwf + rr * nb;
             int64_t b = 0;
-            for (; b + 8 <= nb; b += 8)
+            for (; b + 8 <= ns; b += 8)
                 _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + b))));
-            for (; b < nb; ++b) d[b] = half_to_float(sr[b]);
+            for (; b < ns; ++b) d[b] = half_to_float(sr[b]);
         }
     __m256 acc[RR][NP];
     for (int rr = 0; rr < RR; ++rr)
         for (int q = 0; q < NP; ++q) acc[rr][q] = _mm256_setzero_ps();
-    // Rows are contiguous: the rows kXtPrefetchRows ahead are prefetched, RR * 32 bytes per
+    // Rows are contiguous: the rows kXtPrefetchRows ahead are prefetched, RR block rows per
     // block step (without it, reading 4 rows side by side ran at a third of the one-row
     // tiles' bandwidth on an AMD Zen 4 host; docs/kernels.md)
-    const int8_t* pf = wr[0] + kXtPrefetchRows * cols;
+    const uint8_t* pf = wr[0] + kXtPrefetchRows * rb;
     for (int64_t b = 0; b < nb; ++b) {
         if (kXtPrefetchRows > 0)
-            for (int h = 0; h < (RR * 32 + 63) / 64; ++h)
-                _mm_prefetch(reinterpret_cast<const char*>(pf + RR * 32 * b + 64 * h), _MM_HINT_T0);
+            for (int h = 0; h < (RR * kBlockBytes + 63) / 64; ++h)
+                _mm_prefetch(reinterpret_cast<const char*>(pf + RR * kBlockBytes * b + 64 * h), _MM_HINT_T0);
         __m256i s[RR][NG];
         for (int g = 0; g < NG; ++g) {
-            const __m256i c =
-                _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[g / 2] + kXtBlock * b + 288 + 32 * (g & 1)));
+            const __m256i c = kInt4 ? _mm256_setzero_si256()
+                                    : _mm256_load_si256(reinterpret_cast<const __m256i*>(xg[g / 2] + kXtBlock * b +
+                                                                                        288 + 32 * (g & 1)));
             for (int rr = 0; rr < RR; ++rr) s[rr][g] = c;
         }
         for (int k = 0; k < 4; ++k) {
@@ -1296,28 +1317,39 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
                     reinterpret_cast<const __m256i*>(xg[g / 2] + kXtBlock * b + 128 * (g & 1) + 32 * k));
             for (int rr = 0; rr < RR; ++rr) {
                 int64_t w8;
-                std::memcpy(&w8, wr[rr] + 32 * b + 8 * k, 8);
-                const __m256i u = _mm256_xor_si256(_mm256_set1_epi64x(w8), flip);
+                __m256i u;
+                if constexpr (kInt4) {
+                    std::memcpy(&w8, wr[rr] + 16 * b + 8 * (k & 1), 8);
+                    u = _mm256_set1_epi64x(w8);
+                    u = _mm256_and_si256(k < 2 ? u : _mm256_srli_epi16(u, 4), m0f);
+                } else {
+                    std::memcpy(&w8, wr[rr] + 32 * b + 8 * k, 8);
+                    u = _mm256_xor_si256(_mm256_set1_epi64x(w8), flip);
+                }
                 for (int g = 0; g < NG; ++g) s[rr][g] = dpbusd(s[rr][g], u, x[g]);
             }
         }
         for (int q = 0; q < NP; ++q) {
             const __m256 xdv = _mm256_load_ps(reinterpret_cast<const float*>(xg[q] + kXtBlock * b + 256));
+            [[maybe_unused]] __m256 xcv;
+            if constexpr (kInt4) xcv = _mm256_load_ps(reinterpret_cast<const float*>(xg[q] + kXtBlock * b + 288));
             for (int rr = 0; rr < RR; ++rr) {
-                const __m256i sum =
-                    _mm256_hadd_epi32(s[rr][2 * q], 2 * q + 1 < NG ? s[rr][2 * q + 1] : _mm256_setzero_si256());
-                if (ROWSCALE)
-                    acc[rr][q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), xdv, acc[rr][q]);
+                const __m256 sum = _mm256_cvtepi32_ps(
+                    _mm256_hadd_epi32(s[rr][2 * q], 2 * q + 1 < NG ? s[rr][2 * q + 1] : _mm256_setzero_si256()));
+                if constexpr (kRowScale)
+                    acc[rr][q] = _mm256_fmadd_ps(sum, xdv, acc[rr][q]);
+                else if constexpr (kInt4)
+                    acc[rr][q] = _mm256_fmadd_ps(_mm256_fmsub_ps(sum, xdv, xcv),
+                                                 _mm256_set1_ps(dwf[rr * nb + (KIND == 3 ? b / 4 : b)]), acc[rr][q]);
                 else
-                    acc[rr][q] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), xdv),
-                                                 _mm256_set1_ps(dwf[rr * nb + b]), acc[rr][q]);
+                    acc[rr][q] = _mm256_fmadd_ps(_mm256_mul_ps(sum, xdv), _mm256_set1_ps(dwf[rr * nb + b]), acc[rr][q]);
             }
         }
     }
     for (int rr = 0; rr < RR; ++rr)
         for (int q = 0; q < NP; ++q) {
             __m256 a = acc[rr][q];
-            if (ROWSCALE) a = _mm256_mul_ps(a, _mm256_set1_ps(static_cast<const float*>(v.scale)[r + rr]));
+            if (kRowScale) a = _mm256_mul_ps(a, _mm256_set1_ps(static_cast<const float*>(v.scale)[r + rr]));
             alignas(32) float o[8];
             _mm256_store_ps(o, a);
             for (int l = 0; l < 8; ++l) {
@@ -1328,8 +1360,8 @@ EDGELM_INLINE void q8_xt_rows(const WView& v, int64_t r, const uint8_t* const* x
 }
 
 // Rows [r0, r1) of W for the n (< kGemmMinN) activation rows of A (A.xt).
-template <bool ROWSCALE>
-inline void q8_xt_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+template <int KIND>
+inline void xt_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nb = W.cols / 32;
     constexpr int R = 4;  // weight rows side by side for up to 8 activation rows (2 for more)
     float* dwf = reinterpret_cast<float*>(pack_buffer(static_cast<size_t>(R * nb) * sizeof(float)));
@@ -1338,8 +1370,8 @@ inline void q8_xt_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int
     int64_t r = r0;
     auto run = [&](auto rr_c, auto ng_c) {
         constexpr int RR = decltype(rr_c)::value, NG = decltype(ng_c)::value;
-        for (; r + RR <= r1; r += RR) q8_xt_rows<ROWSCALE, RR, NG>(W, r, xg, nb, dwf, nx, out, ldo);
-        for (; r < r1; ++r) q8_xt_rows<ROWSCALE, 1, NG>(W, r, xg, nb, dwf, nx, out, ldo);
+        for (; r + RR <= r1; r += RR) xt_rows<KIND, RR, NG>(W, r, xg, nb, dwf, nx, out, ldo);
+        for (; r < r1; ++r) xt_rows<KIND, 1, NG>(W, r, xg, nb, dwf, nx, out, ldo);
     };
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
@@ -1360,10 +1392,12 @@ inline void q_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t
 #if defined(EDGELM_PATH_AVX2)
 #if defined(EDGELM_VNNI)
     if (A.xt) {
-        if (W.scheme == kINT8)
-            q8_xt_band<true>(W, A, n, r0, r1, out, ldo);
-        else
-            q8_xt_band<false>(W, A, n, r0, r1, out, ldo);
+        switch (W.scheme) {
+            case kINT8: xt_band<0>(W, A, n, r0, r1, out, ldo); break;
+            case kINT8B32: xt_band<1>(W, A, n, r0, r1, out, ldo); break;
+            case kINT4B32: xt_band<2>(W, A, n, r0, r1, out, ldo); break;
+            default: xt_band<3>(W, A, n, r0, r1, out, ldo); break;
+        }
         return;
     }
 #endif
@@ -1411,7 +1445,8 @@ inline void qact_prepare(QAct& A, int scheme, int64_t n, int64_t cols) {
 #else
     A.u8 = false;
 #endif
-    A.pairs = !A.gemm && q_kernels(scheme).pairs;
+    A.pairs = !A.gemm && !A.xt && q_kernels(scheme).pairs;
+    A.xt4 = A.xt && (scheme == kINT4B32 || scheme == kINT4B128);
     A.ngroups = 0;
     if (A.pairs) {
         A.ngroups = A.nb / 8;
