@@ -869,7 +869,7 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         },
         "mode"_a,
         "1 (default): qd8 products with >= 16 activation rows use the packed GEMM where the build has it, "
-        "int8 products of 2-15 rows the few-row route; 0: always the one-row tiles; 2: the packed GEMM from 2 rows "
+        "integer products of 4-15 rows (int4 6-15) the few-row route in VNNI builds; 0: always the one-row tiles; 2: the packed GEMM from 2 rows "
         "(for comparisons)");
     m.def("get_packed_gemm", [] { return edgelm::packed_gemm_mode().load(); });
     m.def(

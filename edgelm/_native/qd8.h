@@ -1187,33 +1187,34 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
     }
 }
 #if defined(EDGELM_VNNI)
-// ----------------------------------------------------------------------------- few-row int8
-// Products of int8 weights with 4 .. kGemmMinN - 1 activation rows (batched decode: one row
-// per sequence; short prefill chunks) are where the one-row tiles are weakest: each
+// ----------------------------------------------------------------------------- few-row route
+// Integer products with 4 .. kGemmMinN - 1 activation rows (int4: 6..; batched decode: one
+// row per sequence; short prefill chunks) are where the one-row tiles are weakest: each
 // vpdpbusd there yields 8 partial sums of one (weight row, activation row) pair that are
 // converted, scaled and accumulated on their own (~9 vector ops per 32 MACs), and the packed
 // GEMM's weight packing is paid over too few rows. This route transposes the activations
 // instead, which are few and cheap to move. Activation rows go in groups of 4; per block of
 // 32 columns, vector k (0..3) of a group holds each of its rows' elements 8k..8k+7, so lane
 // 2i + h belongs to row i and element quad 2k + h. One broadcast of a weight row's 8 bytes
-// 8k..8k+7 then lines up with every lane, and each vpdpbusd adds 32 products spread over 4
-// activation rows; two groups' block sums are combined by one vphaddd into a vector of 8
-// rows' sums, so the conversion and scaling are paid once per 8 activation rows and each
-// weight broadcast feeds one vpdpbusd per group.
-// vpdpbusd multiplies unsigned by signed bytes: the broadcast weights go in as w ^ 0x80 =
-// w + 128 and each row's block sum starts from -128 * (its activation block sum), the corr
-// vector stored with the block (in the row's even lane), so the sums end as the exact sum
-// qw * qx. (Measured faster than the other arrangement, activations stored as qx + 128
-// against the weights as they are, whose -128 * (weight block sums) cost a vpdpbusd and
-// horizontal adds per weight row and block. VNNI builds only: on AVX2 the sign trick per
-// product made this route 0.4-1.2x the tiles.)
+// for elements 8k..8k+7 then lines up with every lane, and each vpdpbusd adds 32 products
+// spread over 4 activation rows; two groups' block sums are combined by one vphaddd into a
+// vector of 8 rows' sums, so the conversion and scaling are paid once per 8 activation rows
+// and each weight broadcast feeds one vpdpbusd per group.
+// vpdpbusd multiplies unsigned by signed bytes. int8: the broadcast weights go in as
+// w ^ 0x80 = w + 128 and each row's block sum starts from -128 * (its activation block sum),
+// the corr vector stored with the block (in the row's even lane), so the sums end as the
+// exact sum qw * qx. (Measured faster than the other arrangement, activations stored as
+// qx + 128 against the weights as they are, whose -128 * (weight block sums) cost a vpdpbusd
+// and horizontal adds per weight row and block.) int4: see xt_rows. VNNI builds only: on
+// AVX2 the sign trick per product made this route 0.4-1.2x the tiles.
 // The float steps per block are the packed GEMM's, in its order, so the results equal its
 // results bit for bit (tests compare with set_packed_gemm(2)), which also makes this route
 // batch-invariant.
 //
 // Layout (A.xtb): per pair of groups (8 activation rows), per block: group A's 4 vectors,
 // group B's 4 vectors, dx of the 8 rows in the lane order of the combined sums (rows 0 1 4 5
-// 2 3 6 7 of the pair), group A's corr, group B's corr. Absent rows are zero.
+// 2 3 6 7 of the pair), then int8: group A's corr, group B's corr; int4: c = 8 dx sum(qx) of
+// the 8 rows in dx's lane order. Absent rows are zero.
 constexpr int64_t kXtBlock = 4 * 32 + 4 * 32 + 32 + 32 + 32;
 constexpr int kXtLaneRow[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // pair row of each lane of a combined sum
 #ifndef EDGELM_XT_PREFETCH_ROWS
