@@ -405,14 +405,15 @@ def test_few_row_route(scheme):
                     y = k.matmul(x, t, qd8=True)
                     check_qd8(k, t, x, y)
                     assert np.all(y[1] == 0)
-                    m.set_packed_gemm(2)
+                    refs = []  # the packed GEMM's results, this build's and the avx2 build's
                     try:
-                        packed = k.matmul(x, t, qd8=True)
-                        refs = [o.matmul(x, t, qd8=True) for o in others if o.module.set_packed_gemm(2) is None]
+                        for kk in [k, *others]:
+                            kk.module.set_packed_gemm(2)
+                            refs.append(kk.matmul(x, t, qd8=True))
                     finally:
-                        m.set_packed_gemm(1)
-                        for o in others:
-                            o.module.set_packed_gemm(1)
+                        for kk in [k, *others]:
+                            kk.module.set_packed_gemm(1)
+                    packed, refs = refs[0], refs[1:]
                     msg = f"{isa} {scheme} {rows}x{cols} n={n}"
                     if n >= (6 if scheme.startswith("int4") else 4) and cols % 32 == 0:
                         np.testing.assert_array_equal(y, packed, err_msg=msg)
