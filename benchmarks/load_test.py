@@ -29,6 +29,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
+
 PROMPTS = [
     ("chat", "Write one sentence about rivers."),
     ("chat", "Name three colors."),
@@ -208,11 +211,7 @@ def main() -> int:
         rss1 = _rss_mib(srv.pid)
         health = httpx.get(url + "/health", timeout=10).status_code
     finally:
-        srv.terminate()
-        try:
-            srv.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.kill()
+        peers.stop(srv, 20)
     five = sum(v for k, v in res["status"].items() if k.startswith("5"))
     summary = {
         "bundle": a.bundle or "default", "requests": a.requests, "clients": a.clients, "parallel": a.parallel,

