@@ -151,6 +151,7 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
     std::vector<float> qb(n * qd), kb(n * kvd), vb(n * kvd), ab(n * qd), ob(n * D.hidden), gb(n * D.ffn),
         tb(n * D.ffn);
     PhaseTimer tm;
+    auto rows_of = [&](int64_t s) { return nseq > 1 ? seq_rows[s] : n; };  // sequence s's rows
     for (int64_t b = 0; b < nb; ++b) {
         const G3BlockW& L = B[b];
         // q, k, v (one job when they share a scheme, as matmul_multi does)
@@ -168,15 +169,14 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
         const float* sn = L.local ? sin_l : sin_g;
         rmsnorm_rope(qb.data(), L.q_norm, cs, sn, n, D.H, D.hd, D.eps, qb.data());
         rmsnorm_rope(kb.data(), L.k_norm, cs, sn, n, D.KV, D.hd, D.eps, kb.data());
-        for (int64_t s = 0, r0 = 0; s < nseq; r0 += nseq > 1 ? seq_rows[s] : n, ++s)
-            g3_cache_write(C[s * nb + b], kb.data() + r0 * kvd, vb.data() + r0 * kvd, pos + r0,
-                           nseq > 1 ? seq_rows[s] : n, kvd);
+        for (int64_t s = 0, r0 = 0; s < nseq; r0 += rows_of(s), ++s)
+            g3_cache_write(C[s * nb + b], kb.data() + r0 * kvd, vb.data() + r0 * kvd, pos + r0, rows_of(s), kvd);
         tm.mark(kPhNormRope, 0);
         // rows carried past the cache write: all, or the last block's wanted ones
         const int64_t m = b == nb - 1 && nseq == 1 && need >= 0 && need < n ? need : n, o0 = n - m;
         if (m == 0) break;
         int64_t kv_bytes = 0;
-        for (int64_t s = 0, r0 = o0; s < nseq; r0 += nseq > 1 ? seq_rows[s] : n, ++s) {
+        for (int64_t s = 0, r0 = o0; s < nseq; r0 += rows_of(s), ++s) {
             const G3Cache& Cc = C[s * nb + b];
             AttnParams P;
             P.q = qb.data() + r0 * qd;
@@ -190,7 +190,7 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
             }
             P.qpos = pos + r0;
             P.kpos = Cc.pos;
-            P.n = nseq > 1 ? seq_rows[s] : m;
+            P.n = nseq > 1 ? rows_of(s) : m;
             P.H = D.H;
             P.KV = D.KV;
             P.hd = D.hd;
