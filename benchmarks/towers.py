@@ -2,6 +2,7 @@
 
     python benchmarks/towers.py speed vision [--scheme fp16|int8|fp32] [-t 2] [-r 3]
     python benchmarks/towers.py speed audio  [--scheme ...] [--seconds 30]
+    python benchmarks/towers.py speed vision --glue-ab    # + edgelm with its earlier numpy glue
     python benchmarks/towers.py accuracy vision|audio
 
 Both towers are built by transformers with random weights (the real geometry: MobileNet-V5
@@ -11,7 +12,10 @@ backend's matmul at the scheme, the image tower's attention and depthwise convol
 through its kernels.
 `speed` alternates transformers and edgelm on the same threads and prints each pair's time
 and ratio (edgelm / transformers): the host's speed drifts, so only ratios taken side by
-side mean anything. `accuracy` compares each scheme's features with edgelm's fp32 path (which
+side mean anything. `--glue-ab` adds a third run per round, edgelm with the glue it had before the fused tower
+kernels (numpy GELU after the norm kernel, the masked attention kernel with every position 0,
+numpy SiLU/GLU gates), and prints edgelm now / edgelm before.
+`accuracy` compares each scheme's features with edgelm's fp32 path (which
 equals transformers' within 2e-6; tests/test_gemma3n_*_tower.py prove that part).
 
 Needs the test extras (torch, transformers) and timm (test.sh installs it without
@@ -83,7 +87,33 @@ def build(which: str, threads: int, redraw: bool):
 args_seconds = [30.0]
 
 
-def edgelm_runner(which, mod, cfg, raw, args, scheme: str, threads: int):
+def _earlier_glue(ops, which, kw):
+    """The tower kernels as they were before the fused ones: the norm kernel then numpy GELU,
+    the masked attention kernel with every position 0, numpy SiLU/GLU gates."""
+    kw = dict(kw)
+    if which == "vision":
+        from edgelm.models._mobilenetv5 import _CHUNK, _gelu
+
+        def rmsnorm(x, wt, eps, act=None):
+            y = ops.to_host(ops.rmsnorm(x, wt, eps))
+            if act:
+                rows = max(1, _CHUNK // y.shape[-1])
+                tmp = np.empty((min(rows, y.shape[0]), y.shape[-1]), np.float32)
+                for r0 in range(0, y.shape[0], rows):
+                    blk = y[r0:r0 + rows]
+                    _gelu(blk, tmp[:blk.shape[0]])
+            return y
+
+        def attend(q, k, v):
+            zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
+            return ops.to_host(ops.attention(q, k, v, zq, zk, 0, 1.0, None))
+        kw.update(rmsnorm=rmsnorm, attend=attend)
+    else:
+        kw["sigmoid_mul"] = None
+    return kw
+
+
+def edgelm_runner(which, mod, cfg, raw, args, scheme: str, threads: int, earlier_glue: bool = False):
     from edgelm.backends import get_backend
     from edgelm.models.gemma3n import tower_kernels
     from edgelm.quant.schemes import quantize
@@ -92,6 +122,8 @@ def edgelm_runner(which, mod, cfg, raw, args, scheme: str, threads: int):
     table = mod.tensor_table(cfg)
     w = {n: (quantize(a, scheme) if table[n].kind == "linear" else a) for n, a in raw.items()}
     kw = tower_kernels(ops, which)
+    if earlier_glue:
+        kw = _earlier_glue(ops, which, kw)
 
     def run():
         out = mod.encode(cfg, w, *args, **kw)
@@ -102,8 +134,11 @@ def edgelm_runner(which, mod, cfg, raw, args, scheme: str, threads: int):
 def speed(a) -> None:
     mod, cfg, raw, args, ref = build(a.which, a.threads, redraw=False)
     ours = edgelm_runner(a.which, mod, cfg, raw, args, a.scheme, a.threads)
+    before = edgelm_runner(a.which, mod, cfg, raw, args, a.scheme, a.threads, earlier_glue=True) if a.glue_ab else None
     ours(), ref()  # warm-up
-    ratios = []
+    if before:
+        before()
+    ratios, glue = [], []
     for r in range(a.repeat):
         t0 = time.perf_counter()
         ref()
@@ -111,10 +146,18 @@ def speed(a) -> None:
         ours()
         t2 = time.perf_counter()
         ratios.append((t2 - t1) / (t1 - t0))
-        print(f"{a.which} {a.scheme} threads={a.threads} run {r + 1}: transformers {t1 - t0:.2f} s, "
-              f"edgelm {t2 - t1:.2f} s, edgelm/transformers {ratios[-1]:.2f}", flush=True)
+        line = (f"{a.which} {a.scheme} threads={a.threads} run {r + 1}: transformers {t1 - t0:.2f} s, "
+                f"edgelm {t2 - t1:.2f} s, edgelm/transformers {ratios[-1]:.2f}")
+        if before:
+            before()
+            t3 = time.perf_counter()
+            glue.append((t2 - t1) / (t3 - t2))
+            line += f"; earlier glue {t3 - t2:.2f} s, edgelm/earlier {glue[-1]:.2f}"
+        print(line, flush=True)
     what = "768 px image" if a.which == "vision" else f"{args_seconds[0]:g} s of audio"
     print(f"median edgelm/transformers over {a.repeat} side-by-side runs ({what}): {statistics.median(ratios):.2f}")
+    if before:
+        print(f"median edgelm/edgelm-with-earlier-glue: {statistics.median(glue):.2f}")
 
 
 def accuracy(a) -> None:
@@ -136,6 +179,7 @@ def main() -> None:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-r", "--repeat", type=int, default=3)
     p.add_argument("--seconds", type=float, default=None, help="audio length (speed: 30, accuracy: 10)")
+    p.add_argument("--glue-ab", action="store_true", help="speed: also time edgelm with its earlier numpy glue")
     a = p.parse_args()
     args_seconds[0] = a.seconds or (30.0 if a.mode == "speed" else 10.0)
     (speed if a.mode == "speed" else accuracy)(a)

@@ -838,6 +838,60 @@ def test_matmul_gelu_mul_equals_unfused(kern, scheme, n):
         assert np.all(np.abs(out - ref) <= 2e-6 * (np.abs(gm * um) + np.abs(ref)) + 1e-30)
 
 
+def test_tower_elementwise_against_numpy(kern):
+    """The towers' fused elementwise kernels: RMSNorm followed by GELU (the image tower's
+    norm + activation pairs) and x * sigmoid(g) (the audio tower's SiLU and GLU gates), against
+    the numpy reference at the vector tanh's bound, on row lengths off the 8-lane width; bad
+    arguments are errors."""
+    from edgelm.backends.numpy_ops import NumpyOps
+
+    ref, rng = NumpyOps(), np.random.default_rng(11)
+    for n, d in ((1, 1), (3, 7), (5, 64), (9, 131)):
+        x = (rng.standard_normal((n, d)) * 3).astype(np.float32)
+        w = rng.standard_normal(d).astype(np.float32)
+        normed = ref.rmsnorm(x, w, 1e-6)
+        got, want = kern.rmsnorm(x, w, 1e-6, act=1), ref.rmsnorm(x, w, 1e-6, act="gelu")
+        assert np.all(np.abs(got - want) <= 2e-6 * np.abs(normed) + 1e-5 * np.abs(want) + 1e-7)
+        np.testing.assert_array_equal(kern.rmsnorm(x, w, 1e-6, act=0), kern.rmsnorm(x, w, 1e-6))
+        g = (rng.standard_normal((n, d)) * 8).astype(np.float32)
+        for gate in (g, x):  # a GLU's gate, SiLU
+            got, want = kern.sigmoid_mul(x, gate), ref.sigmoid_mul(x, gate)  # sigmoid = (1 + tanh(g/2)) / 2
+            assert np.all(np.abs(got - want) <= 2e-7 * np.abs(x) + 2e-6 * np.abs(want))
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(ValueError, match="act must be"):
+        kern.rmsnorm(x, np.ones(8, np.float32), 1e-6, act=2)
+    with pytest.raises(ValueError, match="act must be"):
+        ref.rmsnorm(x, np.ones(8, np.float32), 1e-6, act="relu")
+    with pytest.raises(ValueError):
+        kern.sigmoid_mul(x, np.ones((2, 7), np.float32))
+
+
+def test_full_attention_against_numpy(kern):
+    """Attention in which every query sees every key (the image tower's multi-query attention):
+    one and several kv heads, head dims and key counts off the 16-wide panels, a single key,
+    against the numpy reference (the masked kernel with every position 0); the thread count
+    changes no bit; bad shapes are errors."""
+    from edgelm.backends.numpy_ops import NumpyOps
+
+    ref, rng = NumpyOps(), np.random.default_rng(12)
+    for n, H, KV, hd, T in ((1, 1, 1, 1, 1), (7, 3, 1, 20, 13), (50, 12, 1, 64, 37), (33, 4, 2, 96, 100),
+                            (9, 16, 1, 96, 70)):
+        q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((n, H, hd), (T, KV, hd), (T, KV, hd)))
+        want = ref.full_attention(q, k, v, 0.3)
+        kern.set_threads(1)
+        got = kern.full_attention(q, k, v, 0.3)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
+        kern.set_threads(2)
+        np.testing.assert_array_equal(kern.full_attention(q, k, v, 0.3), got)
+    q, k = np.ones((2, 4, 8), np.float32), np.ones((5, 1, 8), np.float32)
+    for args, msg in (((q, np.ones((5, 1, 7), np.float32), k), "head_dim"),
+                      ((q, np.ones((5, 3, 8), np.float32), np.ones((5, 3, 8), np.float32)), "do not group"),
+                      ((q, k, np.ones((4, 1, 8), np.float32)), "v"),
+                      ((q[0], k, k), "q must have shape")):
+        with pytest.raises(ValueError, match=msg):
+            kern.full_attention(*args, 1.0)
+
+
 def test_fused_products_validate(kern):
     m = kern.module
     a, b = qtensor("int8", 32, 640), qtensor("int8", 32, 320)

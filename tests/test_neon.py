@@ -34,7 +34,7 @@ HARNESS = ROOT / "tests" / "native" / "harness.cpp"
 HEADERS = sorted((ROOT / "edgelm" / "_native").glob("*.h"))
 REF = NumpyOps()
 OP = {"matmul": 1, "matmul_qd8": 2, "attention": 3, "rmsnorm": 4, "gelu_mul": 5, "softcap": 6, "embed": 7, "rope": 8,
-      "depthwise_conv2d": 9}
+      "depthwise_conv2d": 9, "full_attention": 10, "sigmoid_mul": 11, "rmsnorm_gelu": 12}
 
 
 def _tools() -> tuple[str, str] | None:
@@ -251,3 +251,23 @@ def test_neon_depthwise_conv2d(neon):
     outs = neon.run()
     for i, want in jobs:
         np.testing.assert_allclose(outs[i].reshape(want.shape), want, rtol=1e-5, atol=1e-5 * 25)
+
+
+def test_neon_tower_kernels(neon):
+    """The towers' full attention (every query sees every key), x * sigmoid(g) and RMSNorm +
+    GELU against the numpy reference."""
+    rng = np.random.default_rng(4)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    jobs = []
+    for n, H, KV, hd, T in ((7, 3, 1, 20, 13), (9, 4, 2, 96, 37)):
+        q, k, v = f(n, H, hd), f(T, KV, hd), f(T, KV, hd)
+        i = neon.add("full_attention", (n, H, KV, hd, T), q, k, v, np.array([0.3], np.float32))
+        jobs.append((i, REF.full_attention(q, k, v, 0.3), 1e-5))
+    x, g = f(5, 37) * 3, f(5, 37) * 8
+    jobs.append((neon.add("sigmoid_mul", (x.size,), x, g), REF.sigmoid_mul(x, g), 2e-6))
+    w = f(37)
+    jobs.append((neon.add("rmsnorm_gelu", (5, 37), x, w, np.array([1e-6], np.float32)),
+                 REF.rmsnorm(x, w, 1e-6, act="gelu"), 2e-5))
+    outs = neon.run()
+    for i, want, tol in jobs:
+        np.testing.assert_allclose(outs[i].reshape(want.shape), want, rtol=tol, atol=tol * np.abs(want).max())

@@ -345,7 +345,7 @@ void check_same_or_disjoint(const char* fn, const py::array& out, const char* ot
     check_no_overlap(fn, "out", out, other_name, other);
 }
 
-void py_rmsnorm(py::handle x_h, py::handle w_h, double eps, py::handle out_h) {
+void py_rmsnorm(py::handle x_h, py::handle w_h, double eps, py::handle out_h, int act) {
     const char* fn = "rmsnorm";
     py::array x = check_f32(fn, "x", x_h);
     if (x.ndim() < 1) throw py::value_error("rmsnorm: x must have at least one dimension");
@@ -355,12 +355,14 @@ void py_rmsnorm(py::handle x_h, py::handle w_h, double eps, py::handle out_h) {
     check_same_or_disjoint(fn, out, "x", x);
     check_no_overlap(fn, "out", out, "w", w);
     if (!(eps >= 0.0) || !std::isfinite(eps)) throw py::value_error("rmsnorm: eps must be finite and >= 0");
+    if (act != edgelm::kActNone && act != edgelm::kActGelu)
+        throw py::value_error("rmsnorm: act must be 0 (none) or 1 (gelu), got " + std::to_string(act));
     const int64_t rows = d ? x.size() / d : 0;
     const float* xp = static_cast<const float*>(x.data());
     const float* wp = static_cast<const float*>(w.data());
     float* op = static_cast<float*>(out.mutable_data());
     py::gil_scoped_release nogil;
-    if (d > 0) edgelm::rmsnorm(xp, wp, rows, d, static_cast<float>(eps), op);
+    if (d > 0) edgelm::rmsnorm(xp, wp, rows, d, static_cast<float>(eps), op, act);
 }
 
 void py_rope(py::handle x_h, py::handle cos_h, py::handle sin_h, py::handle out_h) {
@@ -455,6 +457,51 @@ void py_gelu_mul(py::handle g_h, py::handle u_h, py::handle out_h) {
     const int64_t size = g.size();
     py::gil_scoped_release nogil;
     edgelm::gelu_mul(gp, up, size, op);
+}
+
+// Attention where every query sees every key: q [n, H, hd], k, v [T, KV, hd] float32.
+void py_full_attention(py::handle q_h, py::handle k_h, py::handle v_h, double scale, py::handle out_h) {
+    const char* fn = "full_attention";
+    py::array q = check_f32(fn, "q", q_h);
+    if (q.ndim() != 3)
+        throw py::value_error("full_attention: q must have shape (n, heads, head_dim), got " + shape_str(q));
+    py::array k = check_f32(fn, "k", k_h);
+    if (k.ndim() != 3)
+        throw py::value_error("full_attention: k must have shape (T, kv_heads, head_dim), got " + shape_str(k));
+    const int64_t n = q.shape(0), H = q.shape(1), hd = q.shape(2), T = k.shape(0), KV = k.shape(1);
+    if (k.shape(2) != hd)
+        throw py::value_error("full_attention: k head_dim " + std::to_string(k.shape(2)) + " != q head_dim " +
+                              std::to_string(hd));
+    if (H < 1 || KV < 1 || hd < 1 || T < 1)
+        throw py::value_error("full_attention: heads, kv_heads, head_dim and keys must be >= 1");
+    if (H % KV)
+        throw py::value_error("full_attention: " + std::to_string(H) + " query heads do not group over " +
+                              std::to_string(KV) + " kv heads");
+    py::array v = check_array(fn, "v", v_h, kF32, {T, KV, hd});
+    py::array out = check_array(fn, "out", out_h, kF32, {n, H * hd}, true);
+    for (auto* p : {&q, &k, &v}) check_no_overlap(fn, "out", out, "an input", *p);
+    if (!std::isfinite(scale)) throw py::value_error("full_attention: scale must be finite");
+    const float* qp = static_cast<const float*>(q.data());
+    const float* kp = static_cast<const float*>(k.data());
+    const float* vp = static_cast<const float*>(v.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    py::gil_scoped_release nogil;
+    edgelm::full_attention(qp, kp, vp, n, H, KV, hd, T, static_cast<float>(scale), op);
+}
+
+void py_sigmoid_mul(py::handle x_h, py::handle g_h, py::handle out_h) {
+    const char* fn = "sigmoid_mul";
+    py::array x = check_f32(fn, "x", x_h);
+    py::array g = check_array(fn, "g", g_h, kF32, shape_of(x));
+    py::array out = check_array(fn, "out", out_h, kF32, shape_of(x), true);
+    check_same_or_disjoint(fn, out, "x", x);
+    check_same_or_disjoint(fn, out, "g", g);
+    const float* xp = static_cast<const float*>(x.data());
+    const float* gp = static_cast<const float*>(g.data());
+    float* op = static_cast<float*>(out.mutable_data());
+    const int64_t size = x.size();
+    py::gil_scoped_release nogil;
+    edgelm::sigmoid_mul(xp, gp, size, op);
 }
 
 void py_softcap(py::handle x_h, double cap, py::handle out_h) {
@@ -933,8 +980,9 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
     m.def("qd8_default_on", [] { return edgelm::kQd8Fast; }, "Whether auto mode picks qd8 in this build.");
     m.def("uses_qd8", [](int scheme, int64_t n) { return use_qd8(scheme, -1, n); }, "scheme_id"_a, "n"_a = 1,
           "Whether matmul(qd8=-1) takes the qd8 path for this scheme and row count.");
-    m.def("rmsnorm", &py_rmsnorm, "x"_a, "w"_a, "eps"_a, "out"_a,
-          "out = x / sqrt(mean(x^2, -1) + eps) * w; x float32 [..., d], w [d]; out may be x.");
+    m.def("rmsnorm", &py_rmsnorm, "x"_a, "w"_a, "eps"_a, "out"_a, "act"_a = 0,
+          "out = x / sqrt(mean(x^2, -1) + eps) * w; x float32 [..., d], w [d]; out may be x.\n"
+          "act=1: then gelu_tanh of the result.");
     m.def("rope", &py_rope, "x"_a, "cos"_a, "sin"_a, "out"_a,
           "Rotate-half RoPE: x [n, heads, hd], cos/sin [n, hd/2] float32; out may be x.");
     m.def("add_rmsnorm", &py_add_rmsnorm, "x"_a, "h"_a, "w_post"_a, "eps"_a, "w_next"_a, "next"_a,
@@ -943,6 +991,10 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
     m.def("rmsnorm_rope", &py_rmsnorm_rope, "x"_a, "w"_a, "cos"_a, "sin"_a, "eps"_a, "out"_a,
           "Per-head rmsnorm (w [hd]) then rotate-half RoPE: x [n, heads, hd]; out may be x.");
     m.def("gelu_mul", &py_gelu_mul, "g"_a, "u"_a, "out"_a, "out = gelu_tanh(g) * u (same shapes, float32).");
+    m.def("full_attention", &py_full_attention, "q"_a, "k"_a, "v"_a, "scale"_a, "out"_a,
+          "out = softmax(q.k * scale over all keys) . v: q [n, H, hd], k/v [T, KV, hd] float32, out [n, H*hd].");
+    m.def("sigmoid_mul", &py_sigmoid_mul, "x"_a, "g"_a, "out"_a,
+          "out = x * sigmoid(g) (same shapes, float32; SiLU when g is x).");
     m.def("softcap", &py_softcap, "x"_a, "cap"_a, "out"_a, "out = tanh(x / cap) * cap.");
     m.def("depthwise_conv2d", &py_depthwise_conv2d, "x"_a, "taps"_a, "stride"_a, "top"_a, "left"_a, "out"_a,
           "Channels-last depthwise convolution: x [H,W,C], taps [k,k,C] float32, out [oh,ow,C];\n"

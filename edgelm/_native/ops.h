@@ -60,12 +60,22 @@ inline void scale_row(const float* xr, float inv, const float* w, int64_t d, flo
     for (; k < d; ++k) o[k] = (xr[k] * inv) * w[k];
 }
 
-// out[r, :] = x[r, :] * (1 / sqrt(mean(x[r]^2) + eps)) * w, for rows r of length d.
-inline void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out) {
+inline void gelu_serial(const float* x, int64_t a, int64_t b, float* out);
+
+// Activation applied after a norm (rmsnorm's `act`).
+enum NormAct : int { kActNone = 0, kActGelu = 1 };
+
+// out[r, :] = x[r, :] * (1 / sqrt(mean(x[r]^2) + eps)) * w, for rows r of length d; then, with
+// act = kActGelu, tanh-approximated GELU of each normed row while it is in cache (the image
+// tower's norm + activation pairs).
+inline void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out,
+                    int act = kActNone) {
     auto rowfn = [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
             const float* xr = x + r * d;
-            scale_row(xr, inv_rms(xr, d, eps), w, d, out + r * d);
+            float* o = out + r * d;
+            scale_row(xr, inv_rms(xr, d, eps), w, d, o);
+            if (act == kActGelu) gelu_serial(o, 0, d, o);
         }
     };
     parallel_range(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)),
@@ -175,6 +185,35 @@ inline void gelu_mul_serial(const float* g, const float* u, int64_t a, int64_t b
         const float t = tanh_scalar(c * (x + ((k3 * x) * x) * x));
         out[i] = ((0.5f * x) * (1.f + t)) * u[i];
     }
+}
+
+// out[a:b] = gelu_tanh(x[a:b]), the same float steps as gelu_mul_serial without the product.
+inline void gelu_serial(const float* x, int64_t a, int64_t b, float* out) {
+    const float c = 0.7978845608028654f, k3 = 0.044715f;
+    int64_t i = a;
+    const VF vc = vset1(c), vk = vset1(k3), half = vset1(0.5f), one = vset1(1.f);
+    for (; i + 8 <= b; i += 8) {
+        const VF v = vloadu(x + i);
+        const VF t = vtanh(vmul(vc, vadd(v, vmul(vmul(vmul(vk, v), v), v))));
+        vstoreu(out + i, vmul(vmul(half, v), vadd(one, t)));
+    }
+    for (; i < b; ++i) {
+        const float v = x[i];
+        const float t = tanh_scalar(c * (v + ((k3 * v) * v) * v));
+        out[i] = (0.5f * v) * (1.f + t);
+    }
+}
+
+// out = x * sigmoid(g), sigmoid(g) = 0.5 + 0.5 tanh(g / 2) (SiLU is x = g; a GLU's gate is g).
+inline void sigmoid_mul(const float* x, const float* g, int64_t size, float* out) {
+    auto fn = [&](int64_t a, int64_t b) {
+        int64_t i = a;
+        const VF half = vset1(0.5f);
+        for (; i + 8 <= b; i += 8)
+            vstoreu(out + i, vmul(vloadu(x + i), vfma(half, vtanh(vmul(half, vloadu(g + i))), half)));
+        for (; i < b; ++i) out[i] = x[i] * (0.5f * tanh_scalar(0.5f * g[i]) + 0.5f);
+    };
+    parallel_range(size, 16384, fn);
 }
 
 inline void gelu_mul(const float* g, const float* u, int64_t size, float* out) {
@@ -675,6 +714,92 @@ inline void attention(const AttnParams& P) {
         }
     };
     for (int64_t u = 0; u < units; ++u) comb(u);
+}
+
+// ----------------------------------------------------------------------------- full attention
+
+// Attention in which every query sees every key (an encoder's, e.g. the image tower's
+// multi-query attention): q [n, H, hd], k, v [T, KV, hd] float32, out [n, H * hd]. No
+// positions, window or cap, so it is two float GEMMs around a row softmax, run on the float
+// GEMM's 6 x 16 micro-kernel: K is packed once per kv head into k-major panels of 16 keys
+// ([hd][16]) and V into panels of 16 value columns ([T][16]); a task takes a band of up to
+// kFullBand (query, head) rows of one kv head, gathers their q rows, writes their scores
+// (times `scale`) to a [band, T] buffer, soft-maxes each row in place and multiplies by V.
+// Every output is the same sequence of operations whatever the band split or thread count.
+constexpr int64_t kFullBand = 48;  // rows per task: a multiple of the micro-kernel's 6
+
+inline void full_attention(const float* q, const float* k, const float* v, int64_t n, int64_t H, int64_t KV,
+                           int64_t hd, int64_t T, float scale, float* out) {
+    if (n <= 0 || T <= 0) return;
+    const int64_t G = H / KV, R = n * G;  // rows per kv head
+    const int64_t nk = ceil_div(T, kFGemmCols), nv = ceil_div(hd, kFGemmCols);
+    const int64_t T16 = nk * kFGemmCols, hd16 = nv * kFGemmCols;
+    // panels: K [KV][nk][hd][16], V [KV][nv][T][16], zero-padded past T keys / hd columns
+    std::vector<float> kp(static_cast<size_t>(KV * nk * hd * kFGemmCols), 0.f);
+    std::vector<float> vp(static_cast<size_t>(KV * nv * T * kFGemmCols), 0.f);
+    for (int64_t g = 0; g < KV; ++g)
+        for (int64_t t = 0; t < T; ++t) {
+            const float* kr = k + (t * KV + g) * hd;
+            const float* vr = v + (t * KV + g) * hd;
+            float* kpp = kp.data() + ((g * nk + t / kFGemmCols) * hd) * kFGemmCols + t % kFGemmCols;
+            for (int64_t d = 0; d < hd; ++d) kpp[d * kFGemmCols] = kr[d];
+            for (int64_t d = 0; d < hd; ++d)
+                vp[static_cast<size_t>(((g * nv + d / kFGemmCols) * T + t) * kFGemmCols + d % kFGemmCols)] = vr[d];
+        }
+    const int64_t bands = ceil_div(R, kFullBand);
+    auto task = [&](int64_t tsk) {
+        const int64_t g = tsk / bands, r0 = (tsk % bands) * kFullBand, rn = std::min(kFullBand, R - r0);
+        thread_local std::vector<float> qb, sb, ob;
+        qb.resize(static_cast<size_t>(kFullBand * hd));
+        sb.resize(static_cast<size_t>(kFullBand * T16));
+        ob.resize(static_cast<size_t>(kFullBand * hd16));
+        auto qrow = [&](int64_t r) { return ((r0 + r) / G * H + g * G + (r0 + r) % G) * hd; };
+        for (int64_t r = 0; r < rn; ++r) std::copy(q + qrow(r), q + qrow(r) + hd, qb.data() + r * hd);
+        for (int64_t i0 = 0; i0 < rn; i0 += kFGemmNR) {
+            const FMicroFn micro = fgemm_micro_for(static_cast<int>(std::min<int64_t>(kFGemmNR, rn - i0)));
+            for (int64_t p = 0; p < nk; ++p)
+                micro(qb.data() + i0 * hd, hd, kp.data() + (g * nk + p) * hd * kFGemmCols, hd,
+                      sb.data() + i0 * T16 + p * kFGemmCols, T16, kFGemmCols, false);
+        }
+        std::vector<float> inv(static_cast<size_t>(rn));
+        const VF vs = vset1(scale);
+        for (int64_t r = 0; r < rn; ++r) {
+            float* s = sb.data() + r * T16;
+            int64_t t = 0;
+            VF vm = vset1(-std::numeric_limits<float>::infinity());
+            for (; t + 8 <= T; t += 8) {
+                const VF x = vmul(vloadu(s + t), vs);
+                vstoreu(s + t, x);
+                vm = vmax(vm, x);
+            }
+            float m = vhmax(vm);
+            for (; t < T; ++t) m = std::max(m, s[t] *= scale);
+            const VF vmv = vset1(m);
+            VF vl = vzero();
+            for (t = 0; t + 8 <= T; t += 8) {
+                const VF e = vexp(vsub(vloadu(s + t), vmv));
+                vstoreu(s + t, e);
+                vl = vadd(vl, e);
+            }
+            float l = vhsum(vl);
+            for (; t < T; ++t) l += (s[t] = exp_scalar(s[t] - m));
+            inv[static_cast<size_t>(r)] = 1.f / l;
+        }
+        for (int64_t i0 = 0; i0 < rn; i0 += kFGemmNR) {
+            const FMicroFn micro = fgemm_micro_for(static_cast<int>(std::min<int64_t>(kFGemmNR, rn - i0)));
+            for (int64_t p = 0; p < nv; ++p)
+                micro(sb.data() + i0 * T16, T16, vp.data() + (g * nv + p) * T * kFGemmCols, T,
+                      ob.data() + i0 * hd16 + p * kFGemmCols, hd16, kFGemmCols, false);
+        }
+        for (int64_t r = 0; r < rn; ++r) {
+            const float* o = ob.data() + r * hd16;
+            float* dst = out + qrow(r);
+            const float iv = inv[static_cast<size_t>(r)];
+            for (int64_t d = 0; d < hd; ++d) dst[d] = o[d] * iv;
+        }
+    };
+    const double work = static_cast<double>(R) * KV * hd * T;
+    ThreadPool::instance().run(KV * bands, task, work >= 32768.0);
 }
 
 // ----------------------------------------------------------------------------- bandwidth probe

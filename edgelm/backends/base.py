@@ -39,12 +39,14 @@ OPS = (
     "matmul_multi",  # several products of one input (q, k, v)
     "matmul_gelu_mul",  # gelu(x @ G.T) * (x @ U.T)
     "embed",  # ids [n] -> rows [n, cols]
-    "rmsnorm",
+    "rmsnorm",  # act="gelu": GELU (tanh approximation) of the normed rows
     "add_rmsnorm",  # residual add + norm, fused with the next norm
     "rmsnorm_rope",
     "rope",
     "gelu_mul",
+    "sigmoid_mul",  # x * sigmoid(g): SiLU (g = x) and GLU gates (Gemma 3n's audio tower)
     "attention",
+    "full_attention",  # every query sees every key (encoders: the image tower's attention)
     "softcap",
     # generic array ops: what a model needs beyond the operators of the array contract
     "tanh",
@@ -113,7 +115,8 @@ class Backend(abc.ABC):
     def embed(self, ids, t): ...
 
     @abc.abstractmethod
-    def rmsnorm(self, x, w, eps): ...
+    def rmsnorm(self, x, w, eps, act=None):
+        """x / sqrt(mean(x^2, -1) + eps) * w; act="gelu" then applies tanh-approximated GELU."""
 
     @abc.abstractmethod
     def add_rmsnorm(self, x, h, w_post, eps, w_next=None): ...
@@ -128,7 +131,16 @@ class Backend(abc.ABC):
     def gelu_mul(self, g, u): ...
 
     @abc.abstractmethod
+    def sigmoid_mul(self, x, g):
+        """x * sigmoid(g), same shapes."""
+
+    @abc.abstractmethod
     def attention(self, q, k, v, q_pos, k_pos, window, scale, softcap=None): ...
+
+    @abc.abstractmethod
+    def full_attention(self, q, k, v, scale):
+        """q [n, H, hd], k/v [T, KV, hd] -> [n, H * hd]: softmax(q.k * scale) . v over all T
+        keys for every query (no positions, window or cap)."""
 
     @abc.abstractmethod
     def softcap(self, x, cap): ...
@@ -160,3 +172,14 @@ class Backend(abc.ABC):
     def splice(self, x, rows, values):
         """x [n, d] with rows `rows` (host int64 [m]) replaced by `values` (host float32
         [m, d]); x is a fresh array the caller owns, so it may be written in place."""
+
+
+NORM_ACTS = {None: 0, "gelu": 1}  # rmsnorm's act -> the native kernels' code
+
+
+def norm_act(act) -> int:
+    """rmsnorm's `act` as the native code, or a ValueError naming it."""
+    try:
+        return NORM_ACTS[act]
+    except (KeyError, TypeError):
+        raise ValueError(f"rmsnorm: act must be one of {sorted(map(str, NORM_ACTS))}, got {act!r}") from None

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from ..quant.schemes import QTensor
+from .base import norm_act
 from .host import HostBackend
 
 try:
@@ -115,10 +116,10 @@ class CpuOps(HostBackend):
     def embed(self, ids: np.ndarray, t: QTensor) -> np.ndarray:
         return self._k.embed(np.ascontiguousarray(ids, dtype=np.int32), t)
 
-    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float, act=None) -> np.ndarray:
         x = _f32(x)
         out = np.empty_like(x)
-        self._m.rmsnorm(x, _f32(w), float(eps), out)
+        self._m.rmsnorm(x, _f32(w), float(eps), out, norm_act(act))
         return out
 
     def _rope_table(self, positions: np.ndarray, hd: int, theta: float, scale: float):
@@ -169,6 +170,12 @@ class CpuOps(HostBackend):
         g, u = _f32(g), _f32(u)
         out = np.empty_like(g)
         self._m.gelu_mul(g, u, out)
+        return out
+
+    def sigmoid_mul(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        x, g = _f32(x), _f32(g)
+        out = np.empty_like(x)
+        self._m.sigmoid_mul(x, g, out)
         return out
 
     def depthwise_conv2d(self, x, taps, stride: int, top: int, left: int, out_hw):
@@ -234,3 +241,6 @@ class CpuOps(HostBackend):
     @_batch_mode
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None) -> np.ndarray:
         return self._k.attention(q, k, v, q_pos, k_pos, window, scale, softcap)
+
+    def full_attention(self, q, k, v, scale: float) -> np.ndarray:
+        return self._k.full_attention(q, k, v, scale)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BadInputError, CapacityError
 from ..quant.schemes import QTensor
-from .base import Backend
+from .base import Backend, norm_act
 from .kvcache import SlotPositions
 
 
@@ -389,8 +389,10 @@ class CudaOps(Backend):
         return both[0].astype(np.float64), both[1].astype(np.int64)
 
     # ----------------------------------------------------------------- norms and RoPE
-    def rmsnorm(self, x, w, eps):
-        return self.K.rmsnorm(self._dev(x), self._vec(w), eps)
+    def rmsnorm(self, x, w, eps, act=None):
+        gelu = norm_act(act) == 1
+        y = self.K.rmsnorm(self._dev(x), self._vec(w), eps)
+        return self.torch.nn.functional.gelu(y, approximate="tanh") if gelu else y
 
     def add_rmsnorm(self, x, h, w_post, eps, w_next=None):
         return self.K.add_rmsnorm(self._dev(x), self._dev(h), self._vec(w_post), eps,
@@ -426,6 +428,13 @@ class CudaOps(Backend):
     def softcap(self, x, cap):
         x = self._dev(x)
         return self.torch.tanh(x / float(cap)) * float(cap)
+
+    def full_attention(self, q, k, v, scale):
+        zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
+        return self.attention(q, k, v, zq, zk, 0, scale, None)
+
+    def sigmoid_mul(self, x, g):
+        return self._dev(x) * self.torch.sigmoid(self._dev(g))
 
     def tanh(self, x):
         return self.torch.tanh(self._dev(x))

@@ -248,11 +248,13 @@ class Kernels:
     def get_qd8(self) -> int:
         return int(self.module.get_qd8())
 
-    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None,
+                act: int = 0) -> np.ndarray:
+        """act: 0 none, 1 GELU (tanh approximation) of the normed rows (base.NORM_ACTS)."""
         x = _f32(x)
         if out is None:
             out = np.empty_like(x)
-        self.module.rmsnorm(x, _f32(w), float(eps), out)
+        self.module.rmsnorm(x, _f32(w), float(eps), out, int(act))
         return out
 
     def rope_table(self, positions, head_dim: int, theta: float, scale: float = 1.0):
@@ -283,6 +285,13 @@ class Kernels:
         self.module.gelu_mul(g, u, out)
         return out
 
+    def sigmoid_mul(self, x: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x, g = _f32(x), _f32(g)
+        if out is None:
+            out = np.empty_like(x)
+        self.module.sigmoid_mul(x, g, out)
+        return out
+
     def softcap(self, x: np.ndarray, cap: float, out: np.ndarray | None = None) -> np.ndarray:
         x = _f32(x)
         if out is None:
@@ -298,6 +307,16 @@ class Kernels:
         if out is None:
             out = np.empty((int(out_hw[0]), int(out_hw[1]), x.shape[-1]), np.float32)
         self.module.depthwise_conv2d(x, taps, int(stride), int(top), int(left), out)
+        return out
+
+    def full_attention(self, q, k, v, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+        """q [n, H, hd], k/v [T, KV, hd] float32 -> [n, H*hd]: every query sees every key."""
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        if q.ndim != 3:
+            raise ValueError(f"full_attention: q must have shape (n, heads, head_dim), got {q.shape}")
+        if out is None:
+            out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+        self.module.full_attention(q, k, v, float(scale), out)
         return out
 
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None,

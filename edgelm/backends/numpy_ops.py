@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.schemes import QTensor
+from .base import norm_act
 from .host import HostBackend
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
@@ -49,10 +50,12 @@ class NumpyOps(HostBackend):
         return t.dequantize_rows(ids).astype(np.float32, copy=False)
 
     # x [..., d], w [d] (already 1+w) -> [..., d]
-    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float, act=None) -> np.ndarray:
+        gelu = norm_act(act) == 1
         x = x.astype(np.float32, copy=False)
         ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
-        return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+        y = x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+        return self.gelu_mul(y, np.float32(1.0)) if gelu else y
 
     # The residual step: x + rmsnorm(h) * w_post, and (w_next given) rmsnorm of that sum,
     # the next block's input. Returns (x_new, next or None). CpuOps updates x in place.
@@ -80,6 +83,14 @@ class NumpyOps(HostBackend):
     # GeGLU with tanh GELU: gelu(g) * u
     def gelu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
         return (0.5 * g * (1.0 + np.tanh(_SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))) * u
+
+    def full_attention(self, q, k, v, scale):
+        zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
+        return self.attention(q, k, v, zq, zk, 0, scale, None)
+
+    def sigmoid_mul(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return x * (np.float32(1.0) / (np.float32(1.0) + np.exp(-g)))
 
     def attention(
         self,

@@ -46,6 +46,7 @@ caller can hand in quantized matrices and its own matmul.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -287,13 +288,22 @@ def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     return x * np.power(ms, np.float32(-0.5)) * scale
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+# x * sigmoid(g) by the backend's kernel for the duration of one encode() call (per thread);
+# None: numpy
+_SIGMOID_MUL: contextvars.ContextVar = contextvars.ContextVar("edgelm_audio_sigmoid_mul", default=None)
+
+
+def _sigmoid_mul(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    native = _SIGMOID_MUL.get()
+    if native is not None:
+        return np.asarray(native(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(g, np.float32)),
+                          dtype=np.float32)
     with np.errstate(over="ignore"):
-        return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
+        return x * (np.float32(1.0) / (np.float32(1.0) + np.exp(-g)))
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
-    return x * _sigmoid(x)
+    return _sigmoid_mul(x, x)
 
 
 def _conv_slab_rows(cols: int) -> int:
@@ -405,7 +415,7 @@ def _attention(cfg: AudioConfig, w, linear, p: str, x: np.ndarray, valid: np.nda
 def _light_conv(cfg: AudioConfig, w, linear, p: str, x: np.ndarray, clip: np.float32) -> np.ndarray:
     d, k = cfg.hidden_size, cfg.conf_conv_kernel_size
     h = linear(_rms_norm(x, _f32(w, p + "norm.weight"), cfg.rms_norm_eps), w[p + "in.weight"])
-    h = h[:, :d] * _sigmoid(h[:, d:])
+    h = _sigmoid_mul(h[:, :d], h[:, d:])
     kern = _f32(w, p + "dw.weight")  # [D, K]: tap j multiplies step t - (K - 1) + j
     hp = np.pad(h, ((k - 1, 0), (0, 0)))
     t = h.shape[0]
@@ -430,11 +440,19 @@ def _block(cfg: AudioConfig, w, linear, i: int, x: np.ndarray, valid: np.ndarray
 
 
 def encode(cfg: AudioConfig, w, features: np.ndarray, padding: np.ndarray | None = None,
-           linear=None) -> tuple[np.ndarray, np.ndarray]:
+           linear=None, sigmoid_mul=None) -> tuple[np.ndarray, np.ndarray]:
     """One clip's log-mel frames [T, input_feat_size] (and padding [T], True = padded frame)
     -> (embeddings float32 [T', hidden_size], padded bool [T']); padded embeddings are zero.
-    T' = cfg.output_length(T)."""
-    linear = linear or _default_linear
+    T' = cfg.output_length(T). sigmoid_mul: the backend's x * sigmoid(g) for the SiLU and GLU
+    gates (None: numpy)."""
+    token = _SIGMOID_MUL.set(sigmoid_mul)
+    try:
+        return _encode(cfg, w, features, padding, linear or _default_linear)
+    finally:
+        _SIGMOID_MUL.reset(token)
+
+
+def _encode(cfg: AudioConfig, w, features, padding, linear) -> tuple[np.ndarray, np.ndarray]:
     feats = np.asarray(features, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[1] != cfg.input_feat_size or feats.shape[0] < 1:
         raise BadInputError(f"audio features must be [frames, {cfg.input_feat_size}] with at least one frame, "

@@ -624,7 +624,7 @@ class _Kernels(NamedTuple):
 
     attend: object = None  # (q [n, heads, d], k [m, 1, d], v [m, 1, d]) -> [n, heads * d], q pre-scaled
     dwconv: object = None  # (x [H, W, C], taps [k, k, C], stride, top, left, (oh, ow)) -> [oh, ow, C]
-    rmsnorm: object = None  # (rows [n, c], weight [c], eps) -> [n, c]
+    rmsnorm: object = None  # (rows [n, c], weight [c], eps, act) -> [n, c]; act None or "gelu"
 
 
 # set by encode() for the duration of one call (per thread, so concurrent encodes keep theirs)
@@ -633,21 +633,14 @@ _KERNELS: contextvars.ContextVar = contextvars.ContextVar("edgelm_tower_kernels"
 
 def _norm(x: np.ndarray, weight: np.ndarray, eps: float, act: bool = False) -> np.ndarray:
     """RMSNorm over the last axis, then GELU when `act`: in place (x must be a scratch array),
-    in row chunks small enough to stay in cache (the norm by the backend's kernel where
-    encode() was given one)."""
+    in row chunks small enough to stay in cache; or the backend's kernel for both where
+    encode() was given one."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     c = x.shape[-1]
     native = _KERNELS.get().rmsnorm
     if native is not None:
-        x = np.asarray(native(x.reshape(-1, c), weight, eps), dtype=np.float32).reshape(x.shape)
-        if act:
-            x2 = x.reshape(-1, c)
-            rows = max(1, _CHUNK // c)
-            tmp = np.empty((min(rows, x2.shape[0]), c), dtype=np.float32)
-            for r0 in range(0, x2.shape[0], rows):
-                blk = x2[r0:r0 + rows]
-                _gelu(blk, tmp[:blk.shape[0]])
-        return x
+        y = native(x.reshape(-1, c), weight, eps, "gelu" if act else None)
+        return np.asarray(y, dtype=np.float32).reshape(x.shape)
     x2 = x.reshape(-1, c)
     rows = max(1, _CHUNK // c)
     inv_c, e = np.float32(1.0 / c), np.float32(eps)

@@ -589,25 +589,22 @@ def _tower_linear(ops):
 
 
 def tower_kernels(ops, kind: str) -> dict:
-    """The backend kernels a tower's encode() takes: weight products (both towers), and for
-    the image tower its attention, depthwise convolutions and RMSNorms."""
+    """The backend kernels a tower's encode() takes: weight products (both towers); for the
+    image tower its attention, depthwise convolutions and RMSNorms (with their GELUs), for
+    the audio tower its SiLU and GLU gates."""
     kw = {"linear": _tower_linear(ops)}
     if kind == VISION:
         kw["attend"] = _tower_attend(ops)
         kw["dwconv"] = lambda x, t, s, top, left, hw: ops.to_host(ops.depthwise_conv2d(x, t, s, top, left, hw))
-        kw["rmsnorm"] = lambda x, wt, eps: ops.to_host(ops.rmsnorm(x, wt, eps))
+        kw["rmsnorm"] = lambda x, wt, eps, act=None: ops.to_host(ops.rmsnorm(x, wt, eps, act))
+    else:
+        kw["sigmoid_mul"] = lambda x, g: ops.to_host(ops.sigmoid_mul(x, g))
     return kw
 
 
 def _tower_attend(ops):
-    """Full (non-causal) attention through the backend's kernel: every key at position 0,
-    every query at 0, so each query sees every key; q comes scaled."""
-    import numpy as np
-
-    def attend(q, k, v):
-        zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
-        return ops.to_host(ops.attention(q, k, v, zq, zk, 0, 1.0, None))
-    return attend
+    """Full (non-causal) attention through the backend's kernel; q comes scaled."""
+    return lambda q, k, v: ops.to_host(ops.full_attention(q, k, v, 1.0))
 
 
 def encode_image(cfg: Gemma3nConfig, w: Weights, ops, pixels):

@@ -150,6 +150,35 @@ std::vector<float> run_case(int64_t op, const int64_t* h, const std::vector<Byte
             edgelm::gelu_mul(as<float>(a[0]), as<float>(a[1]), size, out.data());
             break;
         }
+        case 10: {  // full_attention: n H KV hd T | q k v [scale]
+            const int64_t n = h[0], H = h[1], KV = h[2], hd = h[3], T = h[4];
+            if (n < 1 || H < 1 || KV < 1 || hd < 1 || T < 1 || H % KV) throw std::runtime_error("bad full_attention case");
+            need(a.at(0), 4 * n * H * hd, "q");
+            need(a.at(1), 4 * T * KV * hd, "k");
+            need(a.at(2), 4 * T * KV * hd, "v");
+            need(a.at(3), 4, "scale");
+            out.resize(static_cast<size_t>(n * H * hd));
+            edgelm::full_attention(as<float>(a[0]), as<float>(a[1]), as<float>(a[2]), n, H, KV, hd, T,
+                                   as<float>(a[3])[0], out.data());
+            break;
+        }
+        case 11: {  // sigmoid_mul: size | x g
+            const int64_t size = h[0];
+            need(a.at(0), 4 * size, "x");
+            need(a.at(1), 4 * size, "g");
+            out.resize(static_cast<size_t>(size));
+            edgelm::sigmoid_mul(as<float>(a[0]), as<float>(a[1]), size, out.data());
+            break;
+        }
+        case 12: {  // rmsnorm then gelu: rows d | x w [eps]
+            const int64_t rows = h[0], d = h[1];
+            need(a.at(0), 4 * rows * d, "x");
+            need(a.at(1), 4 * d, "w");
+            need(a.at(2), 4, "eps");
+            out.resize(static_cast<size_t>(rows * d));
+            edgelm::rmsnorm(as<float>(a[0]), as<float>(a[1]), rows, d, as<float>(a[2])[0], out.data(), edgelm::kActGelu);
+            break;
+        }
         case 6: {  // softcap: size | x [cap]
             const int64_t size = h[0];
             need(a.at(0), 4 * size, "x");
