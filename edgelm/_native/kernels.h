@@ -221,12 +221,22 @@ inline const SchemeKernels& scheme_kernels(int id) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+inline bool float_gemm_applies(int scheme, int64_t n);
+
 // Output rows per task. GEMV (n = 1): one contiguous range per thread, so each thread's
 // reads form one long stream the hardware prefetcher follows. GEMM: a band of weight rows
 // small enough to stay in L2 while every activation tile sweeps over it, in whole 16-row
-// groups (the packed int4 GEMM packs two groups of 8 at a time).
+// groups (the packed int4 GEMM packs two groups of 8 at a time). The packed float GEMM holds
+// only one K block of its band at a time (panels of 256 k x 16 columns), so its band is
+// sized by that: up to 128 rows (128 KB of panels) whatever K is. Sized by the whole row,
+// fp16 rows of K = 6144 (the audio tower's FFW down projection) gave bands of 16 rows, and the
+// 750 x 6144 activations were read once per 16 outputs.
 inline int64_t band_rows(const WView& W, int64_t n, int64_t T) {
     if (n == 1) return std::max<int64_t>(16, ceil_div(W.rows, T));
+    if (float_gemm_applies(W.scheme, n)) {
+        const int64_t c = std::min<int64_t>(128, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
+        return (c + 15) & ~int64_t(15);
+    }
     constexpr int64_t kL2Band = 160 * 1024;
     const int64_t chunk = std::max<int64_t>(4, kL2Band / std::max<int64_t>(1, row_bytes(W.scheme, W.cols)));
     const int64_t c = std::min(chunk, std::max<int64_t>(1, ceil_div(W.rows, 4 * T)));
