@@ -23,6 +23,7 @@
     python benchmarks/microbench.py attention-ab OLD_SO       # prefill-chunk attention: this build vs an older .so
     python benchmarks/microbench.py few-rows-ab OLD_SO        # int8 products of 2-12 rows: this build vs an older .so
     python benchmarks/microbench.py few-row-route             # products of 2-15 rows: one-row tiles vs few-row route
+    python benchmarks/microbench.py float-gemm-ab OLD_SO      # fp16/fp32 many-row products: this build vs an older .so
 
 `smt` compiles a tiny C program with gcc (10 independent FMA / vpmaddubsw chains per thread)
 and runs it on 1 and 2 threads: on two real cores the 2-thread total doubles; on two SMT
@@ -698,6 +699,41 @@ def cmd_few_rows_ab(a) -> None:
                   f"({ratio.min():.3f}-{ratio.max():.3f}), {a.rounds} rounds; outputs bitwise equal")
 
 
+# n x rows x cols of the float GEMM: the audio tower's FFW up / down and light-conv input (30 s),
+# image-tower pointwise convolutions (768 px), a 270M prefill chunk
+FLOAT_AB_SHAPES = ((750, 6144, 1536), (750, 1536, 6144), (750, 3072, 1536), (2304, 1024, 256), (9216, 512, 128),
+                   (576, 1280, 2560), (128, 2048, 640))
+
+
+def cmd_float_gemm_ab(a) -> None:
+    """fp16/fp32 products with many rows (the packed float GEMM) through this checkout's
+    kernels and an older build of the same ISA (OLD_SO), in one process, alternating, best of 3
+    calls per turn; checks that both give bitwise the same output."""
+    old, isa = _load_old_kernels(a.old_so, "float-gemm-ab")
+    from edgelm.backends import native
+    from edgelm.quant.schemes import quantize
+
+    new_k, old_k = native.kernels(isa), native.Kernels(isa, old)
+    for k in (new_k, old_k):
+        k.set_threads(a.threads)
+    r = np.random.default_rng(0)
+    for n, rows, cols in FLOAT_AB_SHAPES:
+        for scheme in a.schemes.split(","):
+            t = quantize(r.standard_normal((rows, cols)).astype(np.float32) * 0.05, scheme)
+            x = r.standard_normal((n, cols)).astype(np.float32)
+            if not np.array_equal(old_k.matmul(x, t), new_k.matmul(x, t)):
+                raise SystemExit(f"float-gemm-ab: {scheme} {n}x{rows}x{cols}: the two builds give different outputs")
+            ts: dict[str, list[float]] = {"old": [], "new": []}
+            for _ in range(a.rounds):
+                for name, k in (("old", old_k), ("new", new_k)):
+                    ts[name].append(_best(lambda k=k: k.matmul(x, t), 3))
+            ratio = np.array(ts["old"]) / np.array(ts["new"])
+            gm = lambda v: n * rows * cols / np.median(v) / 1e9  # noqa: E731
+            print(f"{n}x{rows}x{cols} {scheme}, {a.threads} thread(s): old {gm(ts['old']):.1f}, new "
+                  f"{gm(ts['new']):.1f} GMAC/s; new / old speed {np.median(ratio):.3f} ({ratio.min():.3f}-"
+                  f"{ratio.max():.3f}), {a.rounds} rounds; outputs bitwise equal", flush=True)
+
+
 def cmd_attention_ab(a) -> None:
     """Prefill-chunk attention (128 queries, 4 heads on 1 KV head, head_dim 256) through this
     checkout's kernels and an older build of the same ISA (OLD_SO), in one process,
@@ -920,6 +956,11 @@ def main() -> int:
     p.add_argument("--schemes", default="int8,int8-b32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
+    p = sub.add_parser("float-gemm-ab")
+    p.add_argument("old_so")
+    p.add_argument("--schemes", default="fp16,fp32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
     p = sub.add_parser("attention-ab")
     p.add_argument("old_so")
     p.add_argument("--threads", type=int, default=2)
@@ -941,7 +982,8 @@ def main() -> int:
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
      "prefill-phases": cmd_prefill_phases,
      "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "isa-peak": cmd_isa_peak, "ab-module": cmd_ab_module,
-     "attention-ab": cmd_attention_ab, "few-rows-ab": cmd_few_rows_ab, "few-row-route": cmd_few_row_route, "float-gemm": cmd_float_gemm}[a.cmd](a)
+     "attention-ab": cmd_attention_ab, "few-rows-ab": cmd_few_rows_ab, "few-row-route": cmd_few_row_route, "float-gemm": cmd_float_gemm,
+     "float-gemm-ab": cmd_float_gemm_ab}[a.cmd](a)
     return 0
 
 
