@@ -92,6 +92,7 @@ def _earlier_glue(ops, which, kw):
     the masked attention kernel with every position 0, numpy SiLU/GLU gates."""
     kw = dict(kw)
     if which == "vision":
+        from edgelm.backends.base import full_attention_by_positions
         from edgelm.models._mobilenetv5 import _CHUNK, _gelu
 
         def rmsnorm(x, wt, eps, act=None):
@@ -105,8 +106,7 @@ def _earlier_glue(ops, which, kw):
             return y
 
         def attend(q, k, v):
-            zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
-            return ops.to_host(ops.attention(q, k, v, zq, zk, 0, 1.0, None))
+            return ops.to_host(full_attention_by_positions(ops, q, k, v, 1.0))
         kw.update(rmsnorm=rmsnorm, attend=attend)
     else:
         kw["sigmoid_mul"] = None

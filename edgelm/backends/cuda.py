@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import BadInputError, CapacityError
 from ..quant.schemes import QTensor
-from .base import Backend, norm_act
+from .base import Backend, full_attention_by_positions, norm_act
 from .kvcache import SlotPositions
 
 
@@ -430,8 +430,7 @@ class CudaOps(Backend):
         return self.torch.tanh(x / float(cap)) * float(cap)
 
     def full_attention(self, q, k, v, scale):
-        zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
-        return self.attention(q, k, v, zq, zk, 0, scale, None)
+        return full_attention_by_positions(self, q, k, v, scale)
 
     def sigmoid_mul(self, x, g):
         return self._dev(x) * self.torch.sigmoid(self._dev(g))

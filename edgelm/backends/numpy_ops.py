@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.schemes import QTensor
-from .base import norm_act
+from .base import full_attention_by_positions, norm_act
 from .host import HostBackend
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
@@ -85,8 +85,7 @@ class NumpyOps(HostBackend):
         return (0.5 * g * (1.0 + np.tanh(_SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))) * u
 
     def full_attention(self, q, k, v, scale):
-        zq, zk = np.zeros(q.shape[0], np.int64), np.zeros(k.shape[0], np.int64)
-        return self.attention(q, k, v, zq, zk, 0, scale, None)
+        return full_attention_by_positions(self, q, k, v, scale)
 
     def sigmoid_mul(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
