@@ -573,6 +573,11 @@ def cmd_isa_peak(a) -> None:
     how other operations mixed into a vpdpbusd stream slow it, and the floor they put under a 512-token prefill of the 270M on --threads cores: its
     linear layers' MACs at the vpdpbusd peak plus its causal attention's MACs at the FMA peak,
     with nothing else (no scales, no conversions, no softmax, no loads) costing anything."""
+    from edgelm.backends import native
+
+    if not native.cpu_supports("avx512"):
+        raise SystemExit(f"isa-peak measures AVX-512 VNNI instructions: {native.isa_unavailable_reason('avx512')} "
+                         f"(`microbench.py smt` measures the FMA and vpmaddubsw rates on any AVX2 CPU)")
     root = Path(__file__).resolve().parent.parent
     src = root / "benchmarks" / "native" / "isapeak.cpp"
     with tempfile.TemporaryDirectory() as d:
