@@ -444,19 +444,29 @@ void py_rmsnorm_rope(py::handle x_h, py::handle w_h, py::handle cos_h, py::handl
     edgelm::rmsnorm_rope(xp, wp, cp, sp, n, h, hd, static_cast<float>(eps), op);
 }
 
-void py_gelu_mul(py::handle g_h, py::handle u_h, py::handle out_h) {
-    const char* fn = "gelu_mul";
-    py::array g = check_f32(fn, "g", g_h);
-    py::array u = check_array(fn, "u", u_h, kF32, shape_of(g));
-    py::array out = check_array(fn, "out", out_h, kF32, shape_of(g), true);
-    check_same_or_disjoint(fn, out, "g", g);
-    check_same_or_disjoint(fn, out, "u", u);
-    const float* gp = static_cast<const float*>(g.data());
-    const float* up = static_cast<const float*>(u.data());
+// out = kernel(a, b) elementwise over two float32 arrays of one shape (a, b and out may alias).
+template <void (*Kernel)(const float*, const float*, int64_t, float*)>
+void elementwise2(const char* fn, const char* a_name, const char* b_name, py::handle a_h, py::handle b_h,
+                  py::handle out_h) {
+    py::array a = check_f32(fn, a_name, a_h);
+    py::array b = check_array(fn, b_name, b_h, kF32, shape_of(a));
+    py::array out = check_array(fn, "out", out_h, kF32, shape_of(a), true);
+    check_same_or_disjoint(fn, out, a_name, a);
+    check_same_or_disjoint(fn, out, b_name, b);
+    const float* ap = static_cast<const float*>(a.data());
+    const float* bp = static_cast<const float*>(b.data());
     float* op = static_cast<float*>(out.mutable_data());
-    const int64_t size = g.size();
+    const int64_t size = a.size();
     py::gil_scoped_release nogil;
-    edgelm::gelu_mul(gp, up, size, op);
+    Kernel(ap, bp, size, op);
+}
+
+void py_gelu_mul(py::handle g_h, py::handle u_h, py::handle out_h) {
+    elementwise2<edgelm::gelu_mul>("gelu_mul", "g", "u", g_h, u_h, out_h);
+}
+
+void py_sigmoid_mul(py::handle x_h, py::handle g_h, py::handle out_h) {
+    elementwise2<edgelm::sigmoid_mul>("sigmoid_mul", "x", "g", x_h, g_h, out_h);
 }
 
 // Attention where every query sees every key: q [n, H, hd], k, v [T, KV, hd] float32.
@@ -487,21 +497,6 @@ void py_full_attention(py::handle q_h, py::handle k_h, py::handle v_h, double sc
     float* op = static_cast<float*>(out.mutable_data());
     py::gil_scoped_release nogil;
     edgelm::full_attention(qp, kp, vp, n, H, KV, hd, T, static_cast<float>(scale), op);
-}
-
-void py_sigmoid_mul(py::handle x_h, py::handle g_h, py::handle out_h) {
-    const char* fn = "sigmoid_mul";
-    py::array x = check_f32(fn, "x", x_h);
-    py::array g = check_array(fn, "g", g_h, kF32, shape_of(x));
-    py::array out = check_array(fn, "out", out_h, kF32, shape_of(x), true);
-    check_same_or_disjoint(fn, out, "x", x);
-    check_same_or_disjoint(fn, out, "g", g);
-    const float* xp = static_cast<const float*>(x.data());
-    const float* gp = static_cast<const float*>(g.data());
-    float* op = static_cast<float*>(out.mutable_data());
-    const int64_t size = x.size();
-    py::gil_scoped_release nogil;
-    edgelm::sigmoid_mul(xp, gp, size, op);
 }
 
 void py_softcap(py::handle x_h, double cap, py::handle out_h) {

@@ -278,19 +278,19 @@ class Kernels:
         self.module.rope(x, cos, sin, out)
         return out
 
-    def gelu_mul(self, g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        g, u = _f32(g), _f32(u)
+    def _elementwise2(self, kernel, a: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        a, b = _f32(a), _f32(b)
         if out is None:
-            out = np.empty_like(g)
-        self.module.gelu_mul(g, u, out)
+            out = np.empty_like(a)
+        kernel(a, b, out)
         return out
 
+    def gelu_mul(self, g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._elementwise2(self.module.gelu_mul, g, u, out)
+
     def sigmoid_mul(self, x: np.ndarray, g: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        x, g = _f32(x), _f32(g)
-        if out is None:
-            out = np.empty_like(x)
-        self.module.sigmoid_mul(x, g, out)
-        return out
+        """x * sigmoid(g)."""
+        return self._elementwise2(self.module.sigmoid_mul, x, g, out)
 
     def softcap(self, x: np.ndarray, cap: float, out: np.ndarray | None = None) -> np.ndarray:
         x = _f32(x)

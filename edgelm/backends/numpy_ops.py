@@ -102,26 +102,7 @@ class NumpyOps(HostBackend):
         scale: float,
         softcap: float | None = None,
     ) -> np.ndarray:  # [n, H*hd]
-        n, H, hd = q.shape
-        T, KV, _ = k.shape
-        G = H // KV
-        k = np.asarray(k).astype(np.float32, copy=False)  # an fp16 KV cache is widened here
-        v = np.asarray(v).astype(np.float32, copy=False)
-        qg = q.reshape(n, KV, G, hd).transpose(1, 2, 0, 3)  # [KV, G, n, hd]
-        kt = k.transpose(1, 2, 0)  # [KV, hd, T]
-        s = np.matmul(qg, kt[:, None]) * np.float32(scale)  # [KV, G, n, T]
-        if softcap:
-            s = np.tanh(s / np.float32(softcap)) * np.float32(softcap)
-        d = q_pos[:, None] - k_pos[None, :]
-        visible = (k_pos[None, :] >= 0) & (d >= 0)
-        if window:
-            visible &= d < window
-        s = np.where(visible[None, None], s, np.float32(-np.inf))
-        s = s - s.max(axis=-1, keepdims=True)
-        p = np.exp(s)
-        p /= p.sum(axis=-1, keepdims=True)
-        o = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [KV, G, n, hd]
-        return np.ascontiguousarray(o.transpose(2, 0, 1, 3).reshape(n, H * hd), dtype=np.float32)
+        return attention_math(q, k, v, q_pos, k_pos, window, scale, softcap)
 
     def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
@@ -141,3 +122,33 @@ class NumpyOps(HostBackend):
                 if ro.size and co.size:
                     out[ro[:, None], co[None, :]] += x[r[ro][:, None], c[co][None, :]] * taps[i, j]
         return out
+
+
+def attention_math(q, k, v, q_pos, k_pos, window, scale, softcap=None, cast=None) -> np.ndarray:
+    """NumpyOps.attention. `cast` (float32 -> float32), when given, is applied to the inputs of
+    both products (q, k; the unnormalized probabilities and v) while max, exp and sums stay
+    float32: how benchmarks/bf16_attention.py simulates bf16 dot products."""
+    c = cast or (lambda a: a)
+    n, H, hd = q.shape
+    T, KV, _ = k.shape
+    G = H // KV
+    k = c(np.asarray(k).astype(np.float32, copy=False))  # an fp16 KV cache is widened here
+    v = c(np.asarray(v).astype(np.float32, copy=False))
+    qg = c(np.asarray(q, dtype=np.float32)).reshape(n, KV, G, hd).transpose(1, 2, 0, 3)  # [KV, G, n, hd]
+    kt = k.transpose(1, 2, 0)  # [KV, hd, T]
+    s = np.matmul(qg, kt[:, None]) * np.float32(scale)  # [KV, G, n, T]
+    if softcap:
+        s = np.tanh(s / np.float32(softcap)) * np.float32(softcap)
+    d = q_pos[:, None] - k_pos[None, :]
+    visible = (k_pos[None, :] >= 0) & (d >= 0)
+    if window:
+        visible &= d < window
+    s = np.where(visible[None, None], s, np.float32(-np.inf))
+    s = s - s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    if cast is None:
+        p /= p.sum(axis=-1, keepdims=True)
+        o = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [KV, G, n, hd]
+    else:  # a kernel sums the float32 probabilities and divides the output
+        o = np.matmul(c(p), v.transpose(1, 0, 2)[:, None]) / p.sum(axis=-1, keepdims=True)
+    return np.ascontiguousarray(o.transpose(2, 0, 1, 3).reshape(n, H * hd), dtype=np.float32)

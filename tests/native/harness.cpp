@@ -133,21 +133,24 @@ std::vector<float> run_case(int64_t op, const int64_t* h, const std::vector<Byte
             edgelm::attention(P);
             break;
         }
-        case 4: {  // rmsnorm: rows d | x w [eps]
+        case 4:     // rmsnorm: rows d | x w [eps]
+        case 12: {  // rmsnorm then gelu: the same
             const int64_t rows = h[0], d = h[1];
             need(a.at(0), 4 * rows * d, "x");
             need(a.at(1), 4 * d, "w");
             need(a.at(2), 4, "eps");
             out.resize(static_cast<size_t>(rows * d));
-            edgelm::rmsnorm(as<float>(a[0]), as<float>(a[1]), rows, d, as<float>(a[2])[0], out.data());
+            edgelm::rmsnorm(as<float>(a[0]), as<float>(a[1]), rows, d, as<float>(a[2])[0], out.data(),
+                            op == 12 ? edgelm::kActGelu : edgelm::kActNone);
             break;
         }
-        case 5: {  // gelu_mul: size | g u
+        case 5:     // gelu_mul: size | g u
+        case 11: {  // sigmoid_mul: size | x g
             const int64_t size = h[0];
-            need(a.at(0), 4 * size, "g");
-            need(a.at(1), 4 * size, "u");
+            need(a.at(0), 4 * size, "first input");
+            need(a.at(1), 4 * size, "second input");
             out.resize(static_cast<size_t>(size));
-            edgelm::gelu_mul(as<float>(a[0]), as<float>(a[1]), size, out.data());
+            (op == 5 ? edgelm::gelu_mul : edgelm::sigmoid_mul)(as<float>(a[0]), as<float>(a[1]), size, out.data());
             break;
         }
         case 10: {  // full_attention: n H KV hd T | q k v [scale]
@@ -160,23 +163,6 @@ std::vector<float> run_case(int64_t op, const int64_t* h, const std::vector<Byte
             out.resize(static_cast<size_t>(n * H * hd));
             edgelm::full_attention(as<float>(a[0]), as<float>(a[1]), as<float>(a[2]), n, H, KV, hd, T,
                                    as<float>(a[3])[0], out.data());
-            break;
-        }
-        case 11: {  // sigmoid_mul: size | x g
-            const int64_t size = h[0];
-            need(a.at(0), 4 * size, "x");
-            need(a.at(1), 4 * size, "g");
-            out.resize(static_cast<size_t>(size));
-            edgelm::sigmoid_mul(as<float>(a[0]), as<float>(a[1]), size, out.data());
-            break;
-        }
-        case 12: {  // rmsnorm then gelu: rows d | x w [eps]
-            const int64_t rows = h[0], d = h[1];
-            need(a.at(0), 4 * rows * d, "x");
-            need(a.at(1), 4 * d, "w");
-            need(a.at(2), 4, "eps");
-            out.resize(static_cast<size_t>(rows * d));
-            edgelm::rmsnorm(as<float>(a[0]), as<float>(a[1]), rows, d, as<float>(a[2])[0], out.data(), edgelm::kActGelu);
             break;
         }
         case 6: {  // softcap: size | x [cap]
