@@ -169,39 +169,29 @@ inline void rmsnorm_rope(const float* x, const float* w, const float* cs, const 
 
 // ----------------------------------------------------------------------------- gelu_mul, softcap
 
-// out[a:b] = 0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 g^3))) * u, on the calling thread
-inline void gelu_mul_serial(const float* g, const float* u, int64_t a, int64_t b, float* out) {
-    const float c = 0.7978845608028654f, k3 = 0.044715f;
-    int64_t i = a;
-    const VF vc = vset1(c), vk = vset1(k3), half = vset1(0.5f), one = vset1(1.f);
-    for (; i + 8 <= b; i += 8) {
-        const VF x = vloadu(g + i);
-        const VF inner = vadd(x, vmul(vmul(vmul(vk, x), x), x));
-        const VF t = vtanh(vmul(vc, inner));
-        vstoreu(out + i, vmul(vmul(vmul(half, x), vadd(one, t)), vloadu(u + i)));
-    }
-    for (; i < b; ++i) {
-        const float x = g[i];
-        const float t = tanh_scalar(c * (x + ((k3 * x) * x) * x));
-        out[i] = ((0.5f * x) * (1.f + t)) * u[i];
-    }
+// tanh-approximated GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): one vector, one value
+EDGELM_INLINE VF gelu_v(VF x) {
+    const VF inner = vadd(x, vmul(vmul(vmul(vset1(0.044715f), x), x), x));
+    const VF t = vtanh(vmul(vset1(0.7978845608028654f), inner));
+    return vmul(vmul(vset1(0.5f), x), vadd(vset1(1.f), t));
+}
+EDGELM_INLINE float gelu_s(float x) {
+    const float t = tanh_scalar(0.7978845608028654f * (x + ((0.044715f * x) * x) * x));
+    return (0.5f * x) * (1.f + t);
 }
 
-// out[a:b] = gelu_tanh(x[a:b]), the same float steps as gelu_mul_serial without the product.
-inline void gelu_serial(const float* x, int64_t a, int64_t b, float* out) {
-    const float c = 0.7978845608028654f, k3 = 0.044715f;
+// out[a:b] = gelu(g) * u, on the calling thread
+inline void gelu_mul_serial(const float* g, const float* u, int64_t a, int64_t b, float* out) {
     int64_t i = a;
-    const VF vc = vset1(c), vk = vset1(k3), half = vset1(0.5f), one = vset1(1.f);
-    for (; i + 8 <= b; i += 8) {
-        const VF v = vloadu(x + i);
-        const VF t = vtanh(vmul(vc, vadd(v, vmul(vmul(vmul(vk, v), v), v))));
-        vstoreu(out + i, vmul(vmul(half, v), vadd(one, t)));
-    }
-    for (; i < b; ++i) {
-        const float v = x[i];
-        const float t = tanh_scalar(c * (v + ((k3 * v) * v) * v));
-        out[i] = (0.5f * v) * (1.f + t);
-    }
+    for (; i + 8 <= b; i += 8) vstoreu(out + i, vmul(gelu_v(vloadu(g + i)), vloadu(u + i)));
+    for (; i < b; ++i) out[i] = gelu_s(g[i]) * u[i];
+}
+
+// out[a:b] = gelu(x[a:b]), on the calling thread
+inline void gelu_serial(const float* x, int64_t a, int64_t b, float* out) {
+    int64_t i = a;
+    for (; i + 8 <= b; i += 8) vstoreu(out + i, gelu_v(vloadu(x + i)));
+    for (; i < b; ++i) out[i] = gelu_s(x[i]);
 }
 
 // out = x * sigmoid(g), sigmoid(g) = 0.5 + 0.5 tanh(g / 2) (SiLU is x = g; a GLU's gate is g).
@@ -761,7 +751,7 @@ inline void full_attention(const float* q, const float* k, const float* v, int64
                 micro(qb.data() + i0 * hd, hd, kp.data() + (g * nk + p) * hd * kFGemmCols, hd,
                       sb.data() + i0 * T16 + p * kFGemmCols, T16, kFGemmCols, false);
         }
-        std::vector<float> inv(static_cast<size_t>(rn));
+        float inv[kFullBand];
         const VF vs = vset1(scale);
         for (int64_t r = 0; r < rn; ++r) {
             float* s = sb.data() + r * T16;
@@ -783,7 +773,7 @@ inline void full_attention(const float* q, const float* k, const float* v, int64
             }
             float l = vhsum(vl);
             for (; t < T; ++t) l += (s[t] = exp_scalar(s[t] - m));
-            inv[static_cast<size_t>(r)] = 1.f / l;
+            inv[r] = 1.f / l;
         }
         for (int64_t i0 = 0; i0 < rn; i0 += kFGemmNR) {
             const FMicroFn micro = fgemm_micro_for(static_cast<int>(std::min<int64_t>(kFGemmNR, rn - i0)));
@@ -794,7 +784,7 @@ inline void full_attention(const float* q, const float* k, const float* v, int64
         for (int64_t r = 0; r < rn; ++r) {
             const float* o = ob.data() + r * hd16;
             float* dst = out + qrow(r);
-            const float iv = inv[static_cast<size_t>(r)];
+            const float iv = inv[r];
             for (int64_t d = 0; d < hd; ++d) dst[d] = o[d] * iv;
         }
     };
