@@ -4,6 +4,8 @@
     python benchmarks/towers.py speed audio  [--scheme ...] [--seconds 30]
     python benchmarks/towers.py speed vision --glue-ab    # + edgelm with its earlier numpy glue
     python benchmarks/towers.py accuracy vision|audio
+    python benchmarks/towers.py macs vision          # multiply-adds of one 768 px image, by kind
+    python benchmarks/towers.py gemm [-t 2]          # fp32 products at the towers' shapes: torch vs edgelm
 
 Both towers are built by transformers with random weights (the real geometry: MobileNet-V5
 300M at 768 px; the 12-layer conformer), imported through edgelm's tensor tables and run by
@@ -171,10 +173,67 @@ def accuracy(a) -> None:
         print(f"{a.which} {scheme}: max rel {mx:.2e}, rms rel {rms:.2e}, min row cosine {cos:.5f}", flush=True)
 
 
+def macs(a) -> None:
+    """Run the image tower with kernels that only count: weight products, attention, depthwise."""
+    if a.which != "vision":
+        raise SystemExit("macs: counts the image tower only (python benchmarks/towers.py macs vision)")
+    from edgelm.models import _mobilenetv5 as mv
+
+    cfg = mv.VisionConfig.from_hf({})
+    w = {n: np.full(t.shape, 0.01, np.float32) for n, t in mv.tensor_table(cfg).items()}
+    c = {"weight products": 0, "attention": 0, "depthwise": 0}
+
+    def linear(x, t):
+        c["weight products"] += x.shape[0] * t.shape[0] * t.shape[1]
+        return np.zeros((x.shape[0], t.shape[0]), np.float32)
+
+    def attend(q, k, v):
+        c["attention"] += 2 * q.shape[0] * q.shape[1] * k.shape[0] * q.shape[2]
+        return np.zeros((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+
+    def dwconv(x, t, s, top, left, hw):
+        c["depthwise"] += hw[0] * hw[1] * x.shape[2] * t.shape[0] * t.shape[1]
+        return np.zeros((hw[0], hw[1], x.shape[2]), np.float32)
+
+    mv.encode(cfg, w, np.zeros((3, 768, 768), np.float32), linear=linear, attend=attend, dwconv=dwconv,
+              rmsnorm=lambda x, wt, eps, act=None: x)
+    print(", ".join(f"{k} {v / 1e9:.1f}" for k, v in c.items()) + f"; total {sum(c.values()) / 1e9:.1f} GMAC")
+
+
+def gemm(a) -> None:
+    """fp32 products at the towers' shapes (n x rows x cols), torch.matmul (oneDNN) and edgelm's
+    matmul alternating on the same threads, best of 3 per turn, 3 turns."""
+    import torch
+
+    from edgelm.backends import get_backend
+    from edgelm.quant.schemes import quantize
+
+    torch.set_num_threads(a.threads)
+    ops = get_backend("cpu", a.threads)
+    r = np.random.default_rng(0)
+    for n, rows, cols in ((750, 6144, 1536), (750, 1536, 6144), (2304, 1024, 256), (9216, 512, 128),
+                          (2304, 2560, 640)):
+        w = r.standard_normal((rows, cols)).astype(np.float32) * 0.05
+        x = r.standard_normal((n, cols)).astype(np.float32)
+        qt, tw, tx = quantize(w, "fp32"), torch.from_numpy(w), torch.from_numpy(x)
+        best = {"torch": [], "edgelm": []}
+        for _ in range(3):
+            for name, fn in (("torch", lambda: tx @ tw.T), ("edgelm", lambda: ops.matmul(x, qt))):
+                ts = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                best[name].append(min(ts))
+        g = {k: n * rows * cols / statistics.median(v) / 1e9 for k, v in best.items()}
+        print(f"{n}x{rows}x{cols} fp32, {a.threads} threads: torch {g['torch']:.1f}, edgelm {g['edgelm']:.1f} GMAC/s",
+              flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["speed", "accuracy"])
-    p.add_argument("which", choices=["vision", "audio"])
+    p.add_argument("mode", choices=["speed", "accuracy", "macs", "gemm"])
+    p.add_argument("which", nargs="?", default="vision", choices=["vision", "audio"])
     p.add_argument("--scheme", default="fp16", choices=["fp32", "fp16", "int8"])
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-r", "--repeat", type=int, default=3)
@@ -182,7 +241,7 @@ def main() -> None:
     p.add_argument("--glue-ab", action="store_true", help="speed: also time edgelm with its earlier numpy glue")
     a = p.parse_args()
     args_seconds[0] = a.seconds or (30.0 if a.mode == "speed" else 10.0)
-    (speed if a.mode == "speed" else accuracy)(a)
+    {"speed": speed, "accuracy": accuracy, "macs": macs, "gemm": gemm}[a.mode](a)
 
 
 if __name__ == "__main__":
