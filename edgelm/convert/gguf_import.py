@@ -24,32 +24,23 @@ GEMMA3 = gemma3.ARCH
 
 
 def _open(path: Path):
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - gguf is a hard dependency
-        raise FormatError("the 'gguf' package is required to read GGUF files") from None
+    from ..gguf_file import read_gguf
+
     if not path.exists():
         raise FormatError(f"{path}: no such file")
     if path.is_dir():
         raise FormatError(f"{path}: is a directory, not a GGUF file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise FormatError(f"{path}: not a GGUF file (magic {magic!r})")
-    try:
-        return GGUFReader(str(path), "r")
-    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damage
-        raise FormatError(f"{path}: cannot read GGUF ({type(e).__name__}: {e})") from None
+    return read_gguf(path)
 
 
 def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
+    """A scalar or string metadata value (an array where one is expected is damage)."""
+    v = reader.metadata.get(key)
+    if v is None:
         return default
-    try:
-        return f.contents()
-    except Exception:
-        raise FormatError(f"GGUF field {key!r} is unreadable") from None
+    if isinstance(v, (list, np.ndarray)):
+        raise FormatError(f"{reader.path}: GGUF field {key!r} is an array; edgelm expects a single value")
+    return v
 
 
 def _gemma3_config(reader, path: Path) -> dict:

@@ -11,9 +11,7 @@ runtime never does.
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -89,87 +87,13 @@ def _build_spm_model(
 # GGUF metadata
 # --------------------------------------------------------------------------------------------
 
-# GGUF metadata value types -> struct format / numpy dtype (8 = string and 9 = array are handled apart)
-_GGUF_SCALAR = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"
-}
-_GGUF_NP = {
-    0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"
-}
-_U64 = struct.Struct("<Q")
-
-
 def _read_gguf_metadata_file(path: str | os.PathLike) -> dict[str, Any]:
-    """GGUF metadata keys `general.*` and `tokenizer.*` (string arrays decoded only under
-    `tokenizer.`), read straight from the file: ~0.3 s for a 262k vocab, where constructing a
-    `gguf.GGUFReader` takes >10 s."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as e:
-        raise FormatError(f"cannot read GGUF file {path}: {e}") from None
-    try:
-        if buf[:4] != b"GGUF":
-            raise FormatError(f"{path} is not a GGUF file (bad magic)")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise FormatError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        pos = 24
-        out: dict[str, Any] = {}
+    """GGUF metadata keys `general.*` and `tokenizer.*`, read straight from the file
+    (edgelm/gguf_file.py: ~0.3 s for a 262k vocab, where `gguf.GGUFReader` takes >10 s)."""
+    from ..gguf_file import read_gguf
 
-        def read_str(p):
-            (n,) = _U64.unpack_from(buf, p)
-            p += 8
-            return buf[p : p + n], p + n
-
-        for _ in range(n_kv):
-            kb, pos = read_str(pos)
-            key = kb.decode("utf-8")
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            want = key.startswith("tokenizer.") or key.startswith("general.")
-            if vtype in _GGUF_SCALAR:
-                (v,) = struct.unpack_from(_GGUF_SCALAR[vtype], buf, pos)
-                pos += struct.calcsize(_GGUF_SCALAR[vtype])
-                if want:
-                    out[key] = v
-            elif vtype == 8:
-                v, pos = read_str(pos)
-                if want:
-                    out[key] = v.decode("utf-8", errors="replace")
-            elif vtype == 9:
-                etype, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if etype in _GGUF_NP:
-                    dt = np.dtype(_GGUF_NP[etype])
-                    if want:
-                        arr = np.frombuffer(buf, dtype=dt, count=count, offset=pos).copy()
-                        out[key] = arr.astype(bool) if etype == 7 else arr
-                    pos += dt.itemsize * count
-                elif etype == 8:
-                    if key.startswith("tokenizer."):
-                        vals = []
-                        unpack = _U64.unpack_from
-                        for _ in range(count):
-                            (n,) = unpack(buf, pos)
-                            pos += 8
-                            vals.append(buf[pos : pos + n].decode("utf-8", errors="replace"))
-                            pos += n
-                        out[key] = vals
-                    else:
-                        for _ in range(count):
-                            (n,) = _U64.unpack_from(buf, pos)
-                            pos += 8 + n
-                else:
-                    raise FormatError(f"{path}: GGUF key {key} holds an array of unsupported type {etype}")
-            else:
-                raise FormatError(f"{path}: GGUF key {key} has unsupported value type {vtype}")
-        return out
-    except struct.error:
-        raise FormatError(f"{path}: GGUF metadata is truncated") from None
-    finally:
-        buf.close()
+    md = read_gguf(path, tensors=False).metadata
+    return {k: v for k, v in md.items() if k.startswith("tokenizer.") or k.startswith("general.")}
 
 
 def _reader_metadata(reader) -> dict[str, Any]:
@@ -201,12 +125,14 @@ def _reader_metadata(reader) -> dict[str, Any]:
 def tokenizer_from_gguf(reader) -> tuple[str, bytes, dict]:
     """(kind, data, special) for the tokenizer a GGUF describes.
 
-    `reader` is a `gguf.GGUFReader`, or a path to the GGUF file (then the metadata is read
-    directly, which is much faster than constructing a GGUFReader).
+    `reader` is a path to the GGUF file, an `edgelm.gguf_file.GGUFFile` (both read directly,
+    much faster than constructing a GGUFReader), or a `gguf.GGUFReader`.
     """
     if isinstance(reader, (str, os.PathLike)):
         md = _read_gguf_metadata_file(reader)
         where = str(reader)
+    elif hasattr(reader, "metadata") and hasattr(reader, "path"):  # a GGUFFile
+        md, where = reader.metadata, str(reader.path)
     else:
         md = _reader_metadata(reader)
         where = str(getattr(getattr(reader, "data", None), "filename", None) or "GGUF")
