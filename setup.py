@@ -39,7 +39,7 @@ ISA_FLAGS = {
     "scalar": ([], []),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ["/arch:AVX2"]),
     "avx512": (
-        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"],
         ["/arch:AVX512"],
     ),
     "vnniemu": (["-mavx2", "-mfma", "-mf16c"], ["/arch:AVX2"]),

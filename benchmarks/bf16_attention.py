@@ -1,17 +1,17 @@
-"""What bf16 dot products in attention would cost in quality, before any kernel is written.
+"""What bf16 dot products in prefill attention cost in quality.
 
-    python benchmarks/bf16_attention.py BUNDLE [--text FILE] [--chunks 16] [--ctx 512]
+    python benchmarks/bf16_attention.py BUNDLE [--text FILE] [--chunks 16] [--ctx 512] [--native]
 
 AVX-512 BF16 (`vdpbf16ps`) multiplies pairs of bf16 values into fp32 sums: twice the
-multiply-adds of an fp32 FMA per instruction, at bf16's 8-bit mantissa. A prefill attention
-built on it would round Q and K (the scores' inputs) and the unnormalized probabilities and V
-(the P.V inputs) to bf16, and keep the max, exp, sums and outputs in fp32. This script
-simulates exactly that in numpy (round to nearest even) inside the model's per-op path and
-scores wikitext-2 chunks the way `edgelm eval ppl` does, against the same bundle with fp32
-attention (the numpy reference's math, so both sides differ only in the rounding), both on
-the default fp16 KV cache:
-perplexity, mean KL(fp32 attention || bf16 attention) and top-1 agreement.
-Nothing here is part of edgelm or its test suite.
+multiply-adds of an fp32 FMA per instruction, at bf16's 8-bit mantissa. The native bf16
+prefill attention (`Engine(attn_precision="bf16")`) rounds Q and K (the scores' inputs) and
+the unnormalized probabilities and V (the P.V inputs) to bf16, and keeps the max, exp, sums
+and outputs in fp32. By default this script simulates exactly that in numpy (round to nearest
+even) inside the model's per-op path, so it runs on any CPU; with --native it runs the two
+native paths themselves (a CPU with AVX512_BF16). Either way it scores wikitext-2 chunks the
+way `edgelm eval ppl` does, against the same bundle with fp32 attention, both on the default
+fp16 KV cache: perplexity, mean KL(fp32 attention || bf16 attention) and top-1 agreement.
+Nothing here is part of edgelm's test suite.
 """
 
 from __future__ import annotations
@@ -20,22 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgelm.backends.base import OPS  # noqa: E402
-from edgelm.backends.numpy_ops import attention_math  # noqa: E402
+from edgelm.backends.numpy_ops import attention_math, bf16_round  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
-
-
-def bf16(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bf16 (ties to even), as float32."""
-    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    b = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return b.view(np.float32)
 
 
 class _Attention:
@@ -55,7 +46,7 @@ class _Attention:
         return getattr(self._ops, attr)
 
     def attention(self, *args, **kw):
-        return attention_math(*args, **kw, cast=bf16 if self._round else None)
+        return attention_math(*args, **kw, cast=bf16_round if self._round else None)
 
 
 def main() -> None:
@@ -65,13 +56,19 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--native", action="store_true", help="the native kernels' two paths instead of the simulation")
     a = p.parse_args()
     from edgelm.eval.ppl import perplexity_many
     from edgelm.runtime.engine import Engine
 
     text = Path(a.text).read_text(encoding="utf-8")
     engines = {}
-    for name, rnd in (("fp32 attention", False), ("bf16 attention", True)):
+    if a.native:
+        for name, prec in (("fp32 attention", "f32"), ("bf16 attention", "bf16")):
+            engines[name] = Engine(a.bundle, threads=a.threads, max_tokens=a.ctx, attn_precision=prec)
+        if engines["bf16 attention"].attn_precision != "bf16":
+            raise SystemExit("--native: this CPU or build has no bf16 attention path (AVX512_BF16)")
+    for name, rnd in (() if a.native else (("fp32 attention", False), ("bf16 attention", True))):
         class _Engine(Engine):  # each session gets the simulating op table (an Engine is frozen)
             def create_session(self, sampler=None, _rnd=rnd):
                 s = super().create_session(sampler)

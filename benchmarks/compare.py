@@ -11,6 +11,7 @@ per round (paired) and summarised as median and min-max over rounds.
     python benchmarks/compare.py --peer llama  -r 5
     python benchmarks/compare.py --peer litert -r 5 --json
     python benchmarks/compare.py --pair llama:Q4_0=int4-b32 --embed-scheme int8
+    python benchmarks/compare.py --pair llama:Q4_0=int4-b32 --edgelm-args="--attn-precision bf16"
     python benchmarks/compare.py --peer llama --only-peer      # peer halves alone
     python benchmarks/compare.py --pair self:kv1280=int8 --max-tokens 4096   # edgelm 4096 vs 1280
     python benchmarks/compare.py --pair rev:2a55155=int8-b32 -r 6   # this tree against a commit
@@ -175,7 +176,7 @@ def rev_cmd(site: Path) -> list[str]:
 def run_edgelm(bundle: Path, a, capacity: int, cmd: list[str] | None = None) -> dict:
     so, _, wall, rss = run_child([*(cmd or edgelm_cmd()), "bench", "--model", bundle, "-p", a.prompt, "-n", a.gen,
                                   "--threads", a.threads, "--repeat", 1, "--max-tokens", capacity, "--json",
-                                  "--no-probe"])
+                                  "--no-probe", *a.edgelm_args.split()])
     res = _last_json(so)
     m = res["metrics"]
     med = lambda k: m[k]["median"] if isinstance(m.get(k), dict) else m.get(k)  # noqa: E731
@@ -189,7 +190,7 @@ def run_edgelm(bundle: Path, a, capacity: int, cmd: list[str] | None = None) -> 
         "self_peak_rss_mib": m.get("peak_rss_mib"),
         "wall_s": wall,
         "info": {k: res.get(k) for k in ("backend", "isa", "scheme", "embed_scheme", "capacity",
-                                          "threads", "model_bytes")},
+                                          "threads", "model_bytes", "attn_precision", "prefill_chunk")},
     }
 
 
@@ -351,6 +352,7 @@ def compare_pair(peer: str, peer_model: str, scheme: str, a) -> dict:
         "threads": a.threads, "prompt_tokens": a.prompt, "gen_tokens": a.gen, "capacity": capacity,
         "rounds": a.repeats,
         "llama_args": a.llama_args if peer == "llama" else None,
+        "edgelm_args": a.edgelm_args or None,
         "loadavg_1_5_15": {"before": [round(x, 2) for x in load_before],
                            "after": [round(x, 2) for x in os.getloadavg()]},
         "cpus": os.cpu_count(),
@@ -474,6 +476,8 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--gen", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=1280, help="edgelm KV capacity (LiteRT: per export)")
     ap.add_argument("--with-4096", action="store_true", help="also LiteRT int8 cache-4096 vs edgelm --max-tokens 4096")
+    ap.add_argument("--edgelm-args", default="",
+                    help="extra `edgelm bench` arguments, e.g. --edgelm-args='--attn-precision bf16'")
     ap.add_argument("--llama-args", default="",
                     help="extra llama-bench arguments, e.g. --llama-args='--poll 0' (threads sleep instead of spinning: "
                          "far less collapse when the host is oversubscribed; default: none, as in peers.md)")

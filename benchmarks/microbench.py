@@ -19,8 +19,10 @@
     python benchmarks/microbench.py gemm-native [--base REV]  # prefill-chunk GEMMs in C++, vs a git revision
     python benchmarks/microbench.py isa-peak  # this core's vpdpbusd / FMA peaks and the 270M prefill floor
     python benchmarks/microbench.py prefill-phases BUNDLE     # a p512 prefill's time by block phase
+    python benchmarks/microbench.py prefill-ab BUNDLE weight-prefetch|attn-bf16  # p512 with a switch off / on
     python benchmarks/microbench.py ab-module OLD_SO BUNDLE   # decode / TTFT: this build vs an older .so
     python benchmarks/microbench.py attention-ab OLD_SO       # prefill-chunk attention: this build vs an older .so
+    python benchmarks/microbench.py attention-bf16            # prefill-chunk attention: fp32 vs bf16 dot products
     python benchmarks/microbench.py few-rows-ab OLD_SO        # int8 products of 2-12 rows: this build vs an older .so
     python benchmarks/microbench.py few-row-route             # products of 2-15 rows: one-row tiles vs few-row route
     python benchmarks/microbench.py float-gemm-ab OLD_SO      # fp16/fp32 many-row products: this build vs an older .so
@@ -479,6 +481,66 @@ def cmd_prefill_phases(a) -> None:
         print(f"  {k:32s} {np.median(v):5.1f}% ({min(v):.1f}-{max(v):.1f})")
 
 
+def cmd_prefill_ab(a) -> None:
+    """A p512 prefill (chunks of 128) with one of the native module's switches off and on,
+    in one process, the order flipping every round: `weight-prefetch` (the packed GEMM's
+    prefetch of the next weight rows; it also times the 18 layers' gate/up products of one
+    128-row chunk, weights cold) or `attn-bf16` (prefill attention's bf16 dot products, where
+    the CPU has AVX512_BF16). Prints the medians of the per-round time ratios off / on."""
+    from edgelm.backends import native
+    from edgelm.runtime.engine import Engine
+
+    if not Path(a.bundle).is_file():
+        raise SystemExit(f"prefill-ab: {a.bundle}: no such bundle")
+    eng = Engine(a.bundle, threads=a.threads, max_tokens=1280)
+    m = native.kernels(eng.ops.isa).module
+    if a.what == "attn-bf16" and not eng.ops.set_attn_precision("bf16"):
+        raise SystemExit("prefill-ab attn-bf16: this build or CPU has no bf16 attention path "
+                         f"(build {m.BUILD_ISA}, ATTN_BF16 {m.ATTN_BF16!r})")
+
+    def switch(on: bool) -> None:
+        if a.what == "weight-prefetch":
+            m.set_weight_prefetch(int(on))
+        else:
+            eng.ops.attn_bf16 = on
+
+    ids = [2] + [1000 + (i * 7919) % 100000 for i in range(511)]
+    x = np.random.default_rng(0).standard_normal((128, eng.config.hidden_size)).astype(np.float32)
+    layers = eng.weights.layers
+
+    def gate_up() -> None:
+        for lw in layers:
+            eng.ops.matmul_gelu_mul(x, lw.gate, lw.up)
+
+    res: dict[str, list[float]] = {}
+    try:
+        for r in range(a.rounds):
+            t = {}
+            for on in ((False, True) if r % 2 else (True, False)):
+                switch(on)
+                s = eng.create_session({"temperature": 0.0})
+                t0 = time.perf_counter()
+                s.prefill(ids)
+                t[("prefill", on)] = time.perf_counter() - t0
+                if a.what == "weight-prefetch":
+                    t0 = time.perf_counter()
+                    gate_up()
+                    t[("gate_up", on)] = time.perf_counter() - t0
+            for k in {k for k, _ in t}:
+                res.setdefault(k, []).append(t[(k, False)] / t[(k, True)])
+                res.setdefault(k + " off", []).append(t[(k, False)])
+                res.setdefault(k + " on", []).append(t[(k, True)])
+    finally:
+        switch(True if a.what == "weight-prefetch" else False)
+    print(f"{a.what}, {a.bundle}, build {m.BUILD_ISA}, {a.threads} threads, {a.rounds} rounds:")
+    for k in ("prefill", "gate_up"):
+        if k in res:
+            v = res[k]
+            what = "p512 prefill" if k == "prefill" else f"gate/up of {len(layers)} layers, 128 rows"
+            print(f"  {what}: off {np.median(res[k + ' off']) * 1e3:.1f} ms, on {np.median(res[k + ' on']) * 1e3:.1f} ms;"
+                  f" off/on per round {np.median(v):.3f} ({min(v):.3f}-{max(v):.3f})")
+
+
 def cmd_gemv_native(a) -> None:
     """The one-row qd8 GEMV straight on the kernel headers (benchmarks/native/gemvbench.cpp,
     compiled here with g++ and the avx2 build's flags) at L2, L3 and DRAM sizes. With --base
@@ -776,6 +838,41 @@ def cmd_attention_ab(a) -> None:
               f"outputs bitwise equal")
 
 
+def cmd_attention_bf16(a) -> None:
+    """Prefill-chunk attention (128 queries, 4 heads on 1 KV head, head_dim 256, fp16 K/V: the
+    270M's shape) at the key counts of a p512 prefill's four chunks, fp32 against bf16 dot
+    products (attention(bf16=True); a CPU with AVX512_BF16), alternating, best of 5 calls
+    per turn; the last line sums the four chunks (a p512 prefill's attention)."""
+    from edgelm.backends import cpu
+
+    ops = cpu.CpuOps()
+    m = ops._m
+    if not (m.ATTN_BF16 and m.attn_bf16_ready()):
+        raise SystemExit(f"attention-bf16: build {m.BUILD_ISA} on this CPU has no bf16 attention path")
+    ops.set_threads(a.threads)
+    r = np.random.default_rng(0)
+    H, KV, hd, n = 4, 1, 256, 128
+    tot = {False: 0.0, True: 0.0}
+    for T in (128, 256, 384, 512):
+        q = r.standard_normal((n, H, hd)).astype(np.float32)
+        k, v = (r.standard_normal((T, KV, hd)).astype(np.float16) for _ in range(2))
+        qp, kp = np.arange(T - n, T, dtype=np.int64), np.arange(T, dtype=np.int64)
+        ts: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(a.rounds):
+            for bf in (False, True):
+                ts[bf].append(_best(lambda bf=bf: ops._k.attention(q, k, v, qp, kp, 0, hd ** -0.5, bf16=bf), 5))
+        macs = 2 * H * hd * sum(min(T, T - n + i + 1) for i in range(n))
+        ratio = np.array(ts[False]) / np.array(ts[True])
+        for bf in tot:
+            tot[bf] += float(np.median(ts[bf]))
+        print(f"{n} queries x {T} keys, {a.threads} thread(s): fp32 {np.median(ts[False]) * 1e3:.3f} ms "
+              f"({macs / np.median(ts[False]) / 1e9:.0f} GMAC/s), bf16 {np.median(ts[True]) * 1e3:.3f} ms "
+              f"({macs / np.median(ts[True]) / 1e9:.0f} GMAC/s); fp32 / bf16 time {np.median(ratio):.2f} "
+              f"({ratio.min():.2f}-{ratio.max():.2f}), {a.rounds} rounds")
+    print(f"the four chunks of a p512 prefill: fp32 {tot[False] * 1e3:.2f} ms, bf16 {tot[True] * 1e3:.2f} ms, "
+          f"{tot[False] / tot[True]:.2f}x")
+
+
 def cmd_decode_prefetch(a) -> None:
     """Decode tok/s (p512 + n128) with the decode-attention prefetch on and off
     (set_decode_prefetch 1/0), alternating in one process."""
@@ -975,6 +1072,14 @@ def main() -> int:
     p.add_argument("bundle")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6)
+    p = sub.add_parser("attention-bf16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=9)
+    p = sub.add_parser("prefill-ab")
+    p.add_argument("bundle")
+    p.add_argument("what", choices=("weight-prefetch", "attn-bf16"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
     p = sub.add_parser("perf-target")
     p.add_argument("bundle")
     p.add_argument("what", choices=("decode", "prefill"))
@@ -985,7 +1090,7 @@ def main() -> int:
      "prefill": cmd_prefill, "decode-bound": cmd_decode_bound, "gemv1b": cmd_gemv1b, "decode-prefetch": cmd_decode_prefetch,
      "capacity": cmd_capacity, "prefault": cmd_prefault, "perf-target": cmd_perf_target,
      "attention-decode": cmd_attention_decode, "decode-phases": cmd_decode_phases,
-     "prefill-phases": cmd_prefill_phases,
+     "prefill-phases": cmd_prefill_phases, "prefill-ab": cmd_prefill_ab, "attention-bf16": cmd_attention_bf16,
      "gemv-native": cmd_gemv_native, "gemm-native": cmd_gemm_native, "isa-peak": cmd_isa_peak, "ab-module": cmd_ab_module,
      "attention-ab": cmd_attention_ab, "few-rows-ab": cmd_few_rows_ab, "few-row-route": cmd_few_row_route, "float-gemm": cmd_float_gemm,
      "float-gemm-ab": cmd_float_gemm_ab}[a.cmd](a)

@@ -146,12 +146,12 @@ def _threads_used(eng, requested):
 
 
 def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int, backend: str, seed: int = 0,
-             kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
+             kv_dtype: str | None = None, prefill_chunk: int | None = None, attn_precision: str | None = None) -> dict:
     from .runtime.engine import Engine
 
     t0 = time.perf_counter()
     eng = Engine(path, backend=backend, threads=threads, max_tokens=max_tokens,
-                 prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+                 prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, attn_precision=attn_precision)
     init_s = time.perf_counter() - t0
     # Python's random, not numpy.random: the latter loads OpenSSL (~3 MiB resident), which a
     # greedy run of the engine never does, and would count in the peak RSS.
@@ -191,6 +191,7 @@ def run_once(path, prompt_tokens: int, gen_tokens: int, threads, max_tokens: int
         "threads": _threads_used(eng, threads),
         "kv_dtype": eng.kv_dtype_name,
         "prefill_chunk": eng.prefill_chunk,
+        "attn_precision": eng.attn_precision,
         "meta": eng.bundle.header,
         "bytes_per_token": bytes_per_tok,
     }
@@ -361,11 +362,13 @@ def model_fields(meta: dict, path, synthetic, max_tokens) -> dict:
 
 def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, repeat: int = 3,
           max_tokens: int = 1280, backend: str = "cpu", synthetic: str | None = None, progress: bool = True,
-          probe: bool = True, kv_dtype: str | None = None, prefill_chunk: int | None = None) -> dict:
+          probe: bool = True, kv_dtype: str | None = None, prefill_chunk: int | None = None,
+          attn_precision: str | None = None) -> dict:
     """probe: also measure STREAM-style read GB/s, in a child process right after each measured
     run, and report decode GB/s as a % of the probe taken next to it (this host's bandwidth
     drifts by up to 2x within minutes, so a probe taken once, at another minute, is no bound).
-    kv_dtype / prefill_chunk: as Engine's (None = its defaults: f16 on cpu, 128)."""
+    kv_dtype / prefill_chunk / attn_precision: as Engine's (None = its defaults: f16 on cpu, 128,
+    f32)."""
     for name, v, lo in (("-p", prompt_tokens, 1), ("-n", gen_tokens, 1), ("--repeat", repeat, 1), ("--max-tokens", max_tokens, 2)):
         if not isinstance(v, int) or v < lo:
             raise BadInputError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -385,7 +388,7 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         it = tqdm(it, desc="bench (first run is warm-up)", unit="run", leave=False)
     for i in it:
         r = run_once(path, prompt_tokens, gen_tokens, threads, max_tokens, backend, seed=i, kv_dtype=kv_dtype,
-                     prefill_chunk=prefill_chunk)
+                     prefill_chunk=prefill_chunk, attn_precision=attn_precision)
         if i > 0:
             if probe and r["backend"] == "cpu":  # the bound for this run's "% of bound"
                 r["stream_read_gb_s"] = _stream_read_gbs_in_child(r["threads"])
@@ -406,6 +409,7 @@ def bench(path, prompt_tokens: int = 512, gen_tokens: int = 128, threads=None, r
         **model_fields(runs[0]["meta"], path, synthetic, max_tokens),
         "kv_dtype": runs[0]["kv_dtype"],
         "prefill_chunk": runs[0]["prefill_chunk"],
+        "attn_precision": runs[0]["attn_precision"],
         "threads": runs[0]["threads"],
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -441,7 +445,7 @@ def format_table(res: dict) -> str:
         ("backend", f"{res['backend']} ({res['isa']})" + (f", {res['threads']} threads" if res["threads"] else "")),
         ("scheme", label),
         ("context capacity", f"{res['capacity']} (KV cache {res.get('kv_dtype', 'f32')}, prefill chunk "
-                             f"{res.get('prefill_chunk', '-')})"),
+                             f"{res.get('prefill_chunk', '-')}, prefill attention {res.get('attn_precision', 'f32')})"),
         (f"prefill tok/s (p{res['prompt_tokens']})", f("prefill_tok_s", "{:.1f}")),
         (f"decode tok/s (n{res['gen_tokens']})", f("decode_tok_s", "{:.1f}")),
         ("time to first token s", f("ttft_s", "{:.3f}")),

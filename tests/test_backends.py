@@ -6,7 +6,7 @@ import inspect
 import numpy as np
 import pytest
 
-from edgelm.backends import cpu
+from edgelm.backends import cpu, native
 from edgelm.backends.base import OPS, Backend
 from edgelm.backends.host import HostBackend
 from edgelm.backends.numpy_ops import NumpyOps
@@ -53,6 +53,32 @@ def test_kv_dtype_and_fused_plans_come_from_the_backend():
         b = Engine(tiny_bundle(), backend="numpy", max_tokens=64, kv_dtype="f16").score(ids)
         rel = np.abs(a - b).max() / np.abs(b).max()
         assert rel < 1e-3
+
+
+def test_attn_precision_option(tmp_path):
+    """Engine(attn_precision=): auto by default (bf16 for int4 bundles, else f32), bf16 only
+    where the backend has the path (never on numpy, never in deterministic mode), a bad value
+    is a clear error."""
+    from edgelm.convert import convert, load_source
+    from edgelm.errors import BadInputError
+
+    from . import hf_fixtures as fx
+
+    assert Engine(tiny_bundle(), backend="numpy", max_tokens=64).attn_precision == "f32"
+    assert Engine(tiny_bundle(), backend="numpy", max_tokens=64, attn_precision="bf16").attn_precision == "f32"
+    with pytest.raises(BadInputError, match="attn_precision must be one of auto, f32, bf16, got 'fp8'"):
+        Engine(tiny_bundle(), backend="numpy", max_tokens=64, attn_precision="fp8")
+    if cpu.available():
+        e = Engine(tiny_bundle(), backend="cpu", max_tokens=64, attn_precision="bf16", deterministic=True)
+        assert e.attn_precision == "f32"  # batch-invariant kernels keep fp32 attention
+    if native.cpu_supports("vnniemu"):  # the emulating build has the path on any x86-64 CPU
+        src = load_source(fx.make_tiny_gemma3(tmp_path / "hf", seed=1, layers=2, sliding_window=8))
+        for scheme, want in (("int4-b32", "bf16"), ("int8", "f32"), ("fp32", "f32")):
+            convert(src, tmp_path / f"{scheme}.edgelm", scheme=scheme, progress=False)
+            e = Engine(tmp_path / f"{scheme}.edgelm", backend=cpu.CpuOps("vnniemu"), max_tokens=64)
+            assert e.attn_precision == want, scheme  # auto: bf16 for int4 bundles
+            assert Engine(tmp_path / f"{scheme}.edgelm", backend=cpu.CpuOps("vnniemu"), max_tokens=64,
+                          attn_precision="f32").attn_precision == "f32"
 
 
 def test_models_declare_caches_and_the_backend_allocates_them():

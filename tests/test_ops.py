@@ -243,6 +243,102 @@ def test_attention_masking_edges(ops):
 
 # ----------------------------------------------------------------------------- bad input
 
+def _bf16_case(n, T, H, KV, hd, half, seed=0):
+    """Cache-like attention inputs: ring order, some older slots empty, the newest n queries."""
+    r = rng(21, n, T, H, KV, hd, seed)
+    q = r.standard_normal((n, H, hd)).astype(np.float32)
+    dt = np.float16 if half else np.float32
+    k = r.standard_normal((T, KV, hd)).astype(dt)
+    v = (r.standard_normal((T, KV, hd)) * 3).astype(dt)
+    last = T + 3
+    kp = np.arange(last - T + 1, last + 1, dtype=np.int64)
+    r.shuffle(kp)
+    if T > n + 2:
+        older = np.nonzero(kp <= last - n)[0]
+        kp[r.choice(older, size=max(1, len(older) // 5), replace=False)] = -1
+    qp = np.arange(last - n + 1, last + 1, dtype=np.int64)
+    return q, k, v, qp, kp
+
+
+BF16_CASES = CASES + [(128, 512, 4, 1, 256, 0), (128, 300, 4, 1, 256, 128), (40, 77, 6, 3, 40, 0)]
+
+
+@pytest.mark.parametrize("n,T,H,KV,hd,window", BF16_CASES)
+def test_attention_bf16(ops, n, T, H, KV, hd, window):
+    """attention(bf16=True): on builds with the bf16 path (vdpbf16ps, or the emulating vnniemu
+    build) and a CPU that runs it, within 2^-8 max|v| of the reference math with Q, K, the
+    probabilities and V rounded to bf16 (numpy_ops.bf16_round; the kernel rounds each block's
+    probabilities against that block's running max, the reference against the row's max),
+    for fp32 and fp16 caches, key splits (decode shapes), softcap, and thread counts (no bit
+    changes); on builds without it, and in batch-invariant mode, the flag changes no bit."""
+    from edgelm.backends.numpy_ops import attention_math, bf16_round
+
+    k_, m = ops._k, ops._m
+    has = bool(m.ATTN_BF16) and m.attn_bf16_ready()
+    for half, cap in ((False, None), (True, None), (True, 30.0)):
+        q, k, v, qp, kp = _bf16_case(n, T, H, KV, hd, half)
+        scale = hd ** -0.5
+        y = k_.attention(q, k, v, qp, kp, window, scale, cap, bf16=True)
+        y32 = k_.attention(q, k, v, qp, kp, window, scale, cap)
+        if not has:
+            np.testing.assert_array_equal(y, y32)
+            continue
+        with np.errstate(invalid="ignore"):
+            ref = attention_math(q, k, v, qp, kp, window, scale, cap, cast=bf16_round)
+        dead = np.isnan(ref).any(axis=1)
+        assert np.all(y[dead] == 0)
+        tol = 2.0 ** -8 * float(np.abs(v.astype(np.float32)).max()) + 1e-5
+        err = np.abs(y[~dead] - ref[~dead])
+        assert err.size == 0 or err.max() <= tol, (err.max(), tol, half, cap)
+        ops.set_threads(1)
+        np.testing.assert_array_equal(k_.attention(q, k, v, qp, kp, window, scale, cap, bf16=True), y)
+        ops.set_threads(2)
+        m.set_deterministic(1)
+        try:
+            np.testing.assert_array_equal(k_.attention(q, k, v, qp, kp, window, scale, cap, bf16=True),
+                                          k_.attention(q, k, v, qp, kp, window, scale, cap))
+        finally:
+            m.set_deterministic(0)
+
+
+def test_attention_bf16_emulation_is_bitwise():
+    """The emulating build (vnniemu: two FMAs per bf16 pair, the odd element's first) gives
+    vdpbf16ps's bits exactly, so CI hosts without AVX512_BF16 test the same path. Needs a CPU
+    with AVX512_BF16 to compare against."""
+    if not (native.cpu_supports("avx512") and native.cpu_supports("vnniemu")):
+        pytest.skip("needs the avx512 and vnniemu builds")
+    hw, emu = native.kernels("avx512"), native.kernels("vnniemu")
+    if hw.module.ATTN_BF16 != "vdpbf16ps" or not hw.module.attn_bf16_ready():
+        pytest.skip("this CPU has no AVX512_BF16")
+    assert emu.module.ATTN_BF16 == "emulated"
+    for n, T, H, KV, hd, window in BF16_CASES:
+        for half in (False, True):
+            q, k, v, qp, kp = _bf16_case(n, T, H, KV, hd, half, seed=1)
+            args = (q, k, v, qp, kp, window, hd ** -0.5, None)
+            np.testing.assert_array_equal(hw.attention(*args, bf16=True), emu.attention(*args, bf16=True))
+
+
+def test_attn_precision_switch(ops):
+    """CpuOps.set_attn_precision("bf16") takes effect only where the build and CPU have the
+    path, never in batch-invariant mode; then prompt-sized calls (16+ query rows) take it and
+    decode-sized ones stay fp32."""
+    m = ops._m
+    has = bool(m.ATTN_BF16) and m.attn_bf16_ready()
+    try:
+        assert ops.set_attn_precision("bf16") == has
+        q, k, v, qp, kp = _bf16_case(16, 100, 4, 1, 64, True)
+        args = (q, k, v, qp, kp, 0, 0.125, None)
+        np.testing.assert_array_equal(ops.attention(*args), ops._k.attention(*args, bf16=has))
+        one = (q[-1:], k, v, qp[-1:], kp, 0, 0.125, None)
+        np.testing.assert_array_equal(ops.attention(*one), ops._k.attention(*one))
+        ops.set_deterministic(True)
+        assert ops.set_attn_precision("bf16") is False
+    finally:
+        ops.set_deterministic(False)
+        ops.set_attn_precision("f32")
+    assert ops.attn_bf16 is False
+
+
 def test_bad_inputs_raise(ops):
     m = ops._m
     f32 = np.float32

@@ -47,6 +47,7 @@ struct G3Cache {  // one layer's KV cache: numpy arrays owned by Python
 struct G3Dims {
     int64_t hidden, H, KV, hd, ffn, window;
     float eps, scale, cap;
+    bool attn_bf16 = false;  // AttnParams::bf16 for every block's attention
 };
 
 // Optional wall-clock timing of g3_blocks' phases, for profiling (`set_phase_timing`,
@@ -199,6 +200,7 @@ inline void g3_blocks(const G3Dims& D, const G3BlockW* B, G3Cache* C, int64_t nb
             P.scale = D.scale;
             P.cap = D.cap;
             P.out = ab.data() + r0 * qd;
+            P.bf16 = D.attn_bf16;
             attention(P);
             kv_bytes += 2 * Cc.filled * kvd * (Cc.half ? 2 : 4);
         }

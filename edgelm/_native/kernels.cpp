@@ -543,7 +543,7 @@ void py_depthwise_conv2d(py::handle x_h, py::handle taps_h, int64_t stride, int6
 }
 
 void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpos_h, py::handle kpos_h,
-                  int64_t window, double scale, double cap, py::handle out_h) {
+                  int64_t window, double scale, double cap, py::handle out_h, bool bf16) {
     const char* fn = "attention";
     py::array q = check_f32(fn, "q", q_h);
     if (q.ndim() != 3) throw py::value_error("attention: q must have shape (n, heads, head_dim), got " + shape_str(q));
@@ -594,6 +594,7 @@ void py_attention(py::handle q_h, py::handle k_h, py::handle v_h, py::handle qpo
     P.scale = static_cast<float>(scale);
     P.cap = static_cast<float>(cap);
     P.out = static_cast<float*>(out.mutable_data());
+    P.bf16 = bf16;
     py::gil_scoped_release nogil;
     edgelm::attention(P);
 }
@@ -732,7 +733,7 @@ public:
     // and filled has that many.
     void forward(py::handle x_h, py::handle h_h, py::handle pos_h, py::handle cl_h, py::handle sl_h, py::handle cg_h,
                  py::handle sg_h, py::sequence caches, py::handle filled_h, int qd8, py::object seq_rows_h,
-                 int64_t need) {
+                 int64_t need, bool attn_bf16) {
         const char* fn = "Gemma3Blocks.forward";
         if (qd8 < -1 || qd8 > 1) throw py::value_error(std::string(fn) + ": qd8 must be -1, 0 or 1");
         py::array x = check_f32(fn, "x", x_h, true);
@@ -823,7 +824,9 @@ public:
         for (int j = 0; j < 4; ++j) tp[j] = static_cast<const float*>(tabs[j].data());
         {
             py::gil_scoped_release nogil;
-            edgelm::g3_blocks(D_, blocks_.data(), C.data(), nb, xp, hp, pp, n, tp[0], tp[1], tp[2], tp[3], S,
+            edgelm::G3Dims D = D_;
+            D.attn_bf16 = attn_bf16;
+            edgelm::g3_blocks(D, blocks_.data(), C.data(), nb, xp, hp, pp, n, tp[0], tp[1], tp[2], tp[3], S,
                               S > 1 ? rows.data() : nullptr, need);
         }
         for (int64_t b = 0; b < nc; ++b) fp[b] = C[b].filled;
@@ -842,6 +845,9 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
     m.doc() = "edgelm native CPU kernels (one instruction-set build; see edgelm/backends/native.py)";
     m.attr("BUILD_ISA") = EDGELM_BUILD_ISA;       // which build this is: scalar / avx2 / avx512 / neon
     m.attr("CODE_PATH") = edgelm::kCodePath;      // which SIMD code path it compiled to
+    // the bf16 attention path: "vdpbf16ps", "emulated" (the same bits with FMAs) or "" (none)
+    m.attr("ATTN_BF16") = edgelm::kAttnBf16 == 2 ? "vdpbf16ps" : edgelm::kAttnBf16 == 1 ? "emulated" : "";
+    m.def("attn_bf16_ready", &edgelm::attn_bf16_ready, "Whether attention(bf16=True) takes the bf16 path here.");
     m.attr("SCHEMES") = py::make_tuple("fp32", "fp16", "int8", "int8-b32", "int4-b32", "int4-b128");
 
     m.def("cpu_features", &cpu_features, "Instruction-set support of this CPU (and OS), as a dict of bools.");
@@ -894,7 +900,16 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
         .def("__len__", &G3Plan::size)
         .def("forward", &G3Plan::forward, "x"_a, "h"_a, "positions"_a, "cos_local"_a, "sin_local"_a,
              "cos_global"_a, "sin_global"_a, "caches"_a, "filled"_a, "qd8"_a = -1, "seq_rows"_a = py::none(),
-             "need"_a = -1);
+             "need"_a = -1, "attn_bf16"_a = false);
+    m.def(
+        "set_weight_prefetch",
+        [](int mode) {
+            if (mode < 0 || mode > 1) throw py::value_error("set_weight_prefetch: mode must be 0 or 1");
+            edgelm::weight_prefetch_mode().store(mode);
+        },
+        "mode"_a,
+        "Packed GEMM (prefill products): 1 = prefetch the next weight rows while a group's tiles run "
+        "(default), 0 = no prefetch. For A/B measurements.");
     m.def(
         "set_qd8",
         [](int mode) {
@@ -995,11 +1010,12 @@ EDGELM_DEFINE_MODULE(EDGELM_MODNAME, m) {
           "Channels-last depthwise convolution: x [H,W,C], taps [k,k,C] float32, out [oh,ow,C];\n"
           "out[o,p,c] = sum of x[s*o+i-top, s*p+j-left, c] * taps[i,j,c] over the taps inside x.");
     m.def("attention", &py_attention, "q"_a, "k"_a, "v"_a, "q_pos"_a, "k_pos"_a, "window"_a, "scale"_a,
-          "softcap"_a, "out"_a,
+          "softcap"_a, "out"_a, "bf16"_a = false,
           "Softmax attention over a KV cache. q [n,H,hd], k/v [T,KV,hd] float32 or float16 (both the same); q_pos [n], k_pos [T]\n"
           "int64 (k_pos -1 = empty); key t visible to query i iff k_pos >= 0 and\n"
           "0 <= q_pos - k_pos < window (window 0 = no upper limit); softcap 0 = none.\n"
-          "out [n, H*hd]; a query that sees no key gets zeros.");
+          "out [n, H*hd]; a query that sees no key gets zeros. bf16: bf16 dot products where the build\n"
+          "and CPU have them (ATTN_BF16, attn_bf16_ready()) and not in deterministic mode; else ignored.");
     m.def(
         "stream_read_gbs",
         [](int64_t nbytes, int threads, int passes) {

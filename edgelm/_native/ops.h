@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -278,7 +279,38 @@ struct AttnParams {
     float scale;
     float cap;  // 0 = no softcap
     float* out;  // [n, H * hd]
+    // bf16 dot products (builds with kAttnBf16, not in batch-invariant mode): Q, K, the
+    // unnormalized probabilities and V rounded to bf16, products summed in fp32 (vdpbf16ps:
+    // twice the multiply-adds per instruction of an FMA). Softmax, sums and output stay fp32.
+    bool bf16 = false;
+    // set by attention() on the bf16 path: K and V of every slot in bf16, converted once per
+    // call ([KV][T][hd16] rows; [KV][ceil(T/2)][hd8][2] pairs of consecutive slots)
+    const uint16_t* kbf = nullptr;
+    const uint16_t* vbf = nullptr;
 };
+
+// Which builds have the bf16 attention path: 2 = vdpbf16ps (AVX512_BF16; the CPU must have it
+// too, attn_bf16_ready()), 1 = emulated with FMAs, bit for bit (the vnniemu test build), 0 = none.
+#if defined(EDGELM_PATH_AVX2) && defined(__AVX512BF16__) && defined(__AVX512VL__)
+constexpr int kAttnBf16 = 2;
+#elif defined(EDGELM_PATH_AVX2) && defined(EDGELM_VNNI_EMULATE)
+constexpr int kAttnBf16 = 1;
+#else
+constexpr int kAttnBf16 = 0;
+#endif
+
+inline bool attn_bf16_ready() {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+    if constexpr (kAttnBf16 == 2) {
+        static const bool hw = [] {
+            __builtin_cpu_init();
+            return __builtin_cpu_supports("avx512bf16") != 0;
+        }();
+        return hw;
+    }
+#endif
+    return kAttnBf16 == 1;
+}
 
 namespace attn_detail {
 
@@ -388,6 +420,135 @@ EDGELM_INLINE void pv_rows(const float* p0, const T* const* vp, int64_t na, floa
         }
 }
 
+#if defined(EDGELM_PATH_AVX2)
+// bf16 tiles (AttnParams::bf16). Rows of Q and K are bf16 arrays padded with zeros to a
+// multiple of 16, so each vdpbf16ps adds 16 products of one (query, key) pair; a block's
+// probabilities are bf16 rows (viewed as uint32: key pairs 2a, 2a + 1) and its V rows are
+// interleaved in pairs of keys ([KB/2][hd8][2]), so each vdpbf16ps adds two keys' terms to 8
+// output columns. Same tile shapes as the fp32 ones.
+EDGELM_INLINE void vpin(__m256i& x) {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512VL__)
+    __asm__("" : "+v"(x));
+#elif defined(__GNUC__) || defined(__clang__)
+    __asm__("" : "+x"(x));
+#endif
+}
+
+// n values -> bf16 (zeros from n to npad)
+template <class T>
+EDGELM_INLINE void bf16_row(const T* src, int64_t n, uint16_t* dst, int64_t npad) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m256i a = _mm256_srli_epi32(bf16_round_hi(ld8(src + j).v), 16);
+        const __m256i b = _mm256_srli_epi32(bf16_round_hi(ld8(src + j + 8).v), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                            _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+    }
+    for (; j < n; ++j) dst[j] = bf16_bits(ld1(src + j));
+    for (; j < npad; ++j) dst[j] = 0;
+}
+
+// dst[2c] = bf16(v0[c]), dst[2c + 1] = bf16(v1[c]) (zero when v1 is null), zeros from n to npad
+template <class T>
+EDGELM_INLINE void bf16_pair_rows(const T* v0, const T* v1, int64_t n, uint16_t* dst, int64_t npad) {
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256i lo = _mm256_srli_epi32(bf16_round_hi(ld8(v0 + c).v), 16);
+        const __m256i hi = v1 ? bf16_round_hi(ld8(v1 + c).v) : _mm256_setzero_si256();
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * c), _mm256_or_si256(lo, hi));
+    }
+    for (; c < n; ++c) {
+        dst[2 * c] = bf16_bits(ld1(v0 + c));
+        dst[2 * c + 1] = v1 ? bf16_bits(ld1(v1 + c)) : 0;
+    }
+    for (; c < npad; ++c) dst[2 * c] = dst[2 * c + 1] = 0;
+}
+
+// Scores of NR query rows against 8 * NV keys, lanes along the keys: K is stored in groups of
+// 8 slots, each group [hdp / 2][8][2] (for every pair of head_dim elements, the 8 slots' pairs
+// side by side; group stride 8 * hdp), so one vdpbf16ps adds a query's pair to 8 scores and no
+// horizontal sums are left. s[i*KB + 8v + j] = q_i . k_{8v + j}; q rows q0 + i * hdp.
+template <int NR, int NV>
+EDGELM_INLINE void qk_tile_bf(const uint16_t* q0, const uint16_t* kg, int64_t hdp, float* s) {
+    VF a[NR][NV];
+    for (int i = 0; i < NR; ++i)
+        for (int v = 0; v < NV; ++v) a[i][v] = vzero();
+    for (int64_t p = 0; p < hdp / 2; ++p) {
+        __m256i x[NV];
+        for (int v = 0; v < NV; ++v)
+            x[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kg + v * 8 * hdp + 16 * p));
+        for (int i = 0; i < NR; ++i) {
+            int32_t qq;
+            std::memcpy(&qq, q0 + i * hdp + 2 * p, 4);
+            const __m256i b = _mm256_set1_epi32(qq);
+            for (int v = 0; v < NV; ++v) a[i][v] = vdpbf16(a[i][v], b, x[v]);
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int v = 0; v < NV; ++v) vstoreu(s + i * KB + 8 * v, a[i][v]);
+}
+
+// all the block's na keys (in groups of 8 from kg)
+template <int NR>
+EDGELM_INLINE void qk_rows_bf(const uint16_t* q0, const uint16_t* kg, int64_t na, int64_t hdp, float* S) {
+    const int64_t nv = (na + 7) / 8;
+    int64_t v = 0;
+    for (; v + 3 <= nv; v += 3) qk_tile_bf<NR, 3>(q0, kg + v * 8 * hdp, hdp, S + 8 * v);
+    if (v + 2 <= nv) {
+        qk_tile_bf<NR, 2>(q0, kg + v * 8 * hdp, hdp, S + 8 * v);
+        v += 2;
+    }
+    if (v < nv) qk_tile_bf<NR, 1>(q0, kg + v * 8 * hdp, hdp, S + 8 * v);
+}
+
+// o_i[c : c + 8W] += sum over key pairs of p_i . v, for NR rows; p rows p0 + i*(KB/2) (uint32
+// pairs), V pair rows vb + a*vst (vst = 2 * hd8)
+template <int NR, int W>
+EDGELM_INLINE void pv_tile_bf(const uint32_t* p0, const uint16_t* vb, int64_t vst, int64_t na2, int64_t c, float* o0,
+                              int64_t hd) {
+    VF acc[NR][W];
+    for (int i = 0; i < NR; ++i)
+        for (int w = 0; w < W; ++w) acc[i][w] = vloadu(o0 + i * hd + c + 8 * w);
+    for (int64_t a = 0; a < na2; ++a) {
+        const uint16_t* vt = vb + a * vst + 2 * c;
+        __m256i x[W];
+        for (int w = 0; w < W; ++w) x[w] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vt + 16 * w));
+        for (int i = 0; i < NR; ++i) {
+            const __m256i b = _mm256_set1_epi32(static_cast<int>(p0[i * (KB / 2) + a]));
+            for (int w = 0; w < W; ++w) acc[i][w] = vdpbf16(acc[i][w], b, x[w]);
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int w = 0; w < W; ++w) vstoreu(o0 + i * hd + c + 8 * w, acc[i][w]);
+}
+
+template <int NR>
+EDGELM_INLINE void pv_rows_bf(const uint32_t* p0, const uint16_t* vb, int64_t vst, int64_t na2, float* o0,
+                              int64_t hd) {
+    int64_t c = 0;
+    for (; c + 24 <= hd; c += 24) pv_tile_bf<NR, 3>(p0, vb, vst, na2, c, o0, hd);
+    if (c + 16 <= hd) {
+        pv_tile_bf<NR, 2>(p0, vb, vst, na2, c, o0, hd);
+        c += 16;
+    }
+    if (c + 8 <= hd) {
+        pv_tile_bf<NR, 1>(p0, vb, vst, na2, c, o0, hd);
+        c += 8;
+    }
+    for (; c < hd; ++c)  // the same two roundings per key pair as a vdpbf16ps lane
+        for (int i = 0; i < NR; ++i) {
+            float x = o0[i * hd + c];
+            for (int64_t a = 0; a < na2; ++a) {
+                const uint32_t p = p0[i * (KB / 2) + a];
+                const uint16_t* v = vb + a * vst + 2 * c;
+                x = std::fma(bf16_float(p >> 16), bf16_float(v[1]), x);
+                x = std::fma(bf16_float(p & 0xffffu), bf16_float(v[0]), x);
+            }
+            o0[i * hd + c] = x;
+        }
+}
+#endif
+
 // Software prefetch (into L2) of the K and V rows of the next key block, spread over this
 // block's score tiles. Decode reads every K/V row once, from DRAM, and waits on it without
 // this; prefetching a block's own rows in a burst at its start measured no gain.
@@ -440,6 +601,7 @@ EDGELM_INLINE void qk_rows(const float* const* qr, const T* const* kp, int64_t n
 
 struct Scratch {
     std::vector<float> o, m, l, s;
+    std::vector<uint16_t> qb, pb;  // the bf16 path's query and probability rows
     std::vector<int64_t> act;
     std::vector<const void*> kp, vp;
     std::vector<const float*> qr;
@@ -453,7 +615,7 @@ inline Scratch& scratch() {
 
 // One (kv group, query tile, key range) unit: fills o (unnormalized), m, l for its R rows.
 // Rows are (query, head) pairs: queries qi0..qi0+qn, heads h0..h0+hn of kv group g.
-template <class T>
+template <class T, bool BF>
 void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t qi0, int64_t qn, int64_t t0,
                  int64_t t1, float* o, float* m, float* l, int64_t h0, int64_t hn) {
     const int64_t G = P.H / P.KV, hd = P.hd, R = qn * hn;
@@ -478,6 +640,19 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
         qmin = std::min(qmin, P.qpos[qi]);
         qmax = std::max(qmax, P.qpos[qi]);
     }
+    // bf16 path: head_dim padded to 16 (Q, K rows) and to 8 (V pair rows)
+    [[maybe_unused]] const int64_t hdp = (hd + 15) & ~int64_t(15), hd8 = (hd + 7) & ~int64_t(7);
+    uint16_t* qb = nullptr;
+    uint32_t* pb = nullptr;
+    if constexpr (BF) {
+        sc.qb.resize(static_cast<size_t>(R * hdp));
+        sc.pb.resize(static_cast<size_t>(R * KB));
+        qb = sc.qb.data();
+        pb = reinterpret_cast<uint32_t*>(sc.pb.data());
+#if defined(EDGELM_PATH_AVX2)
+        for (int64_t r = 0; r < R; ++r) bf16_row(qr[r], hd, qb + r * hdp, hdp);
+#endif
+    }
     const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < R; ++r) {
         m[r] = ninf;
@@ -500,7 +675,7 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             const int64_t kpos = P.kpos[t];
             const bool usable = kpos >= 0 && qmax - kpos >= 0 && !(W > 0 && qmin - kpos >= W);
             if (!usable) {
-                if (det) {
+                if (det || BF) {  // (the bf16 path's blocks are whole runs of slots, as its K/V rows are)
                     act[na++] = t;
                     holes = true;
                 }
@@ -513,7 +688,7 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             kmax = std::max(kmax, kpos);
         }
         if (nvis == 0) continue;
-        if (det) {  // slots after the last usable one only add zeros to every lane: leave them out
+        if (det || BF) {  // slots after the last usable one only add zeros to every lane: leave them out
             na = last;
             holes = false;
             for (int64_t a = 0; a < na && !holes; ++a) {
@@ -522,7 +697,7 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             }
         }
         // every active key visible to every row: no per-element mask
-        const bool all_visible = !(det && holes) && kmax <= qmin && (W == 0 || qmax - kmin < W);
+        const bool all_visible = !((det || BF) && holes) && kmax <= qmin && (W == 0 || qmax - kmin < W);
         const int64_t nap = (na + 7) & ~int64_t(7);
         for (int64_t a = 0; a < na; ++a) {
             kp[a] = K + (act[a] * P.KV + g) * hd;
@@ -537,7 +712,17 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             nb.stride = static_cast<int64_t>(P.KV * hd * sizeof(T));
             nb.row_bytes = static_cast<int64_t>(hd * sizeof(T));
         }
-        {
+        if constexpr (BF) {
+#if defined(EDGELM_PATH_AVX2)
+            const uint16_t* kb = P.kbf + (g * ((P.T + 7) / 8) + tb / 8) * 8 * hdp;  // tb: a multiple of 8
+            int64_t r = 0;
+            if constexpr (kAttnRows == 8)
+                for (; r + 8 <= R; r += 8) qk_rows_bf<8>(qb + r * hdp, kb, na, hdp, S + r * KB);
+            for (; r + 4 <= R; r += 4) qk_rows_bf<4>(qb + r * hdp, kb, na, hdp, S + r * KB);
+            for (; r + 2 <= R; r += 2) qk_rows_bf<2>(qb + r * hdp, kb, na, hdp, S + r * KB);
+            for (; r < R; ++r) qk_rows_bf<1>(qb + r * hdp, kb, na, hdp, S + r * KB);
+#endif
+        } else {
             const NextBlock* pnb = &nb;  // the first row group prefetches
             int64_t r = 0;
             if constexpr (kAttnRows == 8)
@@ -590,7 +775,22 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
             }
         }
         // o += P V
-        {
+        if constexpr (BF) {
+#if defined(EDGELM_PATH_AVX2)
+            // slot pairs from tb (even); a lone last slot pairs with the next one, whose p is 0
+            const int64_t na2 = (na + 1) / 2;
+            const uint16_t* vb = P.vbf + (g * ((P.T + 1) / 2) + tb / 2) * 2 * hd8;
+            uint16_t* pb16 = reinterpret_cast<uint16_t*>(pb);
+            for (int64_t r = 0; r < R; ++r) bf16_row(S + r * KB, 2 * na2, pb16 + r * KB, 2 * na2);
+            const int64_t vst = 2 * hd8;
+            int64_t r = 0;
+            if constexpr (kAttnRows == 8)
+                for (; r + 8 <= R; r += 8) pv_rows_bf<8>(pb + r * (KB / 2), vb, vst, na2, o + r * hd, hd);
+            for (; r + 4 <= R; r += 4) pv_rows_bf<4>(pb + r * (KB / 2), vb, vst, na2, o + r * hd, hd);
+            for (; r + 2 <= R; r += 2) pv_rows_bf<2>(pb + r * (KB / 2), vb, vst, na2, o + r * hd, hd);
+            for (; r < R; ++r) pv_rows_bf<1>(pb + r * (KB / 2), vb, vst, na2, o + r * hd, hd);
+#endif
+        } else {
             int64_t r = 0;
             if constexpr (kAttnRows == 8)
                 for (; r + 8 <= R; r += 8) pv_rows<8>(S + r * KB, vp, na, o + r * hd, hd);
@@ -601,15 +801,67 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
     }
 }
 
+#if defined(EDGELM_PATH_AVX2)
+// The bf16 path's K groups and V slot pairs (AttnParams::kbf / vbf), for every slot and kv head.
+inline void bf16_kv(const AttnParams& P, std::vector<uint16_t>& kbf, std::vector<uint16_t>& vbf) {
+    const int64_t hd = P.hd, hdp = (hd + 15) & ~int64_t(15), hd8 = (hd + 7) & ~int64_t(7);
+    const int64_t T2 = (P.T + 1) / 2, T8 = (P.T + 7) / 8;
+    kbf.resize(static_cast<size_t>(P.KV * T8 * 8 * hdp));
+    vbf.resize(static_cast<size_t>(P.KV * T2 * 2 * hd8));
+    constexpr int64_t kChunk = 8;  // groups of 8 slots per task
+    const int64_t per_g = ceil_div(std::max<int64_t>(T8, 1), kChunk);
+    auto task = [&](int64_t t) {
+        const int64_t g = t / per_g, g0 = (t % per_g) * kChunk, g1 = std::min(T8, g0 + kChunk);
+        std::vector<uint16_t>& tmp = scratch().qb;  // one bf16 row
+        tmp.resize(static_cast<size_t>(hdp));
+        auto rows = [&](auto* K, auto* V) {
+            using T = std::remove_const_t<std::remove_pointer_t<decltype(K)>>;
+            for (int64_t gi = g0; gi < g1; ++gi) {
+                uint32_t* dst = reinterpret_cast<uint32_t*>(kbf.data() + (g * T8 + gi) * 8 * hdp);
+                for (int64_t j = 0; j < 8; ++j) {
+                    const int64_t ts = 8 * gi + j;
+                    if (ts < P.T)
+                        bf16_row(K + (ts * P.KV + g) * hd, hd, tmp.data(), hdp);
+                    else
+                        std::fill(tmp.begin(), tmp.end(), uint16_t(0));
+                    const uint32_t* src = reinterpret_cast<const uint32_t*>(tmp.data());
+                    for (int64_t p = 0; p < hdp / 2; ++p) dst[p * 8 + j] = src[p];
+                }
+                for (int64_t a = 4 * gi; a < std::min(T2, 4 * gi + 4); ++a) {
+                    const T* v1 = 2 * a + 1 < P.T ? V + ((2 * a + 1) * P.KV + g) * hd : nullptr;
+                    bf16_pair_rows(V + (2 * a * P.KV + g) * hd, v1, hd, vbf.data() + (g * T2 + a) * 2 * hd8, hd8);
+                }
+            }
+        };
+        if (P.k16)
+            rows(P.k16, P.v16);
+        else
+            rows(P.k, P.v);
+    };
+    ThreadPool::instance().run(P.KV * per_g, task, P.KV * P.T * hd >= 32768);
+}
+#else
+inline void bf16_kv(const AttnParams&, std::vector<uint16_t>&, std::vector<uint16_t>&) {}
+#endif
+
 }  // namespace attn_detail
 
 inline void attn_unit(const AttnParams& P, int64_t g, int64_t qi0, int64_t qn, int64_t t0, int64_t t1, float* o,
                       float* m, float* l, int64_t h0 = 0, int64_t hn = -1) {
     if (hn < 0) hn = P.H / P.KV;
+    if constexpr (kAttnBf16 != 0) {
+        if (P.kbf) {  // attention() took the bf16 path
+            if (P.k16)
+                attn_detail::attn_unit_t<uint16_t, true>(P, P.k16, P.v16, g, qi0, qn, t0, t1, o, m, l, h0, hn);
+            else
+                attn_detail::attn_unit_t<float, true>(P, P.k, P.v, g, qi0, qn, t0, t1, o, m, l, h0, hn);
+            return;
+        }
+    }
     if (P.k16)
-        attn_detail::attn_unit_t<uint16_t>(P, P.k16, P.v16, g, qi0, qn, t0, t1, o, m, l, h0, hn);
+        attn_detail::attn_unit_t<uint16_t, false>(P, P.k16, P.v16, g, qi0, qn, t0, t1, o, m, l, h0, hn);
     else
-        attn_detail::attn_unit_t<float>(P, P.k, P.v, g, qi0, qn, t0, t1, o, m, l, h0, hn);
+        attn_detail::attn_unit_t<float, false>(P, P.k, P.v, g, qi0, qn, t0, t1, o, m, l, h0, hn);
 }
 
 inline void attention(const AttnParams& P) {
@@ -639,8 +891,17 @@ inline void attention(const AttnParams& P) {
             HS = ceil_div(G, hl);
         }
     }
-    const int64_t span = ceil_div(std::max<int64_t>(P.T, 1), S);
+    int64_t span = ceil_div(std::max<int64_t>(P.T, 1), S);
     const int64_t Rmax = QT * G;
+    // bf16 path: every slot's K and V converted once here, for all the units
+    AttnParams PA = P;
+    std::vector<uint16_t> kbf, vbf;
+    if (kAttnBf16 != 0 && P.bf16 && !det && attn_bf16_ready()) {
+        span = (span + 7) & ~int64_t(7);  // units start at slots 8i (K groups of 8 slots, V pairs)
+        attn_detail::bf16_kv(P, kbf, vbf);
+        PA.kbf = kbf.data();
+        PA.vbf = vbf.data();
+    }
     std::vector<float> part_o, part_ml;
     if (S > 1) {
         part_o.resize(static_cast<size_t>(units * S * Rmax * hd));
@@ -668,12 +929,12 @@ inline void attention(const AttnParams& P) {
             o.resize(static_cast<size_t>(Rmax * hd));
             m.resize(static_cast<size_t>(Rmax));
             l.resize(static_cast<size_t>(Rmax));
-            attn_unit(P, g, qi0, qn, t0, t1, o.data(), m.data(), l.data(), h0, hn);
+            attn_unit(PA, g, qi0, qn, t0, t1, o.data(), m.data(), l.data(), h0, hn);
             write_rows(g, qi0, qn, o.data(), l.data(), h0, hn);
         } else {
             float* o = part_o.data() + t * Rmax * hd;
             float* ml = part_ml.data() + t * Rmax * 2;
-            attn_unit(P, g, qi0, qn, t0, t1, o, ml, ml + Rmax);
+            attn_unit(PA, g, qi0, qn, t0, t1, o, ml, ml + Rmax);
         }
     };
     const double work = static_cast<double>(P.n) * P.H * hd * std::max<int64_t>(P.T, 1);

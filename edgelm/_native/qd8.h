@@ -598,6 +598,13 @@ constexpr bool kPackedGemmBuilt = false;
 constexpr int64_t kGemmMinN = 16;
 constexpr int kGemmNX = 6;
 
+// Module switch for A/B runs (`set_weight_prefetch`): 1 = the packed GEMM prefetches the next
+// group's weight rows (default), 0 = it does not.
+inline std::atomic<int>& weight_prefetch_mode() {
+    static std::atomic<int> v{1};
+    return v;
+}
+
 // Module switch (benchmarks and tests compare the routes): 1 = the packed GEMM from kGemmMinN
 // rows and the few-row route (xt_band) below it (default), 0 = always the one-row
 // tiles, 2 = the packed GEMM for every product of 2+ rows (the few-row route's reference:
@@ -1140,9 +1147,49 @@ void det_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i, 
     }
 }
 
+// Software prefetch (into L2) of the weight rows [r0, r1) of W (their quants, then their
+// scales), spread over the tiles of the group before them: `step(k)` issues the next k lines.
+// Packing reads each group of rows once, straight from the bundle's mapping; without this it
+// waited on DRAM for every group (a 2048 x 640 int4 product of 128 rows took 1.3x as long with
+// its weights cold as with them in L2; docs/kernels.md, "Weight prefetch in the packed GEMM").
+struct RowsPrefetch {
+    const char* p[2] = {nullptr, nullptr};
+    int64_t bytes[2] = {0, 0};
+    int64_t part = 0, off = 0;
+    RowsPrefetch() = default;
+    RowsPrefetch(const WView& W, int64_t r0, int64_t r1) {
+        const int64_t cols = W.cols;
+        int64_t qrow = cols, srow = 0;
+        switch (W.scheme) {
+            case kINT8: srow = 4; break;
+            case kINT8B32: srow = 2 * (cols / 32); break;
+            case kINT4B32: qrow = cols / 2; srow = 2 * (cols / 32); break;
+            default: qrow = cols / 2; srow = 2 * (cols / 128); break;
+        }
+        p[0] = static_cast<const char*>(W.w) + r0 * qrow;
+        bytes[0] = (r1 - r0) * qrow;
+        p[1] = static_cast<const char*>(W.scale) + r0 * srow;
+        bytes[1] = (r1 - r0) * srow;
+    }
+    int64_t lines() const { return (bytes[0] + 63) / 64 + (bytes[1] + 63) / 64; }
+    EDGELM_INLINE void step(int64_t k) {
+        for (; k > 0 && part < 2; --k) {
+#if defined(__GNUC__) || defined(__clang__)
+            __builtin_prefetch(p[part] + off, 0, 2);
+#endif
+            off += 64;
+            if (off >= bytes[part]) {
+                ++part;
+                off = 0;
+            }
+        }
+    }
+};
+
 // Rows [r0, r1) of W for all n activation rows of A (gemm layout). int4 (and int8 in builds
 // with 32 registers) packs 16 rows (two groups) at a time for the two-group tiles; a last
-// group of 8 or fewer rows alone takes the one-group tiles; int8 on AVX2 packs 8.
+// group of 8 or fewer rows alone takes the one-group tiles; int8 on AVX2 packs 8. While a
+// group's tiles run, the next group's rows are prefetched.
 inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int64_t r1, float* out, int64_t ldo) {
     const int64_t nbt = (W.cols + 31) / 32;
     const int64_t gs = nbt * (256 + 32), ds = nbt * 8;  // a group: its weights, then int8's pc
@@ -1169,6 +1216,12 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
                             : G == 2 ? kQ4Gemm2Tiles : kQ4GemmTiles;
         const int64_t maxnx = G == 2 ? kGemmNX2 : kGemmNX;
         const bool full = nr == 8 * G;
+        RowsPrefetch next;
+        int64_t per = 0;
+        if (g + step < r1 && weight_prefetch_mode().load(std::memory_order_relaxed) != 0) {
+            next = RowsPrefetch(W, g + step, std::min(r1, g + 2 * step));
+            per = ceil_div(next.lines(), std::max<int64_t>(1, ceil_div(n, maxnx)));
+        }
         for (int64_t i0 = 0; i0 < n;) {
             // tiles of maxnx rows; a short remainder is shared with the tile before it
             // (n = 128, maxnx 6: 20 tiles of 6 and 2 of 4, not 21 of 6 and 1 of 2)
@@ -1179,6 +1232,7 @@ inline void gemm_band(const WView& W, const QAct& A, int64_t n, int64_t r0, int6
             float* o = full ? out + i0 * ldo + g : tmp;
             const int64_t lo = full ? ldo : 8 * G;
             tiles[nx](pw, dw, gs, ds, nbt, A, i0, o, lo);
+            next.step(per);
             if (!full)
                 for (int i = 0; i < nx; ++i)
                     for (int j = 0; j < nr; ++j) out[(i0 + i) * ldo + g + j] = tmp[i * 8 * G + j];

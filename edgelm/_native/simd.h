@@ -150,6 +150,45 @@ EDGELM_INLINE void load32_i4(const uint8_t* p, VF* w) {
     w[3].v = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b1, 4), eight));
 }
 
+// bf16 (the optional dot products of prefill attention, ops.h). A bf16 is a float's top 16
+// bits. Rounding is to nearest even and subnormal inputs become signed zeros, as AVX512_BF16's
+// vcvtneps2bf16 does; every build uses this integer form, so the native and the emulated
+// dot products see the same bf16 values. Each 32-bit lane of the result holds the rounded
+// value's bf16 bits in its high half and zeros below (NaN payloads are not kept).
+EDGELM_INLINE __m256i bf16_round_hi(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    const __m256i sub = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f800000)), _mm256_setzero_si256());
+    const __m256i v = _mm256_blendv_epi8(r, _mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0x80000000u))), sub);
+    return _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+EDGELM_INLINE uint16_t bf16_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+EDGELM_INLINE float bf16_float(uint32_t b) {
+    const uint32_t u = b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// acc + a . b over each lane's two bf16 (the high one's product first, then the low one's,
+// each rounded: the order vdpbf16ps follows, so the emulation gives its bits exactly).
+EDGELM_INLINE VF vdpbf16(VF acc, __m256i a, __m256i b) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    return {_mm256_dpbf16_ps(acc.v, (__m256bh)a, (__m256bh)b)};
+#else
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    acc.v = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, hi)), _mm256_castsi256_ps(_mm256_and_si256(b, hi)),
+                            acc.v);
+    return {_mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),
+                            acc.v)};
+#endif
+}
+
 // ============================================================================ NEON (aarch64)
 #elif defined(EDGELM_PATH_NEON)
 

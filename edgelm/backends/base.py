@@ -75,6 +75,10 @@ class Backend(abc.ABC):
     supports_deterministic: bool = False
     deterministic: bool = False
 
+    # Prefill attention in bf16 dot products (docs/kernels.md, "bf16 prefill attention"): only
+    # where the backend has such a kernel; set_attn_precision says whether it took effect.
+    attn_bf16: bool = False
+
     def set_threads(self, n: int) -> None:
         """Worker threads for the kernels; backends without their own pool ignore it."""
 
@@ -86,6 +90,12 @@ class Backend(abc.ABC):
             raise BadInputError(f"the {self.name} backend has no batch-invariant (deterministic) mode; use the "
                                 f"cpu backend")
         self.deterministic = bool(on)
+
+    def set_attn_precision(self, precision: str) -> bool:
+        """"f32" (default) or "bf16": the precision of prefill attention's dot products.
+        Returns whether bf16 is in effect; backends without a bf16 kernel keep f32."""
+        self.attn_bf16 = False
+        return False
 
     @abc.abstractmethod
     def place_weights(self, weights):

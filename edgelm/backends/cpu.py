@@ -53,6 +53,11 @@ def _batch_mode(fn):
     return call
 
 
+# Query rows from which attention takes the bf16 path when it is on: a prompt chunk's, not a
+# decode step's (the kernel converts every K/V slot once per call, which only many rows repay).
+BF16_ATTN_MIN_ROWS = 16
+
+
 class CpuOps(HostBackend):
     name = "cpu"
     # fp16 K/V: half the cache's memory and bandwidth; attention widens them to fp32
@@ -72,6 +77,16 @@ class CpuOps(HostBackend):
 
     def set_threads(self, n: int) -> None:
         self._k.set_threads(n)
+
+    def set_attn_precision(self, precision: str) -> bool:
+        # bf16: the build's vdpbf16ps path on a CPU with AVX512_BF16 (or the emulating test
+        # build); never in batch-invariant mode, whose kernels must not depend on the call's rows
+        self.attn_bf16 = (precision == "bf16" and not self.deterministic
+                          and bool(getattr(self._m, "attn_bf16_ready", lambda: False)()))
+        return self.attn_bf16
+
+    def _bf16_rows(self, n: int) -> bool:
+        return self.attn_bf16 and n >= BF16_ATTN_MIN_ROWS
 
     def _weight_args(self, t: QTensor):
         hit = self._wargs.get(id(t))
@@ -214,7 +229,8 @@ class CpuOps(HostBackend):
         cg, sg = self._rope_table(positions, hd, cfg.rope_theta, cfg.rope_scaling_factor)
         filled = np.fromiter((c.filled for c in flat), np.int64, len(flat))
         plan.forward(x, h, positions, cl, sl, cg, sg, [(c.k, c.v, c.pos) for c in flat], filled,
-                     seq_rows=None if seq_rows is None else rows, need=-1 if need is None else int(need))
+                     seq_rows=None if seq_rows is None else rows, need=-1 if need is None else int(need),
+                     attn_bf16=seq_rows is None and self._bf16_rows(x.shape[0]))
         for c, f in zip(flat, filled.tolist()):
             c.filled = f
         return True
@@ -240,7 +256,7 @@ class CpuOps(HostBackend):
 
     @_batch_mode
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None) -> np.ndarray:
-        return self._k.attention(q, k, v, q_pos, k_pos, window, scale, softcap)
+        return self._k.attention(q, k, v, q_pos, k_pos, window, scale, softcap, bf16=self._bf16_rows(len(q)))
 
     def full_attention(self, q, k, v, scale: float) -> np.ndarray:
         return self._k.full_attention(q, k, v, scale)

@@ -320,7 +320,7 @@ class Kernels:
         return out
 
     def attention(self, q, k, v, q_pos, k_pos, window: int, scale: float, softcap: float | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, bf16: bool = False) -> np.ndarray:
         """q [n, H, hd], k/v [T, KV, hd] (float32, or both float16: an fp16 KV cache), q_pos [n],
         k_pos [T] (-1 = empty) -> [n, H*hd].
         Key t is visible to query i iff k_pos[t] >= 0 and 0 <= q_pos[i] - k_pos[t] < window
@@ -335,7 +335,8 @@ class Kernels:
             raise ValueError(f"attention: q must have shape (n, heads, head_dim), got {q.shape}")
         if out is None:
             out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
-        self.module.attention(q, k, v, q_pos, k_pos, int(window), float(scale), float(softcap or 0.0), out)
+        self.module.attention(q, k, v, q_pos, k_pos, int(window), float(scale), float(softcap or 0.0), out,
+                              bf16=bool(bf16))
         return out
 
     def stream_read_gbs(self, nbytes: int = 256 << 20, threads: int | None = None, passes: int = 5) -> float:

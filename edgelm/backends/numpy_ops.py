@@ -124,6 +124,15 @@ class NumpyOps(HostBackend):
         return out
 
 
+def bf16_round(x) -> np.ndarray:
+    """float32 values rounded to the nearest bf16 (ties to even), as float32; subnormals become
+    signed zeros, as AVX512_BF16's conversion and the native bf16 attention path do."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    r = np.where((b & np.uint32(0x7F800000)) == 0, b & np.uint32(0x80000000), r).astype(np.uint32)
+    return r.view(np.float32)
+
+
 def attention_math(q, k, v, q_pos, k_pos, window, scale, softcap=None, cast=None) -> np.ndarray:
     """NumpyOps.attention. `cast` (float32 -> float32), when given, is applied to the inputs of
     both products (q, k; the unnormalized probabilities and v) while max, exp and sums stay

@@ -7,7 +7,8 @@ import json
 import click
 
 from ..errors import BadInputError
-from .options import CONSTRAINT_FLAGS, backend_option, build_constraint, constraint_options, constraint_spec
+from .options import (CONSTRAINT_FLAGS, attn_precision_option, backend_option, build_constraint, constraint_options,
+                      constraint_spec)
 
 SYNTHETIC = ("gemma3-270m", "gemma3-1b", "gemma3-4b", "gemma3n-e2b", "gemma3n-e4b")
 
@@ -53,6 +54,7 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet, tower_scheme="int8"):
 @backend_option
 @click.option("--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
               help="KV-cache storage (default: f16 on cpu, f32 on numpy).")
+@attn_precision_option
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per forward pass (default 128, the engine's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--no-probe", is_flag=True,
@@ -66,7 +68,7 @@ def _synthetic_in_child(name, scheme, embed_scheme, quiet, tower_scheme="int8"):
                    "grammar allows).")
 @click.pass_context
 def bench(ctx, model, synthetic, scheme, embed_scheme, tower_scheme, prompt_tokens, gen_tokens, threads, repeat,
-          max_tokens, backend, kv_dtype, prefill_chunk, as_json, no_probe, json_schema, json_object, regex, grammar,
+          max_tokens, backend, kv_dtype, attn_precision, prefill_chunk, as_json, no_probe, json_schema, json_object, regex, grammar,
           temperature, prompt_text):
     """Benchmark a bundle with the seed's columns (docs/benchmarks.md). With --json-schema,
     --json-object, --regex or --grammar: decode tok/s under that constraint against
@@ -100,5 +102,6 @@ def bench(ctx, model, synthetic, scheme, embed_scheme, tower_scheme, prompt_toke
         click.echo(json.dumps(res, indent=2) if as_json else format_constrained_table(res))
         return
     res = run_bench(model, prompt_tokens, gen_tokens, threads, repeat, max_tokens, backend, synthetic,
-                    progress=not as_json, probe=not no_probe, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk)
+                    progress=not as_json, probe=not no_probe, kv_dtype=kv_dtype, prefill_chunk=prefill_chunk,
+                    attn_precision=attn_precision)
     click.echo(json.dumps(res, indent=2) if as_json else format_table(res))

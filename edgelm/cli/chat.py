@@ -10,7 +10,7 @@ import threading
 
 import click
 
-from .options import backend_option, deterministic_option, kv_dtype_option
+from .options import attn_precision_option, backend_option, deterministic_option, kv_dtype_option
 
 HELP = ("commands: /image FILE, /audio FILE (attach to your next message; Gemma 3n bundles with towers), "
         "/reset (new conversation), /exit or Ctrl-D (quit), /help; Ctrl-C stops a reply")
@@ -144,15 +144,17 @@ def _reply(conv, text, out, quiet: bool) -> None:
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @backend_option
 @kv_dtype_option
+@attn_precision_option
 @deterministic_option
 @click.option("--quiet", "-q", is_flag=True, help="No banner or stats lines.")
 def chat(model, system, max_tokens, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
-         presence_penalty, frequency_penalty, overflow, threads, backend, kv_dtype, deterministic, quiet):
+         presence_penalty, frequency_penalty, overflow, threads, backend, kv_dtype, attn_precision, deterministic,
+         quiet):
     """Chat with a model in the terminal."""
     from ..runtime.engine import Engine
 
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens,
-                 kv_dtype=kv_dtype, deterministic=deterministic)
+                 kv_dtype=kv_dtype, deterministic=deterministic, attn_precision=attn_precision)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                            frequency_penalty=frequency_penalty)

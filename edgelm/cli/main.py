@@ -10,7 +10,7 @@ import click
 
 from ..errors import BadInputError, EdgelmError
 from .options import (backend_option, build_constraint, constraint_options, constraint_spec, deterministic_option,
-                      kv_dtype_option)
+                      kv_dtype_option, attn_precision_option)
 
 EXIT_INTERNAL = 70
 
@@ -51,6 +51,7 @@ def cli():
 @click.option("--max-tokens", type=int, default=None, help="KV-cache capacity (default: 4096, or the model's context if shorter).")
 @backend_option
 @kv_dtype_option
+@attn_precision_option
 @deterministic_option
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="Gemma 3n: an image (JPEG, PNG, WebP, ...) placed before the prompt; repeat for several.")
@@ -59,7 +60,7 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="Do not print stats to stderr.")
 def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
         presence_penalty, frequency_penalty, stop, json_schema, json_object, regex, grammar, threads, max_tokens,
-        backend, kv_dtype, deterministic, images, audios, quiet):
+        backend, kv_dtype, attn_precision, deterministic, images, audios, quiet):
     """Generate a continuation of PROMPT, streamed to stdout. PROMPT '-' reads standard input;
     --file reads a file. --image/--audio put media before the prompt (a bundle with Gemma 3n's
     towers), each expanded as Gemma 3n's processor does."""
@@ -72,7 +73,7 @@ def run(prompt, prompt_file, model, max_new_tokens, temperature, top_k, top_p, s
         prompt = [*(Image(f) for f in images), *(Audio(f) for f in audios), Text(prompt)]
     spec = constraint_spec(json_schema, json_object, regex, grammar)  # file errors before the model loads
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens, kv_dtype=kv_dtype,
-                 deterministic=deterministic)
+                 deterministic=deterministic, attn_precision=attn_precision)
     sampler = eng.default_sampler.override(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                            frequency_penalty=frequency_penalty)

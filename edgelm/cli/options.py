@@ -17,6 +17,12 @@ kv_dtype_option = click.option(
     "--kv-dtype", type=click.Choice(["f16", "f32"]), default=None,
     help="KV-cache storage: f16 halves its memory and bandwidth (default on cpu and cuda), f32 (default on numpy).")
 
+attn_precision_option = click.option(
+    "--attn-precision", type=click.Choice(["auto", "f32", "bf16"]), default=None,
+    help="Prefill attention's dot products: bf16 with fp32 sums on CPUs with AVX512_BF16 (faster prompts, a "
+         "small quality cost; elsewhere f32), or f32. auto (default): bf16 for int4 bundles, else f32. "
+         "docs/kernels.md, \"bf16 prefill attention\".")
+
 deterministic_option = click.option(
     "--deterministic/--no-deterministic", default=None,
     help="Batch-invariant kernels: the same request always gives the same tokens, however the prompt "

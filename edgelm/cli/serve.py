@@ -6,7 +6,7 @@ import math
 
 import click
 
-from .options import backend_option, deterministic_option, kv_dtype_option
+from .options import attn_precision_option, backend_option, deterministic_option, kv_dtype_option
 
 
 @click.command()
@@ -38,6 +38,7 @@ from .options import backend_option, deterministic_option, kv_dtype_option
 @click.option("--threads", "-t", type=int, default=None, help="Kernel threads (default: physical cores).")
 @backend_option
 @kv_dtype_option
+@attn_precision_option
 @deterministic_option
 @click.option("--model-name", default=None, help="The model id the API reports (default: the bundle's file name).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
@@ -53,7 +54,7 @@ from .options import backend_option, deterministic_option, kv_dtype_option
                    "'{\"min_replicas\": 1, \"max_replicas\": 4}'.")
 def serve(model, host, port, api_key, parallel, prefix_cache_mib, max_queue, max_body, allow_local_files,
           request_timeout, max_tokens,
-          threads, backend, kv_dtype, deterministic, model_name, log_level, use_ray, replicas, ray_address,
+          threads, backend, kv_dtype, attn_precision, deterministic, model_name, log_level, use_ray, replicas, ray_address,
           ray_autoscaling):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), /health and
     a web chat page at /."""
@@ -71,14 +72,14 @@ def serve(model, host, port, api_key, parallel, prefix_cache_mib, max_queue, max
 
         serve_on_ray(model, host=host, port=port, shards=replicas, address=ray_address, autoscaling=ray_autoscaling,
                      engine_kw={"backend": backend, "threads": threads, "max_tokens": max_tokens, "kv_dtype": kv_dtype,
-                                "deterministic": deterministic},
+                                "deterministic": deterministic, "attn_precision": attn_precision},
                      app_kw={"api_key": api_key, "max_queue": max_queue, "max_body_bytes": max_body,
                              "prefix_cache_bytes": int(prefix_cache_mib * 2**20),
                              "model_name": model_name, "request_timeout": request_timeout, "parallel": parallel,
                              "allow_local_files": allow_local_files})
         return
     eng = Engine(model, backend=backend, threads=threads, max_tokens=max_tokens,
-                 kv_dtype=kv_dtype, deterministic=deterministic)
+                 kv_dtype=kv_dtype, deterministic=deterministic, attn_precision=attn_precision)
 
     def ready(actual_port):
         shown = f"[{host}]" if ":" in host else host

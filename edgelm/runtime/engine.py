@@ -21,6 +21,10 @@ from .session import Session
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_PREFILL_CHUNK = 128  # as fast as 256 or 512 here, with a quarter of 512's activations
 KV_DTYPES = {"f16": "float16", "f32": "float32"}
+ATTN_PRECISIONS = ("auto", "f32", "bf16")
+# Weight schemes whose bundles take bf16 prefill attention by default ("auto"): their own
+# quantization error dwarfs its cost (docs/kernels.md, "bf16 prefill attention").
+BF16_ATTN_SCHEMES = ("int4-b32", "int4-b128")
 
 
 def check_text(text: str) -> None:
@@ -109,6 +113,13 @@ class Engine:
         decoded step by step, so a greedy or seeded request always gives the same text.
         Default: the EDGELM_DETERMINISTIC environment variable ("1" on), else off. Costs
         decode speed (docs/kernels.md, "Batch invariance").
+    attn_precision: "auto" (default), "f32" or "bf16": "bf16" computes the dot products of
+        prefill attention (prompt chunks of 16+ tokens) in bf16 with fp32 sums, where the CPU
+        has AVX512_BF16 (e.g. AMD Zen 4, Intel Sapphire Rapids); elsewhere, and in
+        deterministic mode, attention stays f32. "auto" is bf16 for int4 bundles (whose own
+        quantization error is ~50x its cost) and f32 for the others. `engine.attn_precision`
+        says which is in effect. Faster prompts for a small quality cost (docs/kernels.md,
+        "bf16 prefill attention").
     """
 
     def __init__(
@@ -120,6 +131,7 @@ class Engine:
         prefill_chunk: int | None = None,
         kv_dtype: str | None = None,
         deterministic: bool | None = None,
+        attn_precision: str | None = None,
     ):
         if path is None:
             from .defaults import ensure_default_model
@@ -151,7 +163,13 @@ class Engine:
             deterministic = env in ("1", "true", "on")
         elif not isinstance(deterministic, bool):
             raise BadInputError(f"deterministic must be true or false, got {deterministic!r}")
+        if attn_precision is not None and attn_precision not in ATTN_PRECISIONS:
+            raise BadInputError(f"attn_precision must be one of {', '.join(ATTN_PRECISIONS)}, got {attn_precision!r}")
         self.ops = get_backend(backend, threads, deterministic=deterministic or None)
+        if attn_precision in (None, "auto"):
+            scheme = (self.bundle.header.get("quantization") or {}).get("scheme")
+            attn_precision = "bf16" if scheme in BF16_ATTN_SCHEMES else "f32"
+        self.attn_precision = "bf16" if self.ops.set_attn_precision(attn_precision) else "f32"
         if prefill_chunk is None:  # the backend's preference (a GPU takes long chunks), else 128
             prefill_chunk = self.ops.prefill_chunk or DEFAULT_PREFILL_CHUNK
         self.prefill_chunk = min(prefill_chunk, max_tokens)
