@@ -634,7 +634,8 @@ def cmd_isa_peak(a) -> None:
     """This core's peak vpdpbusd and FMA rates (benchmarks/native/isapeak.cpp, avx512 flags),
     how other operations mixed into a vpdpbusd stream slow it, and the floor they put under a 512-token prefill of the 270M on --threads cores: its
     linear layers' MACs at the vpdpbusd peak plus its causal attention's MACs at the FMA peak,
-    with nothing else (no scales, no conversions, no softmax, no loads) costing anything."""
+    with nothing else (no scales, no conversions, no softmax, no loads) costing anything; on
+    CPUs with AVX512_BF16 also the vdpbf16ps rate and the floor with bf16 attention."""
     from edgelm.backends import native
 
     if not native.cpu_supports("avx512"):
@@ -644,8 +645,8 @@ def cmd_isa_peak(a) -> None:
     src = root / "benchmarks" / "native" / "isapeak.cpp"
     with tempfile.TemporaryDirectory() as d:
         exe = Path(d) / "isapeak"
-        subprocess.run(["g++", "-O2", "-mavx2", "-mfma", "-mf16c", *_NATIVE_ISA_FLAGS["avx512"], "-o", str(exe), str(src)],
-                       check=True)
+        subprocess.run(["g++", "-O2", "-mavx2", "-mfma", "-mf16c", *_NATIVE_ISA_FLAGS["avx512"], "-mavx512bf16", "-o",
+                        str(exe), str(src)], check=True)
         rates = {}
         for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
             k, v = line.split()
@@ -664,6 +665,11 @@ def cmd_isa_peak(a) -> None:
           " issue on other pipes): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in mixes.items()))
     print(f"270M prefill of {n} tokens: linear {linear / 1e9:.1f} GMAC, causal attention {attn / 1e9:.2f} GMAC; "
           f"floor on {a.threads} core(s) at those peaks: {t * 1e3:.0f} ms ({n / t:.0f} tok/s)")
+    if "vdpbf16ps_ymm_per_s" in rates:  # bf16 prefill attention (Engine(attn_precision="bf16"))
+        bf = rates["vdpbf16ps_ymm_per_s"] * 16
+        tb = linear / (dp * a.threads) + attn / (bf * a.threads)
+        print(f"one core: vdpbf16ps {rates['vdpbf16ps_ymm_per_s'] / 1e9:.2f} G/s = {bf / 1e9:.0f} GMAC/s bf16; "
+              f"the floor with bf16 attention: {tb * 1e3:.0f} ms ({n / tb:.0f} tok/s)")
 
 
 def _gemv_native_runs(a, exes) -> None:

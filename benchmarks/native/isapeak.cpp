@@ -13,8 +13,9 @@
 #define EDGELM_R12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
 // MODE 0: vpdpbusd only; 1: vfmadd only; 2-5: vpdpbusd with, per 4 of them, one more op
-// (2: vfmadd, 3: vcvtdq2ps, 4: vpaddd, 5: vcvtph2ps); 6: one vpsignb per vpdpbusd. The mixed-in
-// operand passes through an empty asm first, so that it is computed in the loop.
+// (2: vfmadd, 3: vcvtdq2ps, 4: vpaddd, 5: vcvtph2ps); 6: one vpsignb per vpdpbusd; 7: vdpbf16ps
+// only (bf16 attention's dot product: 16 MACs; run only on CPUs with AVX512_BF16). The
+// mixed-in operand passes through an empty asm first, so that it is computed in the loop.
 template <int MODE>
 static double seconds(long iters) {
 #define EDGELM_DECL(i) __m256i a##i = _mm256_set1_epi32(i); __m256 f##i = _mm256_set1_ps(static_cast<float>(i));
@@ -26,8 +27,9 @@ static double seconds(long iters) {
     const auto t0 = std::chrono::steady_clock::now();
     for (long it = 0; it < iters; ++it) {
 #define EDGELM_BODY(i)                                                                               \
-    if (MODE != 1) a##i = _mm256_dpbusd_epi32(a##i, u, s);                                           \
+    if (MODE != 1 && MODE != 7) a##i = _mm256_dpbusd_epi32(a##i, u, s);                              \
     if (MODE == 1) f##i = _mm256_fmadd_ps(x, y, f##i);                                               \
+    if (MODE == 7) f##i = _mm256_dpbf16_ps(f##i, (__m256bh)u, (__m256bh)s);                          \
     if (MODE == 2 && i % 4 == 0) f##i = _mm256_fmadd_ps(x, y, f##i);                                 \
     if (MODE == 3 && i % 4 == 0) { __m256i t = u; __asm__ volatile("" : "+v"(t)); f##i = _mm256_cvtepi32_ps(t); } \
     if (MODE == 4 && i % 4 == 0) { __m256i t = u; __asm__ volatile("" : "+v"(t)); t = _mm256_add_epi32(t, s); f##i = _mm256_castsi256_ps(t); } \
@@ -58,5 +60,7 @@ int main() {
     std::printf("slowdown_vpaddd_1_per_4 %.3f\n", best<4>(iters) / dp);
     std::printf("slowdown_cvtph2ps_1_per_4 %.3f\n", best<5>(iters) / dp);
     std::printf("slowdown_vpsignb_1_per_1 %.3f\n", best<6>(iters) / dp);
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512bf16")) std::printf("vdpbf16ps_ymm_per_s %.4g\n", n / best<7>(iters));
     return 0;
 }
