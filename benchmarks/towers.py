@@ -111,7 +111,7 @@ def _earlier_glue(ops, which, kw):
             return ops.to_host(full_attention_by_positions(ops, q, k, v, 1.0))
         kw.update(rmsnorm=rmsnorm, attend=attend)
     else:
-        kw["sigmoid_mul"] = None
+        kw["sigmoid_mul"] = kw["rmsnorm"] = None
     return kw
 
 

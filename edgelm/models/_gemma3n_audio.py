@@ -283,14 +283,18 @@ def _f32(w, name: str) -> np.ndarray:
     return np.asarray(w[name], dtype=np.float32)
 
 
+# The backend's kernels for the duration of one encode() call (per thread): x * sigmoid(g)
+# and RMSNorm; None: numpy
+_SIGMOID_MUL: contextvars.ContextVar = contextvars.ContextVar("edgelm_audio_sigmoid_mul", default=None)
+_RMSNORM: contextvars.ContextVar = contextvars.ContextVar("edgelm_audio_rmsnorm", default=None)
+
+
 def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+    native = _RMSNORM.get()
+    if native is not None:
+        return np.asarray(native(np.ascontiguousarray(x, np.float32), scale, eps), dtype=np.float32)
     ms = np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps)
     return x * np.power(ms, np.float32(-0.5)) * scale
-
-
-# x * sigmoid(g) by the backend's kernel for the duration of one encode() call (per thread);
-# None: numpy
-_SIGMOID_MUL: contextvars.ContextVar = contextvars.ContextVar("edgelm_audio_sigmoid_mul", default=None)
 
 
 def _sigmoid_mul(x: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -440,16 +444,17 @@ def _block(cfg: AudioConfig, w, linear, i: int, x: np.ndarray, valid: np.ndarray
 
 
 def encode(cfg: AudioConfig, w, features: np.ndarray, padding: np.ndarray | None = None,
-           linear=None, sigmoid_mul=None) -> tuple[np.ndarray, np.ndarray]:
+           linear=None, sigmoid_mul=None, rmsnorm=None) -> tuple[np.ndarray, np.ndarray]:
     """One clip's log-mel frames [T, input_feat_size] (and padding [T], True = padded frame)
     -> (embeddings float32 [T', hidden_size], padded bool [T']); padded embeddings are zero.
     T' = cfg.output_length(T). sigmoid_mul: the backend's x * sigmoid(g) for the SiLU and GLU
-    gates (None: numpy)."""
-    token = _SIGMOID_MUL.set(sigmoid_mul)
+    gates; rmsnorm: its rmsnorm(x, w, eps) for the blocks' norms (None: numpy)."""
+    tokens = (_SIGMOID_MUL.set(sigmoid_mul), _RMSNORM.set(rmsnorm))
     try:
         return _encode(cfg, w, features, padding, linear or _default_linear)
     finally:
-        _SIGMOID_MUL.reset(token)
+        _RMSNORM.reset(tokens[1])
+        _SIGMOID_MUL.reset(tokens[0])
 
 
 def _encode(cfg: AudioConfig, w, features, padding, linear) -> tuple[np.ndarray, np.ndarray]:

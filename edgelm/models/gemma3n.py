@@ -589,14 +589,14 @@ def _tower_linear(ops):
 
 
 def tower_kernels(ops, kind: str) -> dict:
-    """The backend kernels a tower's encode() takes: weight products (both towers); for the
-    image tower its attention, depthwise convolutions and RMSNorms (with their GELUs), for
-    the audio tower its SiLU and GLU gates."""
-    kw = {"linear": _tower_linear(ops)}
+    """The backend kernels a tower's encode() takes: weight products and RMSNorms (both
+    towers); for the image tower its attention, depthwise convolutions and the norms' GELUs,
+    for the audio tower its SiLU and GLU gates."""
+    kw = {"linear": _tower_linear(ops),
+          "rmsnorm": lambda x, wt, eps, act=None: ops.to_host(ops.rmsnorm(x, wt, eps, act))}
     if kind == VISION:
         kw["attend"] = _tower_attend(ops)
         kw["dwconv"] = lambda x, t, s, top, left, hw: ops.to_host(ops.depthwise_conv2d(x, t, s, top, left, hw))
-        kw["rmsnorm"] = lambda x, wt, eps, act=None: ops.to_host(ops.rmsnorm(x, wt, eps, act))
     else:
         kw["sigmoid_mul"] = lambda x, g: ops.to_host(ops.sigmoid_mul(x, g))
     return kw
