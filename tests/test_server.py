@@ -640,7 +640,10 @@ def test_queue_limit_gives_429_and_fifo(eng):
     with BackgroundServer(app) as srv, httpx.Client(timeout=30) as c:
         with c.stream("POST", srv.url + "/v1/chat/completions", json=LONG) as r:
             lines = r.iter_lines()  # (kept: a dropped iterator closes the stream)
-            next(lines)  # the long one is running
+            next(lines)
+            # the first line can come before the worker takes the long job off the queue;
+            # until it does, "queued == 1" below would count the long job, not the next one
+            wait_for(lambda: sched.stats()["active"] == 1)
             results = {}
 
             def queued():
