@@ -1151,7 +1151,7 @@ void det_gemv(const WView& v, int64_t r0, int64_t r1, const QAct& A, int64_t i, 
 // scales), spread over the tiles of the group before them: `step(k)` issues the next k lines.
 // Packing reads each group of rows once, straight from the bundle's mapping; without this it
 // waited on DRAM for every group (a 2048 x 640 int4 product of 128 rows took 1.3x as long with
-// its weights cold as with them in L2; docs/kernels.md, "Weight prefetch in the packed GEMM").
+// its weights cold as with them in L2; docs/kernels.md, "bf16 prefill attention and weight prefetch").
 struct RowsPrefetch {
     const char* p[2] = {nullptr, nullptr};
     int64_t bytes[2] = {0, 0};
