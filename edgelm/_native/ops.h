@@ -284,7 +284,8 @@ struct AttnParams {
     // twice the multiply-adds per instruction of an FMA). Softmax, sums and output stay fp32.
     bool bf16 = false;
     // set by attention() on the bf16 path: K and V of every slot in bf16, converted once per
-    // call ([KV][T][hd16] rows; [KV][ceil(T/2)][hd8][2] pairs of consecutive slots)
+    // call (K: [KV][ceil(T/8)] groups of 8 slots, each [hd16/2][8][2]; V: [KV][ceil(T/2)][hd8][2],
+    // pairs of consecutive slots)
     const uint16_t* kbf = nullptr;
     const uint16_t* vbf = nullptr;
 };
@@ -421,11 +422,11 @@ EDGELM_INLINE void pv_rows(const float* p0, const T* const* vp, int64_t na, floa
 }
 
 #if defined(EDGELM_PATH_AVX2)
-// bf16 tiles (AttnParams::bf16). Rows of Q and K are bf16 arrays padded with zeros to a
-// multiple of 16, so each vdpbf16ps adds 16 products of one (query, key) pair; a block's
-// probabilities are bf16 rows (viewed as uint32: key pairs 2a, 2a + 1) and its V rows are
-// interleaved in pairs of keys ([KB/2][hd8][2]), so each vdpbf16ps adds two keys' terms to 8
-// output columns. Same tile shapes as the fp32 ones.
+// bf16 tiles (AttnParams::bf16). Query rows are bf16 arrays padded with zeros to a multiple
+// of 16 and K comes in groups of 8 slots (bf16_kv), so each vdpbf16ps adds one query's pair of
+// head_dim elements to 8 scores; a block's probabilities are bf16 rows (viewed as uint32: key
+// pairs 2a, 2a + 1) and V comes interleaved in pairs of slots ([hd8][2] per pair), so each
+// vdpbf16ps adds two keys' terms to 8 output columns. Same tile heights as the fp32 ones.
 EDGELM_INLINE void vpin(__m256i& x) {
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512VL__)
     __asm__("" : "+v"(x));
@@ -699,10 +700,11 @@ void attn_unit_t(const AttnParams& P, const T* K, const T* V, int64_t g, int64_t
         // every active key visible to every row: no per-element mask
         const bool all_visible = !((det || BF) && holes) && kmax <= qmin && (W == 0 || qmax - kmin < W);
         const int64_t nap = (na + 7) & ~int64_t(7);
-        for (int64_t a = 0; a < na; ++a) {
-            kp[a] = K + (act[a] * P.KV + g) * hd;
-            vp[a] = V + (act[a] * P.KV + g) * hd;
-        }
+        if constexpr (!BF)  // (the bf16 path reads the call's converted K/V instead)
+            for (int64_t a = 0; a < na; ++a) {
+                kp[a] = K + (act[a] * P.KV + g) * hd;
+                vp[a] = V + (act[a] * P.KV + g) * hd;
+            }
         // scores (decode: while prefetching the next block's K/V rows)
         NextBlock nb;
         if (dpf && te < t1) {
