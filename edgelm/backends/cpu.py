@@ -81,8 +81,7 @@ class CpuOps(HostBackend):
     def set_attn_precision(self, precision: str) -> bool:
         # bf16: the build's vdpbf16ps path on a CPU with AVX512_BF16 (or the emulating test
         # build); never in batch-invariant mode, whose kernels must not depend on the call's rows
-        self.attn_bf16 = (precision == "bf16" and not self.deterministic
-                          and bool(getattr(self._m, "attn_bf16_ready", lambda: False)()))
+        self.attn_bf16 = precision == "bf16" and not self.deterministic and bool(self._m.attn_bf16_ready())
         return self.attn_bf16
 
     def _bf16_rows(self, n: int) -> bool:
